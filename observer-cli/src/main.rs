@@ -1,1 +1,83 @@
-fn main() {}
+//! `fraiseql-observers`: the daemon (`run`) and the operator commands around it.
+
+mod app;
+mod daemon;
+mod listen;
+mod setup;
+mod stack;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "fraiseql-observers", version, about = "Tails a Postgres change log and runs observers' actions: webhooks, SQL, logs.")]
+struct Cli {
+    /// Configuration file (TOML or YAML); OBSERVER__SECTION__KEY variables override it.
+    #[arg(long, short, global = true, env = "FRAISEQL_OBSERVERS_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: tail the change log and execute observers until SIGTERM/SIGINT.
+    Run,
+    /// Install or upgrade the schema (change-log table, triggers, bookkeeping tables); idempotent.
+    Migrate,
+    /// Attach, list or remove capture triggers on business tables.
+    #[command(subcommand)]
+    Capture(setup::CaptureCommand),
+    /// Check a configuration file: every condition, template and action; exit 1 on any error.
+    Validate(validate::ValidateArgs),
+    /// A local webhook sink that prints each delivery and verifies its signature.
+    Listen(listen::ListenArgs),
+    // @ops-commands (operator commands are declared below this line)
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = cli.config.as_deref();
+    let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => daemon::run(config).await.map(|_| ExitCode::SUCCESS),
+            Command::Migrate => setup::migrate(config).await.map(|_| ExitCode::SUCCESS),
+            Command::Capture(c) => setup::capture(config, c).await.map(|_| ExitCode::SUCCESS),
+            Command::Validate(a) => validate::run(a).await,
+            Command::Listen(a) => listen::run(a).await.map(|_| ExitCode::SUCCESS),
+            // @ops-dispatch (operator commands are dispatched below this line)
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -3,8 +3,16 @@
 //!
 //! Nothing here depends on `observer-features`; the layers there wrap the executor defined here.
 
-pub mod event;
-pub mod path;
+pub mod action;
+pub mod change_log;
 pub mod condition;
+pub mod config;
+pub mod event;
+pub mod executor;
+pub mod observer;
+pub mod path;
+pub mod runloop;
+pub mod schema;
 pub mod signing;
+pub mod store;
 pub mod template;

@@ -1,0 +1,88 @@
+//! `run`: the daemon. Loads and checks everything before starting, builds the executor stack,
+//! and runs the supervised loop until SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use observer_core::action::ActionContext;
+use observer_core::observer::Observers;
+use observer_core::runloop::{self, RunContext};
+use observer_core::store::CheckpointStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::stack;
+
+pub async fn run(config: Option<&Path>) -> Result<()> {
+    let app = App::load(config)?;
+    let cfg = app.config.clone();
+    stack::check_features(&cfg)?;
+    if cfg.listener.batch_size < 1 || cfg.listener.batch_size > 100_000 {
+        anyhow::bail!("listener.batch_size must be 1..=100000, got {}", cfg.listener.batch_size);
+    }
+    let observers = Observers::compile(&cfg).map_err(|issues| {
+        let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
+        anyhow!("invalid observers in {}:\n{}", app.config_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into()), list.join("\n"))
+    })?;
+    if observers.list.is_empty() {
+        tracing::warn!("no enabled observer: events will be read and checkpointed, nothing executed");
+    }
+    let pool = app.pool()?;
+    let http = ActionContext::http_client().context("building the HTTP client")?;
+    let actions = ActionContext { http, pool: pool.clone() };
+    let checkpoint: Option<Arc<dyn CheckpointStore>> = checkpoint_store(&app);
+    let owner = format!(
+        "{}:{}",
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into()),
+        std::process::id()
+    );
+    let ctx = RunContext {
+        config: cfg.clone(),
+        observers: Arc::new(observers),
+        objects: app.objects.clone(),
+        pool,
+        pg_config: app.pg_config.clone(),
+        checkpoint,
+        owner,
+    };
+    tracing::info!(
+        listener = %cfg.listener.id,
+        database = %app.where_db(),
+        change_log = %app.objects.change_log,
+        observers = ctx.observers.list.len(),
+        checkpoint = cfg.features.checkpoint,
+        "starting"
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    let cfg2 = cfg.clone();
+    let make = move || stack::build(&cfg2, actions.clone());
+    runloop::supervise(&ctx, &make, shutdown).await?;
+    Ok(())
+}
+
+#[cfg(feature = "checkpoint")]
+fn checkpoint_store(app: &App) -> Option<Arc<dyn CheckpointStore>> {
+    app.config.features.checkpoint.then(|| {
+        Arc::new(observer_features::checkpoint::PostgresCheckpointStore::new(&app.objects.checkpoints)) as Arc<dyn CheckpointStore>
+    })
+}
+
+#[cfg(not(feature = "checkpoint"))]
+fn checkpoint_store(_app: &App) -> Option<Arc<dyn CheckpointStore>> {
+    None
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}

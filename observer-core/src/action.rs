@@ -1,0 +1,458 @@
+//! The built-in actions (`webhook`, `log`, `sql`): compiled from config once, then attempted
+//! once per call. Retrying is not done here: an attempt reports whether it may be retried and
+//! when, and the run loop schedules the next attempt, so a slow or failing destination never
+//! holds up anything else.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use reqwest::header::{HeaderName, HeaderValue};
+
+use crate::config::{resolve_secret, ActionConfig, LogConfig, SqlConfig, WebhookConfig};
+use crate::observer::ConfigIssue;
+use crate::path::Scope;
+use crate::schema::quote_ident;
+use crate::signing::{signature_headers, SigningKey};
+use crate::template::{Target, Template};
+
+/// What an action needs at run time: one HTTP client and one database pool per process.
+#[derive(Clone)]
+pub struct ActionContext {
+    pub http: reqwest::Client,
+    pub pool: deadpool_postgres::Pool,
+}
+
+impl ActionContext {
+    /// The process's HTTP client: rustls with verified TLS, no redirects followed (a redirect is
+    /// reported as a failure naming its target, so a receiver cannot bounce us elsewhere).
+    pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()
+    }
+}
+
+/// A compiled action.
+#[derive(Debug)]
+pub enum CompiledAction {
+    Webhook(Webhook),
+    Log(Log),
+    Sql(Sql),
+}
+
+impl CompiledAction {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CompiledAction::Webhook(_) => "webhook",
+            CompiledAction::Log(_) => "log",
+            CompiledAction::Sql(_) => "sql",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Webhook {
+    method: reqwest::Method,
+    url: Template,
+    headers: Vec<(HeaderName, Template)>,
+    body: Option<Template>,
+    timeout: Duration,
+    keys: Vec<SigningKey>,
+}
+
+#[derive(Debug)]
+pub struct Log {
+    message: Option<Template>,
+    level: tracing::Level,
+}
+
+#[derive(Debug)]
+pub struct Sql {
+    statement: String,
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AttemptResult {
+    /// Done; never attempted again.
+    Delivered,
+    /// Failed in a way worth retrying, no sooner than `after_ms` when the receiver asked.
+    Retry { after_ms: Option<u64> },
+    /// Failed in a way retrying cannot fix (4xx, a bad template result, a missing function).
+    Permanent,
+}
+
+/// One attempt, as recorded in the action log and the dead-letter queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub at: chrono::DateTime<Utc>,
+    pub duration_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub result: AttemptResult,
+}
+
+/// Compiles one action; every problem is returned with its location.
+pub fn compile(config: &ActionConfig, at: &str) -> Result<CompiledAction, Vec<ConfigIssue>> {
+    let mut issues = Vec::new();
+    let mut issue = |field: &str, message: String| {
+        issues.push(ConfigIssue { location: format!("{at}.{field}"), message })
+    };
+    let action = match config {
+        ActionConfig::Webhook(w) => compile_webhook(w, &mut issue),
+        ActionConfig::Log(l) => compile_log(l, &mut issue),
+        ActionConfig::Sql(s) => compile_sql(s, &mut issue),
+    };
+    match action {
+        Some(a) if issues.is_empty() => Ok(a),
+        _ => Err(issues),
+    }
+}
+
+fn compile_webhook(w: &WebhookConfig, issue: &mut dyn FnMut(&str, String)) -> Option<CompiledAction> {
+    let method = match reqwest::Method::from_bytes(w.method.to_ascii_uppercase().as_bytes()) {
+        Ok(m) => Some(m),
+        Err(_) => {
+            issue("method", format!("`{}` is not an HTTP method", w.method));
+            None
+        }
+    };
+    let url = match resolve_secret(&w.url, "url") {
+        Ok(u) => match Template::parse(&u, Target::UrlComponent) {
+            Ok(t) => {
+                if t.is_static() {
+                    match reqwest::Url::parse(&u) {
+                        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                        Ok(parsed) => issue("url", format!("scheme `{}` is not http or https", parsed.scheme())),
+                        Err(e) => issue("url", format!("`{u}` is not a URL: {e}")),
+                    }
+                } else if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    issue("url", "must start with http:// or https://".into());
+                }
+                Some(t)
+            }
+            Err(e) => {
+                issue("url", e.to_string());
+                None
+            }
+        },
+        Err(e) => {
+            issue("url", e.to_string());
+            None
+        }
+    };
+    let mut headers = Vec::new();
+    for (name, value) in &w.headers {
+        let field = format!("headers.{name}");
+        let hn = match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(h) => h,
+            Err(_) => {
+                issue(&field, format!("`{name}` is not a valid header name"));
+                continue;
+            }
+        };
+        let lower = hn.as_str();
+        if ["idempotency-key", "webhook-id", "webhook-timestamp", "webhook-signature", "content-length", "host"]
+            .contains(&lower)
+        {
+            issue(&field, format!("`{name}` is set by the webhook action itself"));
+            continue;
+        }
+        match resolve_secret(value, &field).map_err(|e| e.to_string()).and_then(|v| {
+            Template::parse(&v, Target::Header).map_err(|e| e.to_string())
+        }) {
+            Ok(t) => headers.push((hn, t)),
+            Err(e) => issue(&field, e),
+        }
+    }
+    let body = match &w.body {
+        Some(b) => match Template::parse(b, Target::Json) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                issue("body", e.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+    if w.timeout_ms == 0 || w.timeout_ms > 600_000 {
+        issue("timeout_ms", "expected 1..=600000".into());
+    }
+    let mut keys = Vec::new();
+    if let Some(secret) = &w.secret {
+        match resolve_secret(secret, "secret") {
+            Ok(s) => match SigningKey::parse(&s) {
+                Ok(k) => keys.push(k),
+                Err(e) => issue("secret", e.to_string()),
+            },
+            Err(e) => issue("secret", e.to_string()),
+        }
+    }
+    Some(CompiledAction::Webhook(Webhook {
+        method: method?,
+        url: url?,
+        headers,
+        body: if w.body.is_some() { Some(body?) } else { None },
+        timeout: Duration::from_millis(w.timeout_ms),
+        keys,
+    }))
+}
+
+fn compile_log(l: &LogConfig, issue: &mut dyn FnMut(&str, String)) -> Option<CompiledAction> {
+    let level = match l.level.to_ascii_lowercase().as_str() {
+        "info" => tracing::Level::INFO,
+        "warn" => tracing::Level::WARN,
+        "debug" => tracing::Level::DEBUG,
+        other => {
+            issue("level", format!("`{other}`: expected info, warn or debug"));
+            return None;
+        }
+    };
+    let message = match &l.message {
+        Some(m) => match Template::parse(m, Target::Text) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                issue("message", e.to_string());
+                return None;
+            }
+        },
+        None => None,
+    };
+    Some(CompiledAction::Log(Log { message, level }))
+}
+
+fn compile_sql(s: &SqlConfig, issue: &mut dyn FnMut(&str, String)) -> Option<CompiledAction> {
+    let parts: Vec<&str> = s.function.split('.').collect();
+    let ok = !parts.is_empty()
+        && parts.len() <= 2
+        && parts.iter().all(|p| {
+            let mut c = p.chars();
+            matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
+                && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+        });
+    if !ok {
+        issue("function", format!("`{}` is not a function name: expected `name` or `schema.name`", s.function));
+        return None;
+    }
+    let name = parts.iter().map(|p| quote_ident(p)).collect::<Vec<_>>().join(".");
+    Some(CompiledAction::Sql(Sql { statement: format!("SELECT {name}($1::jsonb)") }))
+}
+
+/// Longest response excerpt kept in an error message.
+const EXCERPT: usize = 512;
+
+impl CompiledAction {
+    /// Performs one attempt. Never panics; every failure is an `Attempt` with its error.
+    pub async fn attempt(&self, ctx: &ActionContext, scope: &Scope<'_>, attempt: u32) -> Attempt {
+        let at = Utc::now();
+        let started = Instant::now();
+        let (result, status, error) = match self {
+            CompiledAction::Webhook(w) => w.send(ctx, scope).await,
+            CompiledAction::Log(l) => l.write(scope),
+            CompiledAction::Sql(s) => s.call(ctx, scope).await,
+        };
+        Attempt { attempt, at, duration_ms: started.elapsed().as_millis() as u64, status, error, result }
+    }
+}
+
+type Outcome = (AttemptResult, Option<u16>, Option<String>);
+
+fn permanent(e: impl std::fmt::Display) -> Outcome {
+    (AttemptResult::Permanent, None, Some(e.to_string()))
+}
+
+impl Webhook {
+    async fn send(&self, ctx: &ActionContext, scope: &Scope<'_>) -> Outcome {
+        let url = match self.url.render(scope) {
+            Ok(u) => u,
+            Err(e) => return permanent(format!("url template: {e}")),
+        };
+        let body = match &self.body {
+            Some(t) => match t.render(scope) {
+                Ok(b) => b,
+                Err(e) => return permanent(format!("body template: {e}")),
+            },
+            None => scope.event.envelope(scope.observer.unwrap_or_default()).to_string(),
+        };
+        let key = scope.idempotency_key.unwrap_or_default();
+        let mut req = ctx
+            .http
+            .request(self.method.clone(), &url)
+            .timeout(self.timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", key);
+        for (name, t) in &self.headers {
+            match t.render(scope).map_err(|e| e.to_string()).and_then(|v| {
+                HeaderValue::from_str(&v).map_err(|_| "invalid header value".to_string())
+            }) {
+                Ok(v) => req = req.header(name.clone(), v),
+                Err(e) => return permanent(format!("header `{name}`: {e}")),
+            }
+        }
+        let sig = signature_headers(&self.keys, key, Utc::now().timestamp(), body.as_bytes());
+        req = req.header("webhook-id", sig.id).header("webhook-timestamp", sig.timestamp);
+        if let Some(s) = sig.signature {
+            req = req.header("webhook-signature", s);
+        }
+        let resp = match req.body(body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.is_builder() {
+                    return permanent(format!("cannot build request to `{url}`: {e}"));
+                }
+                let what = if e.is_timeout() {
+                    format!("timed out after {} ms", self.timeout.as_millis())
+                } else if e.is_connect() {
+                    format!("cannot connect: {}", error_chain(&e))
+                } else {
+                    format!("request failed: {}", error_chain(&e))
+                };
+                return (AttemptResult::Retry { after_ms: None }, None, Some(what));
+            }
+        };
+        let status = resp.status();
+        let code = status.as_u16();
+        if status.is_success() {
+            drain(resp).await;
+            return (AttemptResult::Delivered, Some(code), None);
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let location = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let excerpt = drain(resp).await;
+        let mut error = format!("HTTP {code}");
+        if let Some(l) = location.filter(|_| status.is_redirection()) {
+            error.push_str(&format!(" redirect to `{l}` (redirects are not followed)"));
+        }
+        if !excerpt.is_empty() {
+            error.push_str(": ");
+            error.push_str(&excerpt);
+        }
+        let retryable = code == 408 || code == 429 || status.is_server_error();
+        let result = if retryable {
+            AttemptResult::Retry { after_ms: retry_after.map(|d| d.as_millis() as u64) }
+        } else {
+            AttemptResult::Permanent
+        };
+        (result, Some(code), Some(error))
+    }
+}
+
+/// Reads at most a short excerpt of the body (for the error message) and drops the rest.
+async fn drain(mut resp: reqwest::Response) -> String {
+    let mut buf = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        if buf.len() < EXCERPT {
+            buf.extend_from_slice(&chunk[..chunk.len().min(EXCERPT - buf.len())]);
+        }
+        if buf.len() >= EXCERPT * 128 {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    text.chars().filter(|c| !c.is_control() || *c == ' ').collect::<String>().trim().to_string()
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date; capped at one hour.
+pub fn parse_retry_after(v: &str) -> Option<Duration> {
+    let cap = Duration::from_secs(3600);
+    if let Ok(secs) = v.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs).min(cap));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(v.trim()).ok()?;
+    let delta = when.with_timezone(&Utc) - Utc::now();
+    Some(delta.to_std().unwrap_or(Duration::ZERO).min(cap))
+}
+
+impl Log {
+    fn write(&self, scope: &Scope<'_>) -> Outcome {
+        let e = scope.event;
+        let message = match &self.message {
+            Some(t) => match t.render(scope) {
+                Ok(m) => m,
+                Err(err) => return permanent(format!("message template: {err}")),
+            },
+            None => format!(
+                "{} {} {} ({})",
+                e.operation,
+                e.entity,
+                e.entity_id.as_deref().unwrap_or("-"),
+                e.id
+            ),
+        };
+        let observer = scope.observer.unwrap_or_default();
+        match self.level {
+            tracing::Level::WARN => tracing::warn!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}"),
+            _ => tracing::info!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}"),
+        }
+        (AttemptResult::Delivered, None, None)
+    }
+}
+
+impl Sql {
+    async fn call(&self, ctx: &ActionContext, scope: &Scope<'_>) -> Outcome {
+        let mut payload = scope.event.envelope(scope.observer.unwrap_or_default());
+        if let Some(obj) = payload.as_object_mut() {
+            obj.insert("idempotency_key".into(), scope.idempotency_key.unwrap_or_default().into());
+        }
+        let client = match ctx.pool.get().await {
+            Ok(c) => c,
+            Err(e) => return (AttemptResult::Retry { after_ms: None }, None, Some(format!("database pool: {e}"))),
+        };
+        match client.execute(self.statement.as_str(), &[&payload]).await {
+            Ok(_) => (AttemptResult::Delivered, None, None),
+            Err(e) => {
+                let transient = match e.code() {
+                    // Connection, rollback (serialization, deadlock), resources, operator intervention.
+                    Some(code) => matches!(&code.code()[..2], "08" | "40" | "53" | "57" | "58"),
+                    None => true,
+                };
+                let msg = match e.as_db_error() {
+                    Some(db) => format!("{} ({})", db.message(), db.code().code()),
+                    None => error_chain(&e),
+                };
+                let result = if transient { AttemptResult::Retry { after_ms: None } } else { AttemptResult::Permanent };
+                (result, None, Some(msg))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_retry_after("999999"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

@@ -1,0 +1,540 @@
+//! The configuration: structs that are also its documentation, and the layered loader
+//! (built-in defaults → file → environment) built on the `config` crate.
+//!
+//! Every struct denies unknown fields, so a misspelt key is an error naming it rather than a
+//! silently ignored setting. `docs/configuration.md` lists the same keys; a test checks that
+//! every key here appears there.
+
+use std::collections::BTreeMap;
+use std::path::{Path as FsPath, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::Operation;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub change_log: ChangeLogConfig,
+    pub listener: ListenerConfig,
+    pub features: FeaturesConfig,
+    pub action_log: ActionLogConfig,
+    pub retention: RetentionConfig,
+    pub observers: Vec<ObserverConfig>,
+}
+
+/// `[database]`: where the change log and our own tables live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Postgres URL; `DATABASE_URL` overrides it. May be `${env:NAME}` or `${file:/path}`.
+    pub url: String,
+    /// Connections in the pool used for reads, bookkeeping and `sql` actions.
+    pub pool_size: usize,
+    /// How long one connection attempt may take.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
+            pool_size: 8,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[change_log]`: the table the daemon tails.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChangeLogConfig {
+    /// `table` or `schema.table`; our bookkeeping tables are created in the same schema.
+    pub table: String,
+}
+
+impl Default for ChangeLogConfig {
+    fn default() -> Self {
+        ChangeLogConfig { table: "tb_entity_change_log".into() }
+    }
+}
+
+/// Where a listener starts when it has no checkpoint yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// Only changes committed after the daemon starts.
+    Tail,
+    /// Every row already in the change log, then new ones.
+    Beginning,
+}
+
+/// `[listener]`: how the change log is read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Names the checkpoint; two daemons with the same id never run at once (advisory lock).
+    pub id: String,
+    /// The NOTIFY channel the change-log trigger signals on.
+    pub channel: String,
+    /// Rows read per query.
+    pub batch_size: i64,
+    /// Fallback poll when no notification arrives.
+    pub poll_interval_ms: u64,
+    /// Where to begin when there is no checkpoint.
+    pub start_from: StartFrom,
+    /// Events read but not yet completed before reading pauses (bounds memory).
+    pub max_pending_events: usize,
+    /// How long shutdown waits for in-flight actions before handing them back.
+    pub shutdown_timeout_ms: u64,
+    /// How often completed work, dead letters and the checkpoint are written (one transaction).
+    pub flush_interval_ms: u64,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            id: "default".into(),
+            channel: "fraiseql_observers".into(),
+            batch_size: 1_000,
+            poll_interval_ms: 1_000,
+            start_from: StartFrom::Tail,
+            max_pending_events: 10_000,
+            shutdown_timeout_ms: 30_000,
+            flush_interval_ms: 50,
+        }
+    }
+}
+
+/// `[features]`: run-time switches for the layers compiled into this binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeaturesConfig {
+    /// Persist the position and resume after it (cargo feature `checkpoint`).
+    pub checkpoint: bool,
+}
+
+impl Default for FeaturesConfig {
+    fn default() -> Self {
+        FeaturesConfig { checkpoint: true }
+    }
+}
+
+/// What the action log records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordMode {
+    /// Every action outcome (what `debug-event` shows).
+    All,
+    /// Only actions that needed a retry or were dead-lettered.
+    Failures,
+    /// Nothing.
+    None,
+}
+
+/// `[action_log]`: the per-action outcome log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActionLogConfig {
+    pub record: RecordMode,
+}
+
+impl Default for ActionLogConfig {
+    fn default() -> Self {
+        ActionLogConfig { record: RecordMode::All }
+    }
+}
+
+/// `[retention]`: how long processed rows are kept; 0 keeps them forever.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Processed change-log rows older than this are deleted (never unprocessed ones).
+    pub change_log_days: u32,
+    /// Action-log rows older than this are deleted.
+    pub action_log_days: u32,
+    /// Resolved dead letters older than this are deleted (pending ones are kept).
+    pub dead_letter_days: u32,
+    /// How often the daemon applies the policy; 0 turns the daemon's pass off (`cleanup` still works).
+    pub interval_secs: u64,
+    /// Rows deleted per statement, so no pass holds long locks.
+    pub batch_size: i64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            change_log_days: 7,
+            action_log_days: 30,
+            dead_letter_days: 30,
+            interval_secs: 3_600,
+            batch_size: 5_000,
+        }
+    }
+}
+
+/// One `[[observers]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObserverConfig {
+    /// Unique; letters, digits, `-`, `_`, `.`; part of every idempotency key.
+    pub name: String,
+    /// Entity name (`object_type`) or `*`.
+    pub entity: String,
+    /// Operations to react to; default all four.
+    #[serde(default = "all_operations")]
+    pub events: Vec<OperationName>,
+    /// Optional condition in the expression language.
+    #[serde(default)]
+    pub condition: Option<String>,
+    /// Switch an observer off without deleting it.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub actions: Vec<ActionConfig>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn all_operations() -> Vec<OperationName> {
+    [Operation::Insert, Operation::Update, Operation::Delete, Operation::Custom]
+        .into_iter()
+        .map(OperationName)
+        .collect()
+}
+
+/// An operation as written in config: case-insensitive `insert`/`INSERT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct OperationName(pub Operation);
+
+impl<'de> Deserialize<'de> for OperationName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Operation::parse(&s).map(OperationName).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "unknown event `{s}`: expected INSERT, UPDATE, DELETE or CUSTOM"
+            ))
+        })
+    }
+}
+
+/// One action of an observer; `type` selects the kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ActionConfig {
+    Webhook(WebhookConfig),
+    Log(LogConfig),
+    Sql(SqlConfig),
+}
+
+impl ActionConfig {
+    /// The `type` name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ActionConfig::Webhook(_) => "webhook",
+            ActionConfig::Log(_) => "log",
+            ActionConfig::Sql(_) => "sql",
+        }
+    }
+
+    /// The retry policy of this action.
+    pub fn retry(&self) -> RetryConfig {
+        match self {
+            ActionConfig::Webhook(w) => w.retry.clone(),
+            ActionConfig::Sql(s) => s.retry.clone(),
+            ActionConfig::Log(_) => RetryConfig { max_attempts: 1, ..RetryConfig::default() },
+        }
+    }
+}
+
+/// `type = "webhook"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Target URL; may hold placeholders (percent-encoded when rendered).
+    pub url: String,
+    /// HTTP method.
+    #[serde(default = "post")]
+    pub method: String,
+    /// Extra headers; values may hold placeholders and `${env:NAME}` secrets.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body template replacing the default envelope.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Per-attempt timeout.
+    #[serde(default = "webhook_timeout")]
+    pub timeout_ms: u64,
+    /// Standard Webhooks signing secret (`whsec_…` or raw); use `${env:NAME}` or `${file:/path}`.
+    #[serde(default)]
+    pub secret: Option<String>,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+fn post() -> String {
+    "POST".into()
+}
+
+fn webhook_timeout() -> u64 {
+    10_000
+}
+
+/// `type = "log"`: writes the event (or a rendered message) to the daemon's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Text template; default: a one-line summary of the event.
+    #[serde(default)]
+    pub message: Option<String>,
+    /// `info`, `warn` or `debug`.
+    #[serde(default = "info")]
+    pub level: String,
+}
+
+fn info() -> String {
+    "info".into()
+}
+
+/// `type = "sql"`: calls `function(event jsonb)` in the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlConfig {
+    /// `name` or `schema.name` of a function taking one `jsonb` argument.
+    pub function: String,
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// How waits between attempts grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backoff {
+    /// initial × 2^(n-1), capped, with full jitter.
+    Exponential,
+    /// initial × n, capped.
+    Linear,
+    /// initial every time.
+    Fixed,
+}
+
+/// `retry = { … }` on an action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included (1 = no retry).
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub initial_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { max_attempts: 5, backoff: Backoff::Exponential, initial_ms: 200, max_ms: 30_000 }
+    }
+}
+
+/// A configuration that could not be loaded: the file, the key and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("{location}: {message}")]
+    Secret { location: String, message: String },
+}
+
+/// Loads defaults, then `file` (TOML or YAML by extension), then `OBSERVER__SECTION__KEY`
+/// environment variables, then `DATABASE_URL`.
+pub fn load(file: Option<&FsPath>) -> Result<Config, ConfigError> {
+    load_with_env(file, std::env::vars())
+}
+
+/// [`load`] with an explicit environment (tests).
+pub fn load_with_env(
+    file: Option<&FsPath>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let origin = file.map(|f| f.display().to_string()).unwrap_or_else(|| "(defaults)".into());
+    let mut builder = config::Config::builder();
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|source| ConfigError::Read { path: f.to_path_buf(), source })?;
+        let format = match f.extension().and_then(|e| e.to_str()) {
+            Some("yaml") | Some("yml") => config::FileFormat::Yaml,
+            _ => config::FileFormat::Toml,
+        };
+        builder = builder.add_source(config::File::from_str(&text, format));
+    }
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let mut database_url = None;
+    for (k, v) in env {
+        if let Some(rest) = k.strip_prefix("OBSERVER__") {
+            let key = rest.split("__").map(|p| p.to_ascii_lowercase()).collect::<Vec<_>>().join(".");
+            overrides.push((key, v));
+        } else if k == "DATABASE_URL" {
+            database_url = Some(v);
+        }
+    }
+    overrides.sort();
+    for (key, value) in &overrides {
+        builder = builder
+            .set_override(key.as_str(), env_value(value))
+            .map_err(|e| ConfigError::Invalid { path: origin.clone(), message: e.to_string() })?;
+    }
+    if let Some(url) = database_url {
+        builder = builder
+            .set_override("database.url", url)
+            .map_err(|e| ConfigError::Invalid { path: origin.clone(), message: e.to_string() })?;
+    }
+    let built = builder.build().map_err(|e| ConfigError::Invalid {
+        path: origin.clone(),
+        message: e.to_string(),
+    })?;
+    let cfg: Config = built.try_deserialize().map_err(|e| ConfigError::Invalid {
+        path: origin.clone(),
+        message: describe(e, &overrides),
+    })?;
+    Ok(cfg)
+}
+
+/// Environment values are strings; booleans and integers are typed so `=true` works for bools.
+fn env_value(v: &str) -> config::Value {
+    if let Ok(b) = v.parse::<bool>() {
+        return b.into();
+    }
+    if let Ok(i) = v.parse::<i64>() {
+        return i.into();
+    }
+    v.to_string().into()
+}
+
+fn describe(e: config::ConfigError, overrides: &[(String, String)]) -> String {
+    let msg = e.to_string();
+    // Say where an environment override came from when the bad key was one of them.
+    for (key, _) in overrides {
+        let last = key.rsplit('.').next().unwrap_or(key);
+        if msg.contains(&format!("`{key}`")) || msg.contains(&format!("`{last}`")) {
+            let env = format!("OBSERVER__{}", key.replace('.', "__").to_ascii_uppercase());
+            return format!("{msg} (set by environment variable {env})");
+        }
+    }
+    msg
+}
+
+/// Resolves `${env:NAME}` and `${file:/path}` references in a config string. Text without a
+/// reference is returned unchanged. The resolved value is never logged by this crate.
+pub fn resolve_secret(value: &str, location: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| ConfigError::Secret {
+            location: location.to_string(),
+            message: "unterminated `${` reference".into(),
+        })?;
+        let reference = &after[..end];
+        let resolved = if let Some(name) = reference.strip_prefix("env:") {
+            std::env::var(name).map_err(|_| ConfigError::Secret {
+                location: location.to_string(),
+                message: format!("environment variable `{name}` is not set"),
+            })?
+        } else if let Some(path) = reference.strip_prefix("file:") {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| ConfigError::Secret {
+                    location: location.to_string(),
+                    message: format!("cannot read secret file `{path}`: {e}"),
+                })?
+        } else {
+            return Err(ConfigError::Secret {
+                location: location.to_string(),
+                message: format!("unknown reference `${{{reference}}}`: expected `${{env:NAME}}` or `${{file:/path}}`"),
+            });
+        };
+        out.push_str(&resolved);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("obs-cfg-{}-{}", std::process::id(), name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_file_and_env_layer_in_order() {
+        let p = write(
+            "a.toml",
+            r#"
+[listener]
+id = "orders"
+[[observers]]
+name = "o1"
+entity = "Order"
+events = ["insert", "UPDATE"]
+[[observers.actions]]
+type = "webhook"
+url = "http://127.0.0.1:1/x"
+"#,
+        );
+        let env = vec![
+            ("OBSERVER__FEATURES__CHECKPOINT".to_string(), "false".to_string()),
+            ("OBSERVER__LISTENER__BATCH_SIZE".to_string(), "77".to_string()),
+            ("DATABASE_URL".to_string(), "postgres://x@127.0.0.1/y".to_string()),
+        ];
+        let c = load_with_env(Some(&p), env).unwrap();
+        assert_eq!(c.listener.id, "orders");
+        assert_eq!(c.listener.batch_size, 77);
+        assert!(!c.features.checkpoint);
+        assert_eq!(c.database.url, "postgres://x@127.0.0.1/y");
+        assert_eq!(c.observers[0].events.len(), 2);
+        assert_eq!(c.retention.change_log_days, 7);
+        match &c.observers[0].actions[0] {
+            ActionConfig::Webhook(w) => assert_eq!(w.retry.max_attempts, 5),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_values_name_file_and_key() {
+        let p = write("b.toml", "[listener]\nbatch_size = \"lots\"\n");
+        let e = load_with_env(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("b.toml"), "{e}");
+        assert!(e.contains("batch_size"), "{e}");
+        let p = write("c.toml", "[listner]\nid = \"x\"\n");
+        let e = load_with_env(Some(&p), vec![]).unwrap_err().to_string();
+        assert!(e.contains("listner"), "{e}");
+        let e = load_with_env(None, vec![("OBSERVER__FEATURES__NOPE".into(), "true".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        assert!(e.contains("OBSERVER__FEATURES__NOPE"), "{e}");
+    }
+
+    #[test]
+    fn secrets_resolve_from_env_and_files() {
+        std::env::set_var("OBS_TEST_SECRET_X", "s3");
+        assert_eq!(resolve_secret("a${env:OBS_TEST_SECRET_X}b", "k").unwrap(), "as3b");
+        let f = write("secret.txt", "from-file\n");
+        assert_eq!(resolve_secret(&format!("${{file:{}}}", f.display()), "k").unwrap(), "from-file");
+        assert!(resolve_secret("${env:OBS_TEST_MISSING_Q}", "k").unwrap_err().to_string().contains("OBS_TEST_MISSING_Q"));
+        assert!(resolve_secret("${vault:x}", "k").is_err());
+        assert!(resolve_secret("${env:X", "k").is_err());
+    }
+}

@@ -1,0 +1,121 @@
+//! The seam every layer wraps: an executor takes one event and the deliveries due for it, makes
+//! one attempt of each, and returns how each attempt ended.
+//!
+//! It is a `tower::Service<Dispatch>`, so layers are ordinary `tower::Layer`s composed with
+//! `ServiceBuilder` in one place (the daemon's stack builder). Retries are deliberately *not*
+//! inside the executor: the run loop reads each attempt's result and schedules the next one on
+//! a timer, so no layer ever sleeps while holding a concurrency slot, and a layer that defers
+//! work (a breaker, a rate limit) only has to say so in its result.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use uuid::Uuid;
+
+use crate::action::{ActionContext, Attempt};
+use crate::event::ChangeEvent;
+use crate::observer::Observer;
+use crate::path::Scope;
+
+/// The error type of executors: infrastructure trouble that says nothing about the deliveries
+/// (they are attempted again later, without counting an attempt).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One action of one observer for one event.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub observer: Arc<Observer>,
+    pub action_index: usize,
+    /// Stable across retries, crash replays and manual retries.
+    pub idempotency_key: Arc<str>,
+    /// The number of the attempt this dispatch makes (1-based).
+    pub attempt: u32,
+}
+
+/// One event and the deliveries due for it now.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub event: Arc<ChangeEvent>,
+    pub deliveries: Vec<Delivery>,
+}
+
+/// One attempt per delivery, in the order of `Dispatch::deliveries`.
+pub type DispatchResult = Vec<Attempt>;
+
+/// The namespace of idempotency keys (UUIDv5), fixed forever: changing it would change every key.
+const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b7e_8d3a_4c59_9e02_5b1d_7a4f_3c81);
+
+/// The idempotency key of (event, observer, action index): a UUIDv5, so it is opaque, fixed-length
+/// and safe in any header, yet the same every time it is derived.
+pub fn idempotency_key(event_id: Uuid, observer: &str, action_index: usize) -> String {
+    Uuid::new_v5(&KEY_NAMESPACE, format!("{event_id}/{observer}/{action_index}").as_bytes()).to_string()
+}
+
+/// The core executor: attempts each delivery's action once, in order.
+#[derive(Clone)]
+pub struct CoreExecutor {
+    ctx: ActionContext,
+}
+
+impl CoreExecutor {
+    pub fn new(ctx: ActionContext) -> CoreExecutor {
+        CoreExecutor { ctx }
+    }
+}
+
+impl tower::Service<Dispatch> for CoreExecutor {
+    type Response = DispatchResult;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<DispatchResult, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        let ctx = self.ctx.clone();
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(dispatch.deliveries.len());
+            for d in &dispatch.deliveries {
+                let scope = Scope {
+                    event: &dispatch.event,
+                    observer: Some(&d.observer.name),
+                    idempotency_key: Some(&d.idempotency_key),
+                };
+                let attempt = match d.observer.actions.get(d.action_index) {
+                    Some(a) => a.action.attempt(&ctx, &scope, d.attempt).await,
+                    None => Attempt {
+                        attempt: d.attempt,
+                        at: chrono::Utc::now(),
+                        duration_ms: 0,
+                        status: None,
+                        error: Some(format!("observer `{}` has no action {}", d.observer.name, d.action_index)),
+                        result: crate::action::AttemptResult::Permanent,
+                    },
+                };
+                out.push(attempt);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The boxed executor stack the run loop drives.
+pub type BoxExecutor = tower::util::BoxService<Dispatch, DispatchResult, BoxError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_and_distinct() {
+        let id = Uuid::parse_str("0b7c4c36-3c1c-4a4e-9d43-4f5b8a9c1d2e").unwrap();
+        let a = idempotency_key(id, "orders", 0);
+        assert_eq!(a, idempotency_key(id, "orders", 0));
+        assert_ne!(a, idempotency_key(id, "orders", 1));
+        assert_ne!(a, idempotency_key(id, "orders2", 0));
+        assert_eq!(a.len(), 36);
+    }
+}

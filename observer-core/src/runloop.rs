@@ -1,0 +1,719 @@
+//! The daemon's hot path: read → match → execute → record → checkpoint.
+//!
+//! * A reader task walks the change log in snapshot windows (see `change_log.rs`), woken by
+//!   LISTEN/NOTIFY with a polling fallback, and hands batches over a bounded channel, so the next
+//!   batch is read while the current one is delivered.
+//! * The loop matches each event, then dispatches its deliveries through the executor stack,
+//!   starting a new dispatch whenever the stack says it is ready (`poll_ready`), so the stack's
+//!   concurrency limit is the only throttle.
+//! * A failed attempt is put on a timer (`DelayQueue`), not slept on; only later events of the
+//!   same (entity, entity id) wait behind it, so per-entity order holds and nothing else does.
+//! * A delivery that exhausts its attempts, or fails permanently, becomes a dead letter. An event
+//!   is complete when all its deliveries are delivered or dead-lettered; the checkpoint is the
+//!   contiguous completion watermark and is written in the same transaction as the outcomes.
+//! * Any database failure ends this run with an error; the supervisor (`supervise`) starts a
+//!   fresh run from the durable checkpoint after a backoff, so nothing is lost and replays carry
+//!   the same idempotency keys.
+//!
+//! Shutdown order: stop reading, stop starting dispatches, wait for in-flight ones (bounded by
+//! `shutdown_timeout_ms`), hand back what is still retrying (it stays after the checkpoint and is
+//! delivered on the next start), flush, exit.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+use tower::{Service, ServiceExt};
+
+use crate::action::{Attempt, AttemptResult};
+use crate::change_log::{ChangeLog, ChangeRow, Position, Snapshot};
+use crate::config::{Backoff, Config, RetryConfig, StartFrom};
+use crate::event::ChangeEvent;
+use crate::executor::{idempotency_key, BoxError, BoxExecutor, Delivery, Dispatch, DispatchResult};
+use crate::observer::Observers;
+use crate::schema::Objects;
+use crate::store::{CheckpointStore, NewActionLog, NewDeadLetter, Progress, Recorder, StoreError};
+
+/// Why a run ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("the LISTEN connection (which holds the listener lock) was lost")]
+    ListenLost,
+    #[error("change-log reader stopped: {0}")]
+    Reader(String),
+}
+
+/// Everything a run needs; built by the daemon.
+pub struct RunContext {
+    pub config: Arc<Config>,
+    pub observers: Arc<Observers>,
+    pub objects: Arc<Objects>,
+    pub pool: deadpool_postgres::Pool,
+    pub pg_config: tokio_postgres::Config,
+    pub checkpoint: Option<Arc<dyn CheckpointStore>>,
+    /// Identifies this process in the checkpoint row (`host:pid`).
+    pub owner: String,
+}
+
+/// Runs until `shutdown`, restarting a failed run from the checkpoint with capped backoff.
+pub async fn supervise(
+    ctx: &RunContext,
+    make_executor: &(dyn Fn() -> BoxExecutor + Send + Sync),
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let started = Instant::now();
+        match run(ctx, make_executor(), shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(RunError::Store(e @ StoreError::NotMigrated(_))) => return Err(e.into()),
+            Err(e) => {
+                if shutdown.is_cancelled() {
+                    return Err(e);
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    delay = Duration::from_millis(500);
+                }
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "run failed; restarting from the checkpoint");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// One item read from the change log, with the position that completing it reaches.
+enum Item {
+    Row(ChangeRow, Position),
+    /// A window was drained: completing everything before it reaches `Position::at(hi)`.
+    WindowEnd(Position),
+}
+
+/// The LISTEN connection: holds the listener lock and wakes the reader on NOTIFY.
+struct ListenConnection {
+    client: tokio_postgres::Client,
+    lost: CancellationToken,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn listen_connection(ctx: &RunContext, wake: Arc<Notify>) -> Result<ListenConnection, RunError> {
+    let (client, mut connection) = ctx.pg_config.connect(tokio_postgres::NoTls).await?;
+    let lost = CancellationToken::new();
+    let lost2 = lost.clone();
+    let task = tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(_)) => wake.notify_one(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed");
+                    break;
+                }
+            }
+        }
+        lost2.cancel();
+    });
+    Ok(ListenConnection { client, lost, _task: task })
+}
+
+/// Takes the per-listener advisory lock, waiting as a standby while another process holds it.
+async fn acquire_lock(conn: &ListenConnection, listener: &str, shutdown: &CancellationToken) -> Result<bool, RunError> {
+    let mut announced = false;
+    loop {
+        let got: bool = conn
+            .client
+            .query_one("SELECT pg_try_advisory_lock(hashtextextended('fraiseql_observers:' || $1, 0))", &[&listener])
+            .await?
+            .get(0);
+        if got {
+            if announced {
+                tracing::info!(listener, "listener lock acquired; this instance is now active");
+            }
+            return Ok(true);
+        }
+        if !announced {
+            tracing::info!(listener, "listener is active in another process; standing by");
+            announced = true;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = conn.lost.cancelled() => return Err(RunError::ListenLost),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// A delivery and the attempts made so far.
+struct DeliveryState {
+    delivery: Delivery,
+    attempts: Vec<Attempt>,
+}
+
+/// An event being worked on.
+struct EventState {
+    event: Arc<ChangeEvent>,
+    key: (String, Option<String>),
+    remaining: usize,
+}
+
+/// The completion watermark: items in read order; the front ones that are done advance it.
+#[derive(Default)]
+struct Tracker {
+    slots: VecDeque<(u64, Position, bool, Option<(uuid::Uuid, i64, chrono::DateTime<Utc>)>)>,
+    next_seq: u64,
+    watermark: Option<Position>,
+    completed_events: i64,
+    last_event: Option<(uuid::Uuid, i64, chrono::DateTime<Utc>)>,
+}
+
+impl Tracker {
+    fn push(&mut self, pos: Position, event: Option<(uuid::Uuid, i64, chrono::DateTime<Utc>)>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.slots.push_back((seq, pos, false, event));
+        seq
+    }
+
+    fn complete(&mut self, seq: u64) {
+        if let Some(front) = self.slots.front().map(|s| s.0) {
+            if let Some(slot) = self.slots.get_mut((seq - front) as usize) {
+                slot.2 = true;
+            }
+        }
+        while matches!(self.slots.front(), Some(s) if s.2) {
+            if let Some((_, pos, _, ev)) = self.slots.pop_front() {
+                self.watermark = Some(pos);
+                if ev.is_some() {
+                    self.completed_events += 1;
+                    self.last_event = ev;
+                }
+            }
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// One run: from the checkpoint until shutdown or the first infrastructure failure.
+pub async fn run(ctx: &RunContext, mut executor: BoxExecutor, shutdown: CancellationToken) -> Result<(), RunError> {
+    let cfg = &ctx.config;
+    let listener = cfg.listener.id.as_str();
+    let wake = Arc::new(Notify::new());
+    let listen = listen_connection(ctx, wake.clone()).await?;
+    if !acquire_lock(&listen, listener, &shutdown).await? {
+        return Ok(());
+    }
+    listen
+        .client
+        .batch_execute(&format!("LISTEN {}", crate::schema::quote_ident(&ctx.objects.channel)))
+        .await?;
+
+    let mut book = ctx.pg_config.connect(tokio_postgres::NoTls).await.map(|(client, conn)| {
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!(error = %e, "bookkeeping connection failed");
+            }
+        });
+        client
+    })?;
+
+    let saved = match &ctx.checkpoint {
+        Some(store) => store.load(&book, listener).await?,
+        None => None,
+    };
+    let start = match saved {
+        Some(p) => {
+            tracing::info!(listener, position = %describe(&p), "resuming from checkpoint");
+            p
+        }
+        None => {
+            let snap = ChangeLog::current_snapshot(&book).await?;
+            let p = match cfg.listener.start_from {
+                StartFrom::Tail => Position::at(snap),
+                StartFrom::Beginning => Position { lo: Snapshot { xmin: 1, xmax: 1, xip: vec![] }, hi: snap, after_pk: 0 },
+            };
+            tracing::info!(listener, start_from = ?cfg.listener.start_from, "no checkpoint; starting");
+            p
+        }
+    };
+    let epoch = match &ctx.checkpoint {
+        Some(store) => Some(store.claim(&book, listener, &ctx.owner, &start).await?),
+        None => None,
+    };
+
+    // Reader: prefetches at most two batches ahead.
+    let (tx, mut rx) = mpsc::channel::<Result<Vec<Item>, String>>(2);
+    let reader_stop = CancellationToken::new();
+    let reader = tokio::spawn(read_loop(
+        ChangeLog::new(ctx.objects.change_log.clone()),
+        ctx.pool.clone(),
+        start.clone(),
+        cfg.listener.batch_size,
+        Duration::from_millis(cfg.listener.poll_interval_ms),
+        wake,
+        tx,
+        reader_stop.clone(),
+    ));
+    let _stop_reader = reader_stop.clone().drop_guard();
+
+    let mut recorder = Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record);
+    let mut tracker = Tracker { watermark: Some(start), ..Tracker::default() };
+    let mut saved_watermark: Option<Position> = None;
+    let mut progress = Progress::default();
+    let mut events: HashMap<u64, EventState> = HashMap::new();
+    // Keys with an event in progress → events of that key waiting their turn.
+    let mut busy: HashMap<(String, Option<String>), VecDeque<u64>> = HashMap::new();
+    let mut waiting: HashMap<u64, Vec<DeliveryState>> = HashMap::new();
+    let mut ready: VecDeque<(u64, Vec<DeliveryState>)> = VecDeque::new();
+    let mut retries: DelayQueue<(u64, DeliveryState)> = DelayQueue::new();
+    let mut inflight: JoinSet<(u64, Vec<DeliveryState>, Result<DispatchResult, BoxError>)> = JoinSet::new();
+    let flush_every = Duration::from_millis(cfg.listener.flush_interval_ms.max(1));
+    let mut flush_tick = tokio::time::interval(flush_every);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_save = Instant::now();
+    let mut flush_failures = 0u32;
+    let max_pending = cfg.listener.max_pending_events.max(1);
+
+    let result: Result<(), RunError> = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = listen.lost.cancelled() => break Err(RunError::ListenLost),
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                let (seq, states, result) = match done {
+                    Ok(v) => v,
+                    Err(e) => break Err(RunError::Reader(format!("dispatch task failed: {e}"))),
+                };
+                if on_result(seq, states, result, &mut events, &mut retries, &mut recorder, &mut progress) {
+                    finish(seq, &mut events, &mut busy, &mut waiting, &mut ready, &mut tracker);
+                }
+            }
+            Some(expired) = retries.next(), if !retries.is_empty() => {
+                let (seq, state) = expired.into_inner();
+                ready.push_back((seq, vec![state]));
+            }
+            r = executor.ready(), if !ready.is_empty() => {
+                if let Err(e) = r {
+                    break Err(RunError::Reader(format!("executor failed: {e}")));
+                }
+                if let Some((seq, states)) = ready.pop_front() {
+                    let Some(ev) = events.get(&seq) else { continue };
+                    let dispatch = Dispatch { event: ev.event.clone(), deliveries: states.iter().map(|s| s.delivery.clone()).collect() };
+                    let fut = executor.call(dispatch);
+                    inflight.spawn(async move { (seq, states, fut.await) });
+                }
+            }
+            batch = rx.recv(), if tracker.pending() < max_pending => {
+                let items = match batch {
+                    Some(Ok(items)) => items,
+                    Some(Err(e)) => break Err(RunError::Reader(e)),
+                    None => break Err(RunError::Reader("reader ended".into())),
+                };
+                for item in items {
+                    accept(item, &ctx.observers, &mut tracker, &mut events, &mut busy, &mut waiting, &mut ready, &mut recorder, &mut progress);
+                }
+            }
+            _ = flush_tick.tick() => {
+                let moved = tracker.watermark != saved_watermark;
+                if recorder.is_empty() && !moved && last_save.elapsed() < Duration::from_secs(5) {
+                    continue;
+                }
+                match flush(ctx, &mut book, &mut recorder, &tracker, epoch, &mut progress).await {
+                    Ok(()) => {
+                        saved_watermark = tracker.watermark.clone();
+                        last_save = Instant::now();
+                        flush_failures = 0;
+                    }
+                    Err(e @ StoreError::Fenced { .. }) => break Err(e.into()),
+                    Err(e) => {
+                        flush_failures += 1;
+                        tracing::warn!(error = %e, buffered = recorder.buffered(), "could not record completed work; keeping it and retrying");
+                        if flush_failures >= 5 { break Err(e.into()); }
+                    }
+                }
+            }
+        }
+    };
+
+    // Shutdown (or failure): stop reading, let in-flight dispatches finish within the deadline.
+    reader_stop.cancel();
+    reader.abort();
+    let deadline = tokio::time::sleep(Duration::from_millis(cfg.listener.shutdown_timeout_ms));
+    tokio::pin!(deadline);
+    let in_flight_at_stop = inflight.len();
+    while !inflight.is_empty() {
+        tokio::select! {
+            _ = &mut deadline => {
+                tracing::warn!(in_flight = inflight.len(), "shutdown deadline reached; handing back unfinished deliveries");
+                inflight.abort_all();
+                break;
+            }
+            Some(done) = inflight.join_next() => {
+                if let Ok((seq, states, result)) = done {
+                    if on_result(seq, states, result, &mut events, &mut retries, &mut recorder, &mut progress) {
+                    finish(seq, &mut events, &mut busy, &mut waiting, &mut ready, &mut tracker);
+                }
+                }
+            }
+        }
+    }
+    if in_flight_at_stop > 0 {
+        tracing::info!(in_flight_at_stop, retrying = retries.len(), "in-flight work drained");
+    }
+    // Whatever is still waiting or retrying stays after the checkpoint and is delivered next start.
+    let mut last = Ok(());
+    for _ in 0..3 {
+        match flush(ctx, &mut book, &mut recorder, &tracker, epoch, &mut progress).await {
+            Ok(()) => {
+                last = Ok(());
+                break;
+            }
+            Err(e) => {
+                last = Err(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    if let Err(e) = last {
+        tracing::error!(error = %e, "final flush failed; unrecorded work will be redelivered on the next start");
+    }
+    if let Some(p) = &tracker.watermark {
+        tracing::info!(listener, position = %describe(p), "stopped");
+    }
+    result
+}
+
+fn describe(p: &Position) -> String {
+    format!("window {} .. {} after pk {}", p.lo, p.hi, p.after_pk)
+}
+
+async fn flush(
+    ctx: &RunContext,
+    book: &mut tokio_postgres::Client,
+    recorder: &mut Recorder,
+    tracker: &Tracker,
+    epoch: Option<i64>,
+    progress: &mut Progress,
+) -> Result<(), StoreError> {
+    progress.events = tracker.completed_events;
+    progress.last_event = tracker.last_event;
+    let checkpoint = match (&ctx.checkpoint, epoch, &tracker.watermark) {
+        (Some(store), Some(epoch), Some(pos)) => Some((store.as_ref(), epoch, pos, &*progress)),
+        _ => None,
+    };
+    recorder.flush(book, checkpoint).await?;
+    progress.saved_events = progress.events;
+    Ok(())
+}
+
+/// Takes one item from the reader into the loop's state.
+#[allow(clippy::too_many_arguments)]
+fn accept(
+    item: Item,
+    observers: &Observers,
+    tracker: &mut Tracker,
+    events: &mut HashMap<u64, EventState>,
+    busy: &mut HashMap<(String, Option<String>), VecDeque<u64>>,
+    waiting: &mut HashMap<u64, Vec<DeliveryState>>,
+    ready: &mut VecDeque<(u64, Vec<DeliveryState>)>,
+    recorder: &mut Recorder,
+    progress: &mut Progress,
+) {
+    let (row, pos) = match item {
+        Item::WindowEnd(pos) => {
+            let seq = tracker.push(pos, None);
+            tracker.complete(seq);
+            return;
+        }
+        Item::Row(row, pos) => (row, pos),
+    };
+    let event = match row {
+        ChangeRow::Poison { pk, event_id, raw, reason } => {
+            tracing::warn!(pk, %reason, "change-log row cannot be processed; dead-lettered");
+            progress.last_error = Some((format!("change-log row {pk}: {reason}"), Utc::now()));
+            recorder.dead_letter(NewDeadLetter {
+                event_id,
+                change_log_pk: pk,
+                event: raw,
+                observer: None,
+                action_index: None,
+                action_type: None,
+                action: None,
+                idempotency_key: None,
+                reason: "poison_event",
+                last_error: reason,
+                attempts: vec![],
+            });
+            let seq = tracker.push(pos, None);
+            tracker.complete(seq);
+            return;
+        }
+        ChangeRow::Event(e) => Arc::new(e),
+    };
+    let seq = tracker.push(pos, Some((event.id, event.pk, event.created_at)));
+    let mut states = Vec::new();
+    for observer in observers.matching(&event) {
+        for i in 0..observer.actions.len() {
+            states.push(DeliveryState {
+                delivery: Delivery {
+                    observer: observer.clone(),
+                    action_index: i,
+                    idempotency_key: idempotency_key(event.id, &observer.name, i).into(),
+                    attempt: 1,
+                },
+                attempts: Vec::new(),
+            });
+        }
+    }
+    if states.is_empty() {
+        tracker.complete(seq);
+        return;
+    }
+    let key = event.ordering_key();
+    events.insert(seq, EventState { event, key: key.clone(), remaining: states.len() });
+    match busy.get_mut(&key) {
+        Some(queue) => {
+            queue.push_back(seq);
+            waiting.insert(seq, states);
+        }
+        None => {
+            busy.insert(key, VecDeque::new());
+            ready.push_back((seq, states));
+        }
+    }
+}
+
+/// Marks an event complete: releases the next event of its key and advances the watermark.
+fn finish(
+    seq: u64,
+    events: &mut HashMap<u64, EventState>,
+    busy: &mut HashMap<(String, Option<String>), VecDeque<u64>>,
+    waiting: &mut HashMap<u64, Vec<DeliveryState>>,
+    ready: &mut VecDeque<(u64, Vec<DeliveryState>)>,
+    tracker: &mut Tracker,
+) {
+    if let Some(state) = events.remove(&seq) {
+        let next = busy.get_mut(&state.key).and_then(|q| q.pop_front());
+        match next.and_then(|n| waiting.remove(&n).map(|s| (n, s))) {
+            Some((n, states)) => ready.push_back((n, states)),
+            None => {
+                busy.remove(&state.key);
+            }
+        }
+    }
+    tracker.complete(seq);
+}
+
+/// Handles the attempts of one dispatch: done, retry later, or dead letter. True when the
+/// event has no delivery left.
+#[allow(clippy::too_many_arguments)]
+fn on_result(
+    seq: u64,
+    states: Vec<DeliveryState>,
+    result: Result<DispatchResult, BoxError>,
+    events: &mut HashMap<u64, EventState>,
+    retries: &mut DelayQueue<(u64, DeliveryState)>,
+    recorder: &mut Recorder,
+    progress: &mut Progress,
+) -> bool {
+    let attempts = match result {
+        Ok(a) if a.len() == states.len() => a,
+        Ok(_) | Err(_) => {
+            let why = match result {
+                Err(e) => e.to_string(),
+                Ok(_) => "executor returned the wrong number of results".to_string(),
+            };
+            tracing::warn!(error = %why, "dispatch failed before attempting; retrying shortly");
+            progress.last_error = Some((why, Utc::now()));
+            for s in states {
+                retries.insert((seq, s), Duration::from_secs(1));
+            }
+            return false;
+        }
+    };
+    let Some(ev) = events.get_mut(&seq) else { return false };
+    let event = ev.event.clone();
+    let mut finished = 0usize;
+    for (mut state, attempt) in states.into_iter().zip(attempts) {
+        let observer = state.delivery.observer.clone();
+        let index = state.delivery.action_index;
+        let policy = &observer.actions[index].retry;
+        let result = attempt.result.clone();
+        let error = attempt.error.clone();
+        state.attempts.push(attempt);
+        let n = state.attempts.len() as u32;
+        let outcome = match result {
+            AttemptResult::Delivered => Some("delivered"),
+            AttemptResult::Retry { after_ms } if n < policy.max_attempts => {
+                let wait = next_delay(policy, n, after_ms);
+                tracing::debug!(observer = %observer.name, event_id = %event.id, attempt = n, wait_ms = wait.as_millis() as u64, error = error.as_deref().unwrap_or(""), "attempt failed; retry scheduled");
+                progress.last_error = error.clone().map(|e| (format!("{}: {e}", observer.name), Utc::now()));
+                state.delivery.attempt = n + 1;
+                retries.insert((seq, state), wait);
+                continue;
+            }
+            AttemptResult::Retry { .. } | AttemptResult::Permanent => None,
+        };
+        let key = state.delivery.idempotency_key.to_string();
+        let kind = observer.actions[index].action.kind();
+        if outcome.is_none() {
+            let reason = if matches!(result, AttemptResult::Permanent) { "permanent_failure" } else { "retries_exhausted" };
+            let last_error = error.unwrap_or_else(|| "failed".into());
+            tracing::warn!(observer = %observer.name, event_id = %event.id, action = index, attempts = n, %reason, error = %last_error, "dead-lettered");
+            progress.last_error = Some((format!("{}: {last_error}", observer.name), Utc::now()));
+            recorder.dead_letter(NewDeadLetter {
+                event_id: Some(event.id),
+                change_log_pk: event.pk,
+                event: serde_json::to_value(&*event).unwrap_or(serde_json::Value::Null),
+                observer: Some(observer.name.clone()),
+                action_index: Some(index as i32),
+                action_type: Some(kind.to_string()),
+                action: Some(observer.actions[index].config.clone()),
+                idempotency_key: Some(key.clone()),
+                reason,
+                last_error,
+                attempts: state.attempts.clone(),
+            });
+        }
+        recorder.action(NewActionLog {
+            event_id: event.id,
+            change_log_pk: event.pk,
+            observer: observer.name.clone(),
+            action_index: index as i32,
+            action_type: kind,
+            idempotency_key: key,
+            outcome: outcome.unwrap_or("dead_lettered"),
+            attempts: state.attempts,
+        });
+        finished += 1;
+    }
+    ev.remaining -= finished.min(ev.remaining);
+    ev.remaining == 0
+}
+
+/// The wait before attempt `n + 1`, honouring a receiver's `Retry-After` as a floor.
+pub fn next_delay(policy: &RetryConfig, n: u32, retry_after_ms: Option<u64>) -> Duration {
+    let base = match policy.backoff {
+        Backoff::Fixed => policy.initial_ms,
+        Backoff::Linear => policy.initial_ms.saturating_mul(n as u64),
+        Backoff::Exponential => {
+            let ceiling = policy.initial_ms.saturating_mul(1u64 << (n - 1).min(32)).min(policy.max_ms);
+            // Full jitter, but never below half the step, so retries still spread out.
+            let half = ceiling / 2;
+            half + rand::random_range(0..=ceiling - half)
+        }
+    }
+    .min(policy.max_ms);
+    Duration::from_millis(base.max(retry_after_ms.unwrap_or(0)))
+}
+
+/// Walks the change log window by window, sending batches until stopped.
+#[allow(clippy::too_many_arguments)]
+async fn read_loop(
+    log: ChangeLog,
+    pool: deadpool_postgres::Pool,
+    start: Position,
+    batch: i64,
+    poll: Duration,
+    wake: Arc<Notify>,
+    tx: mpsc::Sender<Result<Vec<Item>, String>>,
+    stop: CancellationToken,
+) {
+    let mut pos = start;
+    let outcome: Result<(), String> = async {
+        loop {
+            let client = pool.get().await.map_err(|e| format!("database pool: {e}"))?;
+            let rows = log
+                .read_window(&**client, &pos.lo, &pos.hi, pos.after_pk, batch)
+                .await
+                .map_err(|e| format!("reading {}: {e}", log.table()))?;
+            let full = rows.len() as i64 >= batch;
+            let mut items = Vec::with_capacity(rows.len() + 1);
+            for row in rows {
+                pos.after_pk = row.pk();
+                items.push(Item::Row(row, pos.clone()));
+            }
+            if !full {
+                // Window drained: move to the next one, waiting for news if nothing changed.
+                let mut next = ChangeLog::current_snapshot(&**client).await.map_err(|e| e.to_string())?;
+                drop(client);
+                if next == pos.hi && items.is_empty() {
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        _ = wake.notified() => {}
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                    let client = pool.get().await.map_err(|e| format!("database pool: {e}"))?;
+                    next = ChangeLog::current_snapshot(&**client).await.map_err(|e| e.to_string())?;
+                }
+                if next != pos.hi {
+                    pos = Position { lo: pos.hi.clone(), hi: next, after_pk: 0 };
+                    items.push(Item::WindowEnd(Position::at(pos.lo.clone())));
+                }
+            }
+            if !items.is_empty() {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    sent = tx.send(Ok(items)) => if sent.is_err() { return Ok(()) },
+                }
+            }
+        }
+    }
+    .await;
+    if let Err(e) = outcome {
+        let _ = tx.send(Err(e)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_follow_the_policy() {
+        let p = RetryConfig { max_attempts: 5, backoff: Backoff::Fixed, initial_ms: 100, max_ms: 1000 };
+        assert_eq!(next_delay(&p, 3, None), Duration::from_millis(100));
+        assert_eq!(next_delay(&p, 3, Some(700)), Duration::from_millis(700));
+        let p = RetryConfig { backoff: Backoff::Linear, ..p };
+        assert_eq!(next_delay(&p, 3, None), Duration::from_millis(300));
+        assert_eq!(next_delay(&p, 30, None), Duration::from_millis(1000));
+        let p = RetryConfig { backoff: Backoff::Exponential, ..p };
+        for n in 1..10 {
+            let d = next_delay(&p, n, None).as_millis() as u64;
+            let ceiling = (100u64 << (n - 1)).min(1000);
+            assert!(d >= ceiling / 2 && d <= ceiling, "n={n} d={d}");
+        }
+    }
+
+    #[test]
+    fn watermark_is_contiguous() {
+        let snap: Snapshot = "5:5:".parse().unwrap();
+        let mut t = Tracker::default();
+        let a = t.push(Position { after_pk: 1, ..Position::at(snap.clone()) }, None);
+        let b = t.push(Position { after_pk: 2, ..Position::at(snap.clone()) }, None);
+        let c = t.push(Position { after_pk: 3, ..Position::at(snap) }, None);
+        t.complete(b);
+        assert!(t.watermark.is_none());
+        t.complete(a);
+        assert_eq!(t.watermark.as_ref().map(|p| p.after_pk), Some(2));
+        t.complete(c);
+        assert_eq!(t.watermark.as_ref().map(|p| p.after_pk), Some(3));
+        assert_eq!(t.pending(), 0);
+    }
+}

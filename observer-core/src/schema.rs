@@ -1,0 +1,486 @@
+//! The database objects the daemon reads and writes, and `migrate`, which installs them
+//! idempotently: the change-log table (or the columns an existing one lacks), its NOTIFY trigger,
+//! the capture trigger function, and our bookkeeping tables (checkpoints, dead letters, action
+//! log). All of it runs in one transaction under an advisory lock, so two concurrent `migrate`s
+//! cannot interleave and a failure leaves nothing half-installed.
+
+use tokio_postgres::GenericClient;
+
+/// A validated `schema.table` name. Both parts are quoted wherever they reach SQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub table: String,
+}
+
+/// A name that cannot be used as a Postgres identifier here.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid table name `{name}`: {reason}")]
+pub struct NameError {
+    pub name: String,
+    pub reason: String,
+}
+
+fn valid_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+        && s.len() <= 63
+}
+
+/// `"name"` with embedded quotes doubled.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl TableName {
+    /// Parses `table` or `schema.table` (schema defaults to `public`).
+    pub fn parse(name: &str) -> Result<TableName, NameError> {
+        let err = |reason: &str| NameError { name: name.to_string(), reason: reason.to_string() };
+        let parts: Vec<&str> = name.split('.').collect();
+        let (schema, table) = match parts.as_slice() {
+            [t] => ("public", *t),
+            [s, t] => (*s, *t),
+            _ => return Err(err("expected `table` or `schema.table`")),
+        };
+        if !valid_ident(schema) || !valid_ident(table) {
+            return Err(err("each part must be letters, digits, `_` or `$`, start with a letter or `_`, at most 63 bytes"));
+        }
+        Ok(TableName { schema: schema.to_string(), table: table.to_string() })
+    }
+
+    /// The quoted `"schema"."table"`.
+    pub fn sql(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.table))
+    }
+
+    /// Another table in the same schema.
+    pub fn sibling(&self, table: &str) -> TableName {
+        TableName { schema: self.schema.clone(), table: table.to_string() }
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// The names of every object we own, derived from the change-log table's name.
+#[derive(Debug, Clone)]
+pub struct Objects {
+    pub change_log: TableName,
+    pub checkpoints: TableName,
+    pub dead_letters: TableName,
+    pub action_log: TableName,
+    /// The NOTIFY channel.
+    pub channel: String,
+}
+
+impl Objects {
+    pub fn new(change_log: TableName, channel: &str) -> Objects {
+        Objects {
+            checkpoints: change_log.sibling("observer_checkpoints"),
+            dead_letters: change_log.sibling("observer_dead_letters"),
+            action_log: change_log.sibling("observer_action_log"),
+            change_log,
+            channel: channel.to_string(),
+        }
+    }
+
+    /// The capture trigger function (one per schema of the change log).
+    pub fn capture_function(&self) -> String {
+        format!("{}.{}", quote_ident(&self.change_log.schema), quote_ident("fraiseql_observers_capture"))
+    }
+
+    fn notify_function(&self) -> String {
+        format!("{}.{}", quote_ident(&self.change_log.schema), quote_ident("fraiseql_observers_notify"))
+    }
+
+    /// Every statement `migrate` runs, in order.
+    pub fn migration(&self) -> Vec<String> {
+        let cl = self.change_log.sql();
+        let schema = quote_ident(&self.change_log.schema);
+        let idx = |suffix: &str| quote_ident(&format!("{}_{}", self.change_log.table, suffix));
+        let channel = self.channel.replace('\'', "''");
+        vec![
+            format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {cl} (
+                    pk_entity_change_log BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                    id UUID NOT NULL DEFAULT gen_random_uuid(),
+                    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    object_type TEXT NOT NULL,
+                    object_id TEXT,
+                    modification_type TEXT NOT NULL,
+                    object_data JSONB,
+                    object_data_before JSONB,
+                    tenant_id UUID,
+                    txid xid8 NOT NULL DEFAULT pg_current_xact_id()
+                )"
+            ),
+            // An existing table (e.g. FraiseQL's core.tb_entity_change_log) keeps its columns and
+            // rows; we only add what we read and it lacks.
+            format!("ALTER TABLE {cl} ADD COLUMN IF NOT EXISTS id UUID NOT NULL DEFAULT gen_random_uuid()"),
+            format!("ALTER TABLE {cl} ADD COLUMN IF NOT EXISTS created_at TIMESTAMPTZ NOT NULL DEFAULT now()"),
+            format!("ALTER TABLE {cl} ADD COLUMN IF NOT EXISTS object_data_before JSONB"),
+            format!("ALTER TABLE {cl} ADD COLUMN IF NOT EXISTS tenant_id UUID"),
+            format!("ALTER TABLE {cl} ADD COLUMN IF NOT EXISTS txid xid8 NOT NULL DEFAULT pg_current_xact_id()"),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {cl} (txid)", idx("txid_idx")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {cl} (id)", idx("id_idx")),
+            format!("CREATE INDEX IF NOT EXISTS {} ON {cl} (created_at)", idx("created_at_idx")),
+            // One notification per statement that writes the change log, whoever writes it.
+            format!(
+                "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+                 BEGIN
+                     PERFORM pg_notify('{channel}', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+                     RETURN NULL;
+                 END $fn$",
+                self.notify_function()
+            ),
+            format!("DROP TRIGGER IF EXISTS fraiseql_observers_notify ON {cl}"),
+            format!(
+                "CREATE TRIGGER fraiseql_observers_notify AFTER INSERT ON {cl}
+                 FOR EACH STATEMENT EXECUTE FUNCTION {}()",
+                self.notify_function()
+            ),
+            self.capture_function_sql(),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    listener_id TEXT PRIMARY KEY,
+                    window_lo pg_snapshot NOT NULL,
+                    window_hi pg_snapshot NOT NULL,
+                    after_pk BIGINT NOT NULL DEFAULT 0,
+                    last_event_id UUID,
+                    last_event_pk BIGINT,
+                    last_event_at TIMESTAMPTZ,
+                    events_processed BIGINT NOT NULL DEFAULT 0,
+                    owner TEXT,
+                    epoch BIGINT NOT NULL DEFAULT 0,
+                    heartbeat_at TIMESTAMPTZ,
+                    last_error TEXT,
+                    last_error_at TIMESTAMPTZ,
+                    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                )",
+                self.checkpoints.sql()
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                    listener_id TEXT NOT NULL,
+                    event_id UUID,
+                    change_log_pk BIGINT NOT NULL,
+                    event JSONB NOT NULL,
+                    observer TEXT,
+                    action_index INT,
+                    action_type TEXT,
+                    action JSONB,
+                    idempotency_key TEXT,
+                    reason TEXT NOT NULL,
+                    last_error TEXT NOT NULL,
+                    attempts JSONB NOT NULL DEFAULT '[]',
+                    status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'resolved')),
+                    manual_retries INT NOT NULL DEFAULT 0,
+                    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    resolved_at TIMESTAMPTZ
+                )",
+                self.dead_letters.sql()
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS observer_dead_letters_status_idx ON {} (status, observer, id)",
+                self.dead_letters.sql()
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS observer_dead_letters_event_idx ON {} (event_id)",
+                self.dead_letters.sql()
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                    listener_id TEXT NOT NULL,
+                    event_id UUID NOT NULL,
+                    change_log_pk BIGINT NOT NULL,
+                    observer TEXT NOT NULL,
+                    action_index INT NOT NULL,
+                    action_type TEXT NOT NULL,
+                    idempotency_key TEXT NOT NULL,
+                    outcome TEXT NOT NULL,
+                    attempts JSONB NOT NULL,
+                    finished_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                )",
+                self.action_log.sql()
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS observer_action_log_event_idx ON {} (event_id)",
+                self.action_log.sql()
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS observer_action_log_finished_idx ON {} (finished_at)",
+                self.action_log.sql()
+            ),
+        ]
+    }
+
+    /// The statement-level capture function. Trigger arguments: entity name, tenant column
+    /// (or ''), then the primary-key columns. One change-log row per changed business row, written
+    /// by one INSERT … SELECT over the transition table (so one NOTIFY per statement).
+    fn capture_function_sql(&self) -> String {
+        let cl = self.change_log.sql();
+        format!(
+            r#"CREATE OR REPLACE FUNCTION {func}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    entity text := TG_ARGV[0];
+    tenant_col text := TG_ARGV[1];
+    id_expr_n text;
+    id_expr_o text;
+    join_cond text := '';
+    tenant_n text := 'NULL::uuid';
+    tenant_o text := 'NULL::uuid';
+    cols text[] := '{{}}';
+    i int;
+BEGIN
+    FOR i IN 2 .. TG_NARGS - 1 LOOP
+        cols := cols || TG_ARGV[i];
+        IF join_cond <> '' THEN join_cond := join_cond || ' AND '; END IF;
+        join_cond := join_cond || format('o.%1$I IS NOT DISTINCT FROM n.%1$I', TG_ARGV[i]);
+    END LOOP;
+    IF array_length(cols, 1) = 1 THEN
+        id_expr_n := format('n.%I::text', cols[1]);
+        id_expr_o := format('o.%I::text', cols[1]);
+    ELSE
+        id_expr_n := 'jsonb_build_array(' || (SELECT string_agg(format('n.%I', c), ', ') FROM unnest(cols) c) || ')::text';
+        id_expr_o := 'jsonb_build_array(' || (SELECT string_agg(format('o.%I', c), ', ') FROM unnest(cols) c) || ')::text';
+    END IF;
+    IF tenant_col <> '' THEN
+        tenant_n := format('n.%I', tenant_col);
+        tenant_o := format('o.%I', tenant_col);
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        EXECUTE format('INSERT INTO {cl} (object_type, object_id, modification_type, object_data, tenant_id)
+                        SELECT $1, %s, ''INSERT'', to_jsonb(n), %s FROM fraiseql_new n', id_expr_n, tenant_n)
+            USING entity;
+    ELSIF TG_OP = 'UPDATE' THEN
+        EXECUTE format('INSERT INTO {cl} (object_type, object_id, modification_type, object_data, object_data_before, tenant_id)
+                        SELECT $1, %s, ''UPDATE'', to_jsonb(n), to_jsonb(o), %s
+                        FROM fraiseql_new n LEFT JOIN fraiseql_old o ON %s', id_expr_n, tenant_n, join_cond)
+            USING entity;
+    ELSIF TG_OP = 'DELETE' THEN
+        EXECUTE format('INSERT INTO {cl} (object_type, object_id, modification_type, object_data_before, tenant_id)
+                        SELECT $1, %s, ''DELETE'', to_jsonb(o), %s FROM fraiseql_old o', id_expr_o, tenant_o)
+            USING entity;
+    END IF;
+    RETURN NULL;
+END $fn$"#,
+            func = self.capture_function(),
+        )
+    }
+}
+
+/// Installs every object; safe to run any number of times, and concurrently.
+pub async fn migrate(client: &mut tokio_postgres::Client, objects: &Objects) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
+    // Serialises concurrent migrations (CREATE … IF NOT EXISTS races otherwise).
+    tx.execute("SELECT pg_advisory_xact_lock(7414082901)", &[]).await?;
+    for stmt in objects.migration() {
+        tx.batch_execute(&stmt).await?;
+    }
+    tx.commit().await
+}
+
+/// A capture trigger attached to a business table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Capture {
+    pub table: String,
+    pub entity: String,
+    pub id_columns: Vec<String>,
+    pub tenant_column: Option<String>,
+}
+
+/// Why `capture add` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("table `{0}` does not exist")]
+    NoTable(String),
+    #[error("table `{0}` has no primary key: pass --id-column to name the column(s) that identify a row")]
+    NoPrimaryKey(String),
+    #[error("table `{table}` has no column `{column}`")]
+    NoColumn { table: String, column: String },
+    #[error("the capture function is not installed: run `fraiseql-observers migrate` first")]
+    NotMigrated,
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+const TRIGGERS: [(&str, &str, &str); 3] = [
+    ("fraiseql_observers_capture_ins", "INSERT", "REFERENCING NEW TABLE AS fraiseql_new"),
+    ("fraiseql_observers_capture_upd", "UPDATE", "REFERENCING OLD TABLE AS fraiseql_old NEW TABLE AS fraiseql_new"),
+    ("fraiseql_observers_capture_del", "DELETE", "REFERENCING OLD TABLE AS fraiseql_old"),
+];
+
+fn sql_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Attaches (or re-attaches) the capture triggers to `table`.
+pub async fn capture_add(
+    client: &mut tokio_postgres::Client,
+    objects: &Objects,
+    table: &str,
+    entity: &str,
+    id_columns: &[String],
+    tenant_column: Option<&str>,
+) -> Result<Capture, CaptureError> {
+    let name = TableName::parse(table)?;
+    let tx = client.transaction().await?;
+    let oid: Option<u32> = tx
+        .query_opt("SELECT to_regclass($1)::oid", &[&name.sql()])
+        .await?
+        .and_then(|r| r.get::<_, Option<u32>>(0));
+    let oid = oid.ok_or_else(|| CaptureError::NoTable(name.to_string()))?;
+    let installed: bool = tx
+        .query_one("SELECT to_regprocedure($1) IS NOT NULL", &[&format!("{}()", objects.capture_function())])
+        .await?
+        .get(0);
+    if !installed {
+        return Err(CaptureError::NotMigrated);
+    }
+    let columns: Vec<(String, String)> = tx
+        .query(
+            "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let ids: Vec<String> = if id_columns.is_empty() {
+        let pk: Vec<String> = tx
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+                &[&oid],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if pk.is_empty() {
+            return Err(CaptureError::NoPrimaryKey(name.to_string()));
+        }
+        pk
+    } else {
+        id_columns.to_vec()
+    };
+    for c in &ids {
+        if !columns.iter().any(|(n, _)| n == c) {
+            return Err(CaptureError::NoColumn { table: name.to_string(), column: c.clone() });
+        }
+    }
+    // tenant_id is captured only from a uuid column, so a bad value can never abort the
+    // business transaction with a cast error.
+    let tenant = match tenant_column {
+        Some(t) => {
+            if !columns.iter().any(|(n, ty)| n == t && ty == "uuid") {
+                return Err(CaptureError::NoColumn { table: name.to_string(), column: format!("{t} (of type uuid)") });
+            }
+            Some(t.to_string())
+        }
+        None => columns.iter().find(|(n, ty)| n == "tenant_id" && ty == "uuid").map(|(n, _)| n.clone()),
+    };
+    let mut args = vec![sql_literal(entity), sql_literal(tenant.as_deref().unwrap_or(""))];
+    args.extend(ids.iter().map(|c| sql_literal(c)));
+    let args = args.join(", ");
+    for (trigger, op, referencing) in TRIGGERS {
+        tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {trigger} ON {}", name.sql())).await?;
+        tx.batch_execute(&format!(
+            "CREATE TRIGGER {trigger} AFTER {op} ON {} {referencing}
+             FOR EACH STATEMENT EXECUTE FUNCTION {}({args})",
+            name.sql(),
+            objects.capture_function()
+        ))
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Capture { table: name.to_string(), entity: entity.to_string(), id_columns: ids, tenant_column: tenant })
+}
+
+/// Removes the capture triggers from `table`; returns whether any were there.
+pub async fn capture_remove(client: &mut tokio_postgres::Client, table: &str) -> Result<bool, CaptureError> {
+    let name = TableName::parse(table)?;
+    let tx = client.transaction().await?;
+    let exists: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name.sql()]).await?.get(0);
+    if !exists {
+        return Err(CaptureError::NoTable(name.to_string()));
+    }
+    let mut found = false;
+    for (trigger, _, _) in TRIGGERS {
+        let n: i64 = tx
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname = $2",
+                &[&name.sql(), &trigger],
+            )
+            .await?
+            .get(0);
+        found |= n > 0;
+        tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {trigger} ON {}", name.sql())).await?;
+    }
+    tx.commit().await?;
+    Ok(found)
+}
+
+/// Every table carrying our capture trigger, with its entity and id columns.
+pub async fn capture_list(client: &impl GenericClient) -> Result<Vec<Capture>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text || '.' || c.relname::text, t.tgargs, t.tgnargs::int
+             FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE t.tgname = 'fraiseql_observers_capture_ins' ORDER BY 1",
+            &[],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for r in rows {
+        let table: String = r.get(0);
+        let raw: Vec<u8> = r.get(1);
+        // tgargs is the arguments, each NUL-terminated.
+        let args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect();
+        let n: i32 = r.get(2);
+        let args: Vec<String> = args.into_iter().take(n.max(0) as usize).collect();
+        if args.len() < 3 {
+            continue;
+        }
+        out.push(Capture {
+            table,
+            entity: args[0].clone(),
+            tenant_column: Some(args[1].clone()).filter(|t| !t.is_empty()),
+            id_columns: args[2..].to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names() {
+        assert_eq!(TableName::parse("tb_x").unwrap().sql(), "\"public\".\"tb_x\"");
+        assert_eq!(TableName::parse("core.tb_entity_change_log").unwrap().schema, "core");
+        assert!(TableName::parse("a.b.c").is_err());
+        assert!(TableName::parse("x;drop table y").is_err());
+        assert!(TableName::parse("").is_err());
+        assert!(TableName::parse("1abc").is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Our bookkeeping in Postgres: the checkpoint seam, the dead-letter queue and the action log.
+//!
+//! The run loop never writes these row by row on the hot path. Completed work accumulates in a
+//! [`Recorder`], and one transaction per flush writes the action-log rows, the dead letters and
+//! the new checkpoint together, so the checkpoint never moves past an event whose outcome is not
+//! durably recorded.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use crate::action::Attempt;
+use crate::change_log::{Position, Snapshot};
+use crate::config::RecordMode;
+use crate::schema::Objects;
+
+/// Errors of the bookkeeping store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("listener `{listener}` was claimed by another instance after us (our epoch {epoch}); stopping")]
+    Fenced { listener: String, epoch: i64 },
+    #[error("stored checkpoint of `{listener}` is unreadable: {message}")]
+    Corrupt { listener: String, message: String },
+    #[error("our tables are missing ({0}): run `fraiseql-observers migrate` first")]
+    NotMigrated(String),
+}
+
+/// What a checkpoint save records besides the position.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// Events completed by this run.
+    pub events: i64,
+    /// Of those, how many the last successful save already counted.
+    pub saved_events: i64,
+    pub last_event: Option<(Uuid, i64, DateTime<Utc>)>,
+    pub last_error: Option<(String, DateTime<Utc>)>,
+}
+
+/// Durable positions (cargo feature `checkpoint` provides the Postgres one).
+#[async_trait::async_trait]
+pub trait CheckpointStore: Send + Sync {
+    /// The saved position of `listener`, if any.
+    async fn load(&self, client: &tokio_postgres::Client, listener: &str) -> Result<Option<Position>, StoreError>;
+    /// Claims the listener (bumps its epoch) and returns the epoch to fence later saves with.
+    async fn claim(&self, client: &tokio_postgres::Client, listener: &str, owner: &str, start: &Position) -> Result<i64, StoreError>;
+    /// Saves `pos` inside `tx`; fails with `Fenced` when another instance claimed the listener.
+    async fn save(&self, tx: &Transaction<'_>, listener: &str, epoch: i64, pos: &Position, progress: &Progress) -> Result<(), StoreError>;
+}
+
+/// A dead letter about to be written.
+#[derive(Debug, Clone)]
+pub struct NewDeadLetter {
+    pub event_id: Option<Uuid>,
+    pub change_log_pk: i64,
+    pub event: Value,
+    pub observer: Option<String>,
+    pub action_index: Option<i32>,
+    pub action_type: Option<String>,
+    pub action: Option<Value>,
+    pub idempotency_key: Option<String>,
+    pub reason: &'static str,
+    pub last_error: String,
+    pub attempts: Vec<Attempt>,
+}
+
+/// An action outcome about to be written to the action log.
+#[derive(Debug, Clone)]
+pub struct NewActionLog {
+    pub event_id: Uuid,
+    pub change_log_pk: i64,
+    pub observer: String,
+    pub action_index: i32,
+    pub action_type: &'static str,
+    pub idempotency_key: String,
+    pub outcome: &'static str,
+    pub attempts: Vec<Attempt>,
+}
+
+/// Buffers completed work and writes it with the checkpoint in one transaction.
+pub struct Recorder {
+    objects: Arc<Objects>,
+    listener: String,
+    record: RecordMode,
+    log: Vec<NewActionLog>,
+    dead: Vec<NewDeadLetter>,
+    insert_log: String,
+    insert_dead: String,
+}
+
+impl Recorder {
+    pub fn new(objects: Arc<Objects>, listener: &str, record: RecordMode) -> Recorder {
+        let insert_log = format!(
+            "INSERT INTO {} (listener_id, event_id, change_log_pk, observer, action_index, action_type,
+                             idempotency_key, outcome, attempts)
+             SELECT $1, * FROM unnest($2::uuid[], $3::bigint[], $4::text[], $5::int[], $6::text[],
+                                      $7::text[], $8::text[], $9::jsonb[])",
+            objects.action_log.sql()
+        );
+        let insert_dead = format!(
+            "INSERT INTO {} (listener_id, event_id, change_log_pk, event, observer, action_index, action_type,
+                             action, idempotency_key, reason, last_error, attempts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            objects.dead_letters.sql()
+        );
+        Recorder { objects, listener: listener.to_string(), record, log: Vec::new(), dead: Vec::new(), insert_log, insert_dead }
+    }
+
+    /// Buffers one action outcome (filtered by `[action_log] record`).
+    pub fn action(&mut self, row: NewActionLog) {
+        let keep = match self.record {
+            RecordMode::All => true,
+            RecordMode::Failures => row.outcome != "delivered" || row.attempts.len() > 1,
+            RecordMode::None => false,
+        };
+        if keep {
+            self.log.push(row);
+        }
+    }
+
+    pub fn dead_letter(&mut self, row: NewDeadLetter) {
+        self.dead.push(row);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty() && self.dead.is_empty()
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.log.len() + self.dead.len()
+    }
+
+    /// Writes everything buffered (and the checkpoint, when given) in one transaction; the buffer
+    /// is cleared only after the commit succeeded.
+    pub async fn flush(
+        &mut self,
+        client: &mut tokio_postgres::Client,
+        checkpoint: Option<(&dyn CheckpointStore, i64, &Position, &Progress)>,
+    ) -> Result<(), StoreError> {
+        let tx = client.transaction().await?;
+        if !self.log.is_empty() {
+            let ids: Vec<Uuid> = self.log.iter().map(|r| r.event_id).collect();
+            let pks: Vec<i64> = self.log.iter().map(|r| r.change_log_pk).collect();
+            let obs: Vec<&str> = self.log.iter().map(|r| r.observer.as_str()).collect();
+            let idx: Vec<i32> = self.log.iter().map(|r| r.action_index).collect();
+            let types: Vec<&str> = self.log.iter().map(|r| r.action_type).collect();
+            let keys: Vec<&str> = self.log.iter().map(|r| r.idempotency_key.as_str()).collect();
+            let outcomes: Vec<&str> = self.log.iter().map(|r| r.outcome).collect();
+            let attempts: Vec<Value> = self.log.iter().map(|r| serde_json::to_value(&r.attempts).unwrap_or(Value::Null)).collect();
+            tx.execute(
+                self.insert_log.as_str(),
+                &[&self.listener, &ids, &pks, &obs, &idx, &types, &keys, &outcomes, &attempts],
+            )
+            .await?;
+        }
+        for d in &self.dead {
+            let attempts = serde_json::to_value(&d.attempts).unwrap_or(Value::Null);
+            tx.execute(
+                self.insert_dead.as_str(),
+                &[
+                    &self.listener,
+                    &d.event_id,
+                    &d.change_log_pk,
+                    &d.event,
+                    &d.observer,
+                    &d.action_index,
+                    &d.action_type,
+                    &d.action,
+                    &d.idempotency_key,
+                    &d.reason,
+                    &d.last_error,
+                    &attempts,
+                ],
+            )
+            .await?;
+        }
+        if let Some((store, epoch, pos, progress)) = checkpoint {
+            store.save(&tx, &self.listener, epoch, pos, progress).await?;
+        }
+        tx.commit().await?;
+        self.log.clear();
+        self.dead.clear();
+        Ok(())
+    }
+
+    pub fn objects(&self) -> &Objects {
+        &self.objects
+    }
+}
+
+/// Parses a stored snapshot column.
+pub fn parse_snapshot(listener: &str, text: &str) -> Result<Snapshot, StoreError> {
+    text.parse().map_err(|e: crate::change_log::SnapshotParseError| StoreError::Corrupt {
+        listener: listener.to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Maps "relation does not exist" to a message that says what to do.
+pub fn explain_missing(e: tokio_postgres::Error) -> StoreError {
+    match e.code() {
+        Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE => {
+            StoreError::NotMigrated(e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default())
+        }
+        _ => StoreError::Db(e),
+    }
+}
