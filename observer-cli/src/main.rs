@@ -3,6 +3,7 @@
 mod app;
 mod daemon;
 mod listen;
+mod ops;
 mod setup;
 mod stack;
 mod validate;
@@ -39,6 +40,20 @@ enum Command {
     /// A local webhook sink that prints each delivery and verifies its signature.
     Listen(listen::ListenArgs),
     // @ops-commands (operator commands are declared below this line)
+    /// Where a listener is, whether it runs, how far behind it is, and its dead letters.
+    Status(ops::status::StatusArgs),
+    /// Why an event did or did not trigger each observer, and what became of its actions.
+    DebugEvent(ops::debug_event::DebugEventArgs),
+    /// The dead-letter queue: stats, list, show, retry, retry-all, purge.
+    #[command(subcommand)]
+    Dlq(ops::dlq::DlqCommand),
+    /// Show or move a listener's checkpoint.
+    #[command(subcommand)]
+    Checkpoint(ops::checkpoint::CheckpointCommand),
+    /// Deliver a range of the change log again, in this process (a backfill).
+    Replay(ops::replay::ReplayArgs),
+    /// Apply the [retention] policy once.
+    Cleanup(ops::cleanup::CleanupArgs),
 }
 
 fn init_logging(format: &str) {
@@ -71,6 +86,12 @@ fn main() -> ExitCode {
             Command::Validate(a) => validate::run(a).await,
             Command::Listen(a) => listen::run(a).await.map(|_| ExitCode::SUCCESS),
             // @ops-dispatch (operator commands are dispatched below this line)
+            Command::Status(a) => ops::status::run(config, a).await,
+            Command::DebugEvent(a) => ops::debug_event::run(config, a).await,
+            Command::Dlq(c) => ops::dlq::run(config, c).await,
+            Command::Checkpoint(c) => ops::checkpoint::run(config, c).await,
+            Command::Replay(a) => ops::replay::run(config, a).await,
+            Command::Cleanup(a) => ops::cleanup::run(config, a).await,
         }
     });
     match result {

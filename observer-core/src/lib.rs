@@ -16,3 +16,5 @@ pub mod schema;
 pub mod signing;
 pub mod store;
 pub mod template;
+pub mod redeliver;
+pub mod retention;

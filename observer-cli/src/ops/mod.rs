@@ -1,0 +1,161 @@
+//! The operator commands: `status`, `debug-event`, `dlq …`, `checkpoint …`, `replay`, `cleanup`.
+//!
+//! Each command is one file. They share what is here: reading a checkpoint row, turning
+//! "relation does not exist" into "run `migrate`", compiling the observers and building the
+//! executor stack exactly as the daemon does.
+
+pub mod checkpoint;
+pub mod cleanup;
+pub mod debug_event;
+pub mod dlq;
+pub mod replay;
+pub mod status;
+
+use anyhow::{anyhow, Result};
+use chrono::{DateTime, Utc};
+use observer_core::action::ActionContext;
+use observer_core::change_log::{Position, Snapshot};
+use observer_core::executor::BoxExecutor;
+use observer_core::observer::Observers;
+use observer_core::schema::Objects;
+use observer_core::store::explain_missing;
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::stack;
+
+/// A listener is considered alive when it saved a heartbeat this recently.
+pub const ALIVE_SECS: f64 = 15.0;
+
+/// A database error, with "run `migrate`" when our tables are missing.
+pub fn db_err(e: tokio_postgres::Error) -> anyhow::Error {
+    anyhow::Error::new(explain_missing(e))
+}
+
+/// One row of `observer_checkpoints`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointRow {
+    pub listener: String,
+    pub owner: Option<String>,
+    pub epoch: i64,
+    pub window_lo: String,
+    pub window_hi: String,
+    pub after_pk: i64,
+    pub last_event_id: Option<Uuid>,
+    pub last_event_pk: Option<i64>,
+    pub last_event_at: Option<DateTime<Utc>>,
+    pub events_processed: i64,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    /// Seconds since the heartbeat, by the database's clock.
+    pub heartbeat_age_secs: Option<f64>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl CheckpointRow {
+    /// Whether a daemon saved a heartbeat within [`ALIVE_SECS`].
+    pub fn alive(&self) -> bool {
+        self.heartbeat_age_secs.is_some_and(|a| a < ALIVE_SECS)
+    }
+
+    /// The stored position.
+    pub fn position(&self) -> Result<Position> {
+        let parse = |t: &str| -> Result<Snapshot> {
+            t.parse().map_err(|e| anyhow!("stored checkpoint of `{}` is unreadable: {e}", self.listener))
+        };
+        Ok(Position { lo: parse(&self.window_lo)?, hi: parse(&self.window_hi)?, after_pk: self.after_pk })
+    }
+
+    /// "running" or "stopped (last heartbeat Ns ago)".
+    pub fn state(&self) -> String {
+        match self.heartbeat_age_secs {
+            Some(_) if self.alive() => "running".into(),
+            Some(a) => format!("stopped (last heartbeat {}s ago)", a.max(0.0).round() as i64),
+            None => "stopped (no heartbeat recorded)".into(),
+        }
+    }
+}
+
+/// The checkpoint rows, of one listener or all (ordered by listener id).
+pub async fn checkpoints(
+    client: &tokio_postgres::Client,
+    objects: &Objects,
+    listener: Option<&str>,
+) -> Result<Vec<CheckpointRow>> {
+    let sql = format!(
+        "SELECT listener_id, owner, epoch, window_lo::text, window_hi::text, after_pk, last_event_id,
+                last_event_pk, last_event_at, events_processed, heartbeat_at,
+                EXTRACT(EPOCH FROM now() - heartbeat_at)::float8, last_error, last_error_at, created_at, updated_at
+         FROM {} WHERE $1::text IS NULL OR listener_id = $1 ORDER BY listener_id",
+        objects.checkpoints.sql()
+    );
+    let rows = client.query(&sql, &[&listener]).await.map_err(db_err)?;
+    Ok(rows
+        .iter()
+        .map(|r| CheckpointRow {
+            listener: r.get(0),
+            owner: r.get(1),
+            epoch: r.get(2),
+            window_lo: r.get(3),
+            window_hi: r.get(4),
+            after_pk: r.get(5),
+            last_event_id: r.get(6),
+            last_event_pk: r.get(7),
+            last_event_at: r.get(8),
+            events_processed: r.get(9),
+            heartbeat_at: r.get(10),
+            heartbeat_age_secs: r.get(11),
+            last_error: r.get(12),
+            last_error_at: r.get(13),
+            created_at: r.get(14),
+            updated_at: r.get(15),
+        })
+        .collect())
+}
+
+/// Fails with "run `migrate`" when our bookkeeping tables are not there.
+pub async fn require_migrated(client: &tokio_postgres::Client, objects: &Objects) -> Result<()> {
+    let sql = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL";
+    let ok: bool = client
+        .query_one(sql, &[&objects.checkpoints.sql(), &objects.dead_letters.sql(), &objects.action_log.sql()])
+        .await?
+        .get(0);
+    if !ok {
+        anyhow::bail!(
+            "our tables are missing ({}, {}, {}): run `fraiseql-observers migrate` first",
+            objects.checkpoints,
+            objects.dead_letters,
+            objects.action_log
+        );
+    }
+    Ok(())
+}
+
+/// The configured observers, compiled as the daemon compiles them.
+pub fn observers(app: &App) -> Result<Observers> {
+    Observers::compile(&app.config).map_err(|issues| {
+        let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
+        anyhow!("invalid observers in the configuration:\n{}", list.join("\n"))
+    })
+}
+
+/// The executor stack the daemon would build.
+pub fn executor(app: &App) -> Result<BoxExecutor> {
+    stack::check_features(&app.config)?;
+    let pool = app.pool()?;
+    let http = ActionContext::http_client().map_err(|e| anyhow!("building the HTTP client: {e}"))?;
+    Ok(stack::build(&app.config, ActionContext { http, pool }))
+}
+
+/// Prints one JSON document.
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `—` for a missing value in text output.
+pub fn or_dash<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}

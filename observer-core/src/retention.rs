@@ -1,0 +1,128 @@
+//! The retention policy (`[retention]`): deletes what nobody needs any more, in small batches.
+//!
+//! * Change-log rows older than `change_log_days` go only once *every* listener with a
+//!   checkpoint has processed them: a row is processed by a listener when its `txid` is below the
+//!   `xmin` of that listener's `window_lo` (everything below it was visible, hence read, when the
+//!   window started). With no checkpoint at all nothing proves a row was processed, so the
+//!   change log is left alone.
+//! * Action-log rows older than `action_log_days` (by `finished_at`).
+//! * Dead letters only once resolved, `dead_letter_days` after `resolved_at`; pending ones are
+//!   never deleted by retention.
+//!
+//! Each table is deleted from in batches of `batch_size` with a short pause between them, so a
+//! pass never holds long locks. Used by `cleanup` and by the daemon's periodic pass.
+
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::GenericClient;
+
+use crate::change_log::Snapshot;
+use crate::config::RetentionConfig;
+use crate::schema::Objects;
+
+/// The pause between two delete batches.
+const PAUSE: Duration = Duration::from_millis(50);
+
+/// What one pass deleted (or, in a dry run, would delete), per table.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RetentionReport {
+    pub dry_run: bool,
+    pub change_log: u64,
+    pub action_log: u64,
+    pub dead_letters: u64,
+    /// The txid below which every listener has processed the change log (`None` when there is
+    /// no checkpoint or change-log retention is off).
+    pub change_log_horizon: Option<u64>,
+    /// Why change-log rows were kept regardless of age, when they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub change_log_note: Option<String>,
+}
+
+/// Applies `policy` once; `dry_run` counts without deleting.
+pub async fn apply(
+    client: &impl GenericClient,
+    objects: &Objects,
+    policy: &RetentionConfig,
+    dry_run: bool,
+) -> Result<RetentionReport, tokio_postgres::Error> {
+    let mut report = RetentionReport { dry_run, ..RetentionReport::default() };
+    let batch = policy.batch_size.max(1);
+
+    if policy.change_log_days == 0 {
+        report.change_log_note = Some("change_log_days = 0: the change log is kept forever".into());
+    } else {
+        let sql = format!("SELECT listener_id, window_lo::text FROM {}", objects.checkpoints.sql());
+        let rows = client.query(&sql, &[]).await?;
+        let mut horizon: Option<u64> = None;
+        let mut unreadable = Vec::new();
+        for r in &rows {
+            let listener: String = r.get(0);
+            let lo: String = r.get(1);
+            match lo.parse::<Snapshot>() {
+                Ok(s) => horizon = Some(horizon.map_or(s.xmin, |h| h.min(s.xmin))),
+                Err(_) => unreadable.push(listener),
+            }
+        }
+        if rows.is_empty() {
+            report.change_log_note = Some(format!(
+                "no listener has a checkpoint in {}: nothing proves a change-log row was processed, so none is deleted",
+                objects.checkpoints
+            ));
+        } else if !unreadable.is_empty() {
+            report.change_log_note =
+                Some(format!("unreadable checkpoint of listener(s) {}: the change log is kept", unreadable.join(", ")));
+        } else if let Some(h) = horizon {
+            report.change_log_horizon = Some(h);
+            let cond = "created_at < now() - make_interval(days => $1) AND txid < $2::text::xid8";
+            let days = policy.change_log_days as i32;
+            let h = h.to_string();
+            report.change_log =
+                purge(client, &objects.change_log.sql(), "pk_entity_change_log", cond, &[&days, &h], batch, dry_run).await?;
+        }
+    }
+
+    if policy.action_log_days > 0 {
+        let days = policy.action_log_days as i32;
+        let cond = "finished_at < now() - make_interval(days => $1)";
+        report.action_log = purge(client, &objects.action_log.sql(), "id", cond, &[&days], batch, dry_run).await?;
+    }
+    if policy.dead_letter_days > 0 {
+        let days = policy.dead_letter_days as i32;
+        let cond = "status = 'resolved' AND resolved_at < now() - make_interval(days => $1)";
+        report.dead_letters = purge(client, &objects.dead_letters.sql(), "id", cond, &[&days], batch, dry_run).await?;
+    }
+    Ok(report)
+}
+
+/// Deletes the rows of `table` matching `cond` in batches (or counts them in a dry run).
+async fn purge(
+    client: &impl GenericClient,
+    table: &str,
+    key: &str,
+    cond: &str,
+    params: &[&(dyn ToSql + Sync)],
+    batch: i64,
+    dry_run: bool,
+) -> Result<u64, tokio_postgres::Error> {
+    if dry_run {
+        let sql = format!("SELECT count(*) FROM {table} WHERE {cond}");
+        let n: i64 = client.query_one(&sql, params).await?.get(0);
+        return Ok(n as u64);
+    }
+    let n_param = params.len() + 1;
+    let sql = format!(
+        "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {cond} ORDER BY {key} LIMIT ${n_param})"
+    );
+    let mut all: Vec<&(dyn ToSql + Sync)> = params.to_vec();
+    all.push(&batch);
+    let mut total = 0u64;
+    loop {
+        let n = client.execute(&sql, &all).await?;
+        total += n;
+        if (n as i64) < batch {
+            return Ok(total);
+        }
+        tokio::time::sleep(PAUSE).await;
+    }
+}
