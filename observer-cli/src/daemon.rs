@@ -29,6 +29,7 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         tracing::warn!("no enabled observer: events will be read and checkpointed, nothing executed");
     }
     let pool = app.pool()?;
+    let retention_pool = pool.clone();
     let http = ActionContext::http_client().context("building the HTTP client")?;
     let actions = ActionContext { http, pool: pool.clone() };
     let checkpoint: Option<Arc<dyn CheckpointStore>> = checkpoint_store(&app);
@@ -58,8 +59,49 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     tokio::spawn(signals(shutdown.clone()));
     let cfg2 = cfg.clone();
     let make = move || stack::build(&cfg2, actions.clone());
-    runloop::supervise(&ctx, &make, shutdown).await?;
+    // Owned: stopped by the same token and awaited before we return.
+    let retention = tokio::spawn(retention_pass(retention_pool, app.objects.clone(), cfg.retention.clone(), shutdown.clone()));
+    let result = runloop::supervise(&ctx, &make, shutdown.clone()).await;
+    shutdown.cancel();
+    if let Err(e) = retention.await {
+        tracing::warn!(error = %e, "retention task ended abnormally");
+    }
+    result?;
     Ok(())
+}
+
+/// Applies `[retention]` every `interval_secs` (0 = off) until shutdown. A failed pass is logged
+/// and tried again at the next interval; it never stops the daemon.
+async fn retention_pass(
+    pool: deadpool_postgres::Pool,
+    objects: Arc<observer_core::schema::Objects>,
+    policy: observer_core::config::RetentionConfig,
+    shutdown: CancellationToken,
+) {
+    if policy.interval_secs == 0 {
+        return;
+    }
+    let every = std::time::Duration::from_secs(policy.interval_secs);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let pass = async {
+            let client = pool.get().await.map_err(|e| anyhow!("database pool: {e}"))?;
+            observer_core::retention::apply(&**client, &objects, &policy, false).await.map_err(anyhow::Error::from)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = pass => match r {
+                Ok(r) => tracing::info!(
+                    change_log = r.change_log, action_log = r.action_log, dead_letters = r.dead_letters,
+                    note = r.change_log_note.as_deref().unwrap_or(""), "retention pass"
+                ),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed; retrying next interval"),
+            }
+        }
+    }
 }
 
 #[cfg(feature = "checkpoint")]
