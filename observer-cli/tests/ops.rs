@@ -22,20 +22,38 @@ struct Receiver {
 
 impl Receiver {
     fn count(&self, path: &str) -> usize {
-        self.seen.lock().unwrap().iter().filter(|(p, _)| p == path).count()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .count()
     }
     fn keys(&self, path: &str) -> Vec<String> {
-        self.seen.lock().unwrap().iter().filter(|(p, _)| p == path).map(|(_, k)| k.clone()).collect()
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, k)| k.clone())
+            .collect()
     }
 }
 
 async fn start_receiver() -> (Arc<Receiver>, u16) {
-    let state = Arc::new(Receiver { fail: AtomicBool::new(true), ..Receiver::default() });
+    let state = Arc::new(Receiver {
+        fail: AtomicBool::new(true),
+        ..Receiver::default()
+    });
     let s = state.clone();
     let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
         let s = s.clone();
         async move {
-            let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let key = headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
             s.seen.lock().unwrap().push((uri.path().to_string(), key));
             if uri.path() == "/fail" && s.fail.load(Ordering::SeqCst) {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -51,7 +69,9 @@ async fn start_receiver() -> (Arc<Receiver>, u16) {
 }
 
 async fn connect(conn: &str) -> tokio_postgres::Client {
-    let (client, c) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await.unwrap();
+    let (client, c) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(c);
     client
 }
@@ -64,12 +84,19 @@ struct Out {
 
 impl Out {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", self.stdout, self.stderr))
     }
 }
 
 fn cli(config: &Path, args: &[&str]) -> Out {
-    let o = Command::new(BIN).arg("--config").arg(config).args(args).env("RUST_LOG", "warn").output().unwrap();
+    let o = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
     Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into(),
@@ -97,7 +124,11 @@ fn start_daemon(config: &Path, log: &Path) -> Child {
 }
 
 fn stop_daemon(mut child: Child) {
-    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Ok(Some(status)) = child.try_wait() {
@@ -177,16 +208,30 @@ events = ["INSERT"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_end_to_end() {
-    std::env::set_var("OPS_TEST_SECRET", "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0");
-    let name = format!("ops_scratch_{}_{}", std::process::id(), chrono::Utc::now().timestamp_micros());
+    std::env::set_var(
+        "OPS_TEST_SECRET",
+        "whsec_dGVzdHNlY3JldHRlc3RzZWNyZXR0ZXN0c2VjcmV0",
+    );
+    let name = format!(
+        "ops_scratch_{}_{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_micros()
+    );
     let admin = connect(ADMIN).await;
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
     let dir = std::env::temp_dir().join(&name);
     std::fs::create_dir_all(&dir).unwrap();
     // The scenario runs on this (non-worker) thread: it blocks while the binary runs, and the
     // receiver's tasks must stay free to run on the workers.
-    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(scenario(&dir, &name))).await;
-    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.unwrap();
+    let result =
+        futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(scenario(&dir, &name))).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     if let Err(e) = result {
         std::panic::resume_unwind(e);
@@ -204,7 +249,11 @@ async fn scenario(dir: &Path, name: &str) {
     assert!(o.stderr.contains("migrate"), "{}", o.stderr);
     // An unreachable database: the error says where.
     let bad = dir.join("bad.toml");
-    std::fs::write(&bad, "[database]\nurl = \"postgres://postgres@127.0.0.1:1/nowhere\"\nconnect_timeout_ms = 500\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[database]\nurl = \"postgres://postgres@127.0.0.1:1/nowhere\"\nconnect_timeout_ms = 500\n",
+    )
+    .unwrap();
     let o = cli(&bad, &["dlq", "stats"]);
     assert_ne!(o.code, 0);
     assert!(o.stderr.contains("127.0.0.1:1/nowhere"), "{}", o.stderr);
@@ -212,9 +261,16 @@ async fn scenario(dir: &Path, name: &str) {
     assert_eq!(cli(cfg, &["migrate"]).code, 0);
     let o = cli(cfg, &["status"]);
     assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("no checkpoint for listener ops-test"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("no checkpoint for listener ops-test"),
+        "{}",
+        o.stderr
+    );
 
-    let db = connect(&format!("host=127.0.0.1 port=5432 user=postgres dbname={name}")).await;
+    let db = connect(&format!(
+        "host=127.0.0.1 port=5432 user=postgres dbname={name}"
+    ))
+    .await;
     let (pk_a, id_a) = insert(&db, "Order", "INSERT", serde_json::json!({"total": 50})).await;
     let (pk_b, id_b) = insert(&db, "Order", "INSERT", serde_json::json!({"total": 150})).await;
     let (_pk_c, id_c) = insert(&db, "Order", "INSERT", serde_json::json!({"total": 200})).await;
@@ -246,7 +302,11 @@ async fn scenario(dir: &Path, name: &str) {
     assert_eq!(all["listeners"].as_array().unwrap().len(), 1);
     let o = cli(cfg, &["status", "--listener", "nope"]);
     assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("no checkpoint for listener nope"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("no checkpoint for listener nope"),
+        "{}",
+        o.stderr
+    );
 
     // debug-event: verdicts, outcomes, attempts, keys, dead letters.
     let d = ok(cfg, &["debug-event", &id_a, "--json"]);
@@ -257,19 +317,33 @@ async fn scenario(dir: &Path, name: &str) {
     assert_eq!(obs[0]["condition"], "data.total > 100");
     assert_eq!(obs[1]["verdict"], "matched");
     assert_eq!(obs[1]["actions"][0]["status"], "dead_lettered");
-    assert_eq!(obs[1]["actions"][0]["outcomes"][0]["attempts"].as_array().unwrap().len(), 2);
-    assert_eq!(obs[1]["actions"][0]["outcomes"][0]["attempts"][0]["status"], 500);
+    assert_eq!(
+        obs[1]["actions"][0]["outcomes"][0]["attempts"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        obs[1]["actions"][0]["outcomes"][0]["attempts"][0]["status"],
+        500
+    );
     assert_eq!(d["dead_letters"].as_array().unwrap().len(), 1);
     let d = ok(cfg, &["debug-event", &id_b, "--json"]);
     let act = &d["observers"][0]["actions"][0];
     assert_eq!(act["status"], "delivered");
-    assert!(rx.keys("/ok").contains(&act["idempotency_key"].as_str().unwrap().to_string()));
+    assert!(rx
+        .keys("/ok")
+        .contains(&act["idempotency_key"].as_str().unwrap().to_string()));
     let d = ok(cfg, &["debug-event", &id_u, "--json"]);
     assert_eq!(d["observers"][0]["verdict"], "other_entity");
     let h = ok(cfg, &["debug-event", "--history", "5", "--json"]);
     let events = h["events"].as_array().unwrap();
     assert_eq!(events.len(), 5);
-    assert!(events[0]["poison"]["reason"].as_str().unwrap().contains("BOGUS"));
+    assert!(events[0]["poison"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("BOGUS"));
 
     // dlq stats / list / show.
     let st = ok(cfg, &["dlq", "stats", "--json"]);
@@ -277,8 +351,12 @@ async fn scenario(dir: &Path, name: &str) {
     assert_eq!(st["resolved"], 0);
     assert!(st["oldest_pending_age_secs"].as_f64().unwrap() >= 0.0);
     let groups = st["by_observer_reason"].as_array().unwrap();
-    assert!(groups.iter().any(|g| g["observer"] == "orders-fail" && g["reason"] == "retries_exhausted" && g["pending"] == 3));
-    assert!(groups.iter().any(|g| g["observer"].is_null() && g["reason"] == "poison_event"));
+    assert!(groups.iter().any(|g| g["observer"] == "orders-fail"
+        && g["reason"] == "retries_exhausted"
+        && g["pending"] == 3));
+    assert!(groups
+        .iter()
+        .any(|g| g["observer"].is_null() && g["reason"] == "poison_event"));
     let l = ok(cfg, &["dlq", "list", "--observer", "orders-fail", "--json"]);
     let rows = l["dead_letters"].as_array().unwrap().clone();
     assert_eq!(rows.len(), 3);
@@ -308,7 +386,10 @@ async fn scenario(dir: &Path, name: &str) {
     assert_eq!(all["skipped"], 1, "the poison row stays pending: {all}");
     let fail_keys = rx.keys("/fail");
     for k in &fail_keys[fail_keys_before.len()..] {
-        assert!(fail_keys_before.contains(k), "retry used a new idempotency key {k}");
+        assert!(
+            fail_keys_before.contains(k),
+            "retry used a new idempotency key {k}"
+        );
     }
     let st = ok(cfg, &["dlq", "stats", "--json"]);
     assert_eq!(st["pending"], 1);
@@ -325,25 +406,68 @@ async fn scenario(dir: &Path, name: &str) {
     let o = cli(cfg, &["checkpoint", "set", "--beginning", "--force"]);
     assert_ne!(o.code, 0, "without --yes nothing is applied");
     assert_eq!(ok(cfg, &["checkpoint", "show", "--json"])["epoch"], epoch);
-    let set = ok(cfg, &["checkpoint", "set", "--beginning", "--force", "--yes", "--json"]);
+    let set = ok(
+        cfg,
+        &[
+            "checkpoint",
+            "set",
+            "--beginning",
+            "--force",
+            "--yes",
+            "--json",
+        ],
+    );
     assert_eq!(set["epoch"], epoch + 1);
     assert_eq!(ok(cfg, &["status", "--json"])["lag_events"], 5);
     let ok_keys = rx.keys("/ok");
     let daemon = start_daemon(cfg, &dir.join("run2.log"));
-    wait_for("the re-delivery", 20, || rx.count("/ok") == 4 && rx.count("/fail") >= 9 + 3);
-    wait_for("the checkpoint", 10, || ok(cfg, &["status", "--json"])["lag_events"] == 0);
+    wait_for("the re-delivery", 20, || {
+        rx.count("/ok") == 4 && rx.count("/fail") >= 9 + 3
+    });
+    wait_for("the checkpoint", 10, || {
+        ok(cfg, &["status", "--json"])["lag_events"] == 0
+    });
     stop_daemon(daemon);
     let again = rx.keys("/ok");
     assert_eq!(&again[..2], &ok_keys[..]);
-    assert_eq!(&again[2..], &ok_keys[..], "re-delivery must carry the same idempotency keys");
+    assert_eq!(
+        &again[2..],
+        &ok_keys[..],
+        "re-delivery must carry the same idempotency keys"
+    );
 
     // Replay: dry run counts only; a real run delivers the range with the daemon's keys.
-    let dry = ok(cfg, &["replay", "--from", &id_a, "--to", &id_c, "--observer", "orders-ok", "--dry-run", "--json"]);
+    let dry = ok(
+        cfg,
+        &[
+            "replay",
+            "--from",
+            &id_a,
+            "--to",
+            &id_c,
+            "--observer",
+            "orders-ok",
+            "--dry-run",
+            "--json",
+        ],
+    );
     assert_eq!(dry["events_read"], 3);
     assert_eq!(dry["events_matched"], 2);
     assert_eq!(dry["deliveries"], 2);
     assert_eq!(rx.count("/ok"), 4);
-    let r = ok(cfg, &["replay", "--from", &id_a, "--to", &id_c, "--observer", "orders-ok", "--json"]);
+    let r = ok(
+        cfg,
+        &[
+            "replay",
+            "--from",
+            &id_a,
+            "--to",
+            &id_c,
+            "--observer",
+            "orders-ok",
+            "--json",
+        ],
+    );
     assert_eq!(r["delivered"], 2);
     assert_eq!(r["dead_lettered"], 0);
     assert_eq!(&rx.keys("/ok")[4..], &ok_keys[..]);
@@ -365,7 +489,10 @@ async fn scenario(dir: &Path, name: &str) {
     let done = ok(cfg, &["cleanup", "--json"]);
     assert_eq!(done["change_log"], 2, "{done}");
     let left: Vec<i64> = db
-        .query("SELECT pk_entity_change_log FROM tb_entity_change_log ORDER BY 1", &[])
+        .query(
+            "SELECT pk_entity_change_log FROM tb_entity_change_log ORDER BY 1",
+            &[],
+        )
         .await
         .unwrap()
         .iter()

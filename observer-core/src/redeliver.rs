@@ -59,7 +59,12 @@ impl Redelivery {
         if self.outcome == Outcome::Delivered {
             return None;
         }
-        Some(self.attempts.last().and_then(|a| a.error.clone()).unwrap_or_else(|| "failed".into()))
+        Some(
+            self.attempts
+                .last()
+                .and_then(|a| a.error.clone())
+                .unwrap_or_else(|| "failed".into()),
+        )
     }
 
     /// The action-log row the daemon would write for this outcome.
@@ -71,7 +76,11 @@ impl Redelivery {
             action_index: self.action_index as i32,
             action_type: self.kind(),
             idempotency_key: self.idempotency_key.clone(),
-            outcome: if self.outcome == Outcome::Delivered { "delivered" } else { "dead_lettered" },
+            outcome: if self.outcome == Outcome::Delivered {
+                "delivered"
+            } else {
+                "dead_lettered"
+            },
             attempts: self.attempts.clone(),
         }
     }
@@ -86,7 +95,11 @@ impl Redelivery {
             observer: Some(self.observer.name.clone()),
             action_index: Some(self.action_index as i32),
             action_type: Some(self.kind().to_string()),
-            action: self.observer.actions.get(self.action_index).map(|a| a.config.clone()),
+            action: self
+                .observer
+                .actions
+                .get(self.action_index)
+                .map(|a| a.config.clone()),
             idempotency_key: Some(self.idempotency_key.clone()),
             reason,
             last_error: self.last_error().unwrap_or_default(),
@@ -95,13 +108,21 @@ impl Redelivery {
     }
 
     fn kind(&self) -> &'static str {
-        self.observer.actions.get(self.action_index).map(|a| a.action.kind()).unwrap_or("unknown")
+        self.observer
+            .actions
+            .get(self.action_index)
+            .map(|a| a.action.kind())
+            .unwrap_or("unknown")
     }
 }
 
 /// The (observer, action index) pairs an event's deliveries are made of, in the daemon's order,
 /// restricted to observer `only` when given.
-pub fn deliveries_for(observers: &Observers, event: &ChangeEvent, only: Option<&str>) -> Vec<(Arc<Observer>, usize)> {
+pub fn deliveries_for(
+    observers: &Observers,
+    event: &ChangeEvent,
+    only: Option<&str>,
+) -> Vec<(Arc<Observer>, usize)> {
     observers
         .matching(event)
         .filter(|o| only.is_none_or(|n| o.name == n))
@@ -122,7 +143,9 @@ pub async fn deliver(
     let key = idempotency_key(event.id, &observer.name, action_index);
     let policy = match observer.actions.get(action_index) {
         Some(a) => a.retry.clone(),
-        None => return Err(format!("observer `{}` has no action {action_index}", observer.name).into()),
+        None => {
+            return Err(format!("observer `{}` has no action {action_index}", observer.name).into())
+        }
     };
     let mut attempts: Vec<Attempt> = Vec::new();
     let outcome = loop {
@@ -151,7 +174,14 @@ pub async fn deliver(
             AttemptResult::Retry { .. } => break Outcome::RetriesExhausted,
         }
     };
-    Ok(Redelivery { event, observer, action_index, idempotency_key: key, attempts, outcome })
+    Ok(Redelivery {
+        event,
+        observer,
+        action_index,
+        idempotency_key: key,
+        attempts,
+        outcome,
+    })
 }
 
 /// Inserts one action-log row (inside the caller's transaction, if it has one).

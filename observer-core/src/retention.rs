@@ -46,13 +46,19 @@ pub async fn apply(
     policy: &RetentionConfig,
     dry_run: bool,
 ) -> Result<RetentionReport, tokio_postgres::Error> {
-    let mut report = RetentionReport { dry_run, ..RetentionReport::default() };
+    let mut report = RetentionReport {
+        dry_run,
+        ..RetentionReport::default()
+    };
     let batch = policy.batch_size.max(1);
 
     if policy.change_log_days == 0 {
         report.change_log_note = Some("change_log_days = 0: the change log is kept forever".into());
     } else {
-        let sql = format!("SELECT listener_id, window_lo::text FROM {}", objects.checkpoints.sql());
+        let sql = format!(
+            "SELECT listener_id, window_lo::text FROM {}",
+            objects.checkpoints.sql()
+        );
         let rows = client.query(&sql, &[]).await?;
         let mut horizon: Option<u64> = None;
         let mut unreadable = Vec::new();
@@ -70,27 +76,55 @@ pub async fn apply(
                 objects.checkpoints
             ));
         } else if !unreadable.is_empty() {
-            report.change_log_note =
-                Some(format!("unreadable checkpoint of listener(s) {}: the change log is kept", unreadable.join(", ")));
+            report.change_log_note = Some(format!(
+                "unreadable checkpoint of listener(s) {}: the change log is kept",
+                unreadable.join(", ")
+            ));
         } else if let Some(h) = horizon {
             report.change_log_horizon = Some(h);
             let cond = "created_at < now() - make_interval(days => $1) AND txid < $2::text::xid8";
             let days = policy.change_log_days as i32;
             let h = h.to_string();
-            report.change_log =
-                purge(client, &objects.change_log.sql(), "pk_entity_change_log", cond, &[&days, &h], batch, dry_run).await?;
+            report.change_log = purge(
+                client,
+                &objects.change_log.sql(),
+                "pk_entity_change_log",
+                cond,
+                &[&days, &h],
+                batch,
+                dry_run,
+            )
+            .await?;
         }
     }
 
     if policy.action_log_days > 0 {
         let days = policy.action_log_days as i32;
         let cond = "finished_at < now() - make_interval(days => $1)";
-        report.action_log = purge(client, &objects.action_log.sql(), "id", cond, &[&days], batch, dry_run).await?;
+        report.action_log = purge(
+            client,
+            &objects.action_log.sql(),
+            "id",
+            cond,
+            &[&days],
+            batch,
+            dry_run,
+        )
+        .await?;
     }
     if policy.dead_letter_days > 0 {
         let days = policy.dead_letter_days as i32;
         let cond = "status = 'resolved' AND resolved_at < now() - make_interval(days => $1)";
-        report.dead_letters = purge(client, &objects.dead_letters.sql(), "id", cond, &[&days], batch, dry_run).await?;
+        report.dead_letters = purge(
+            client,
+            &objects.dead_letters.sql(),
+            "id",
+            cond,
+            &[&days],
+            batch,
+            dry_run,
+        )
+        .await?;
     }
     Ok(report)
 }

@@ -58,7 +58,11 @@ pub async fn run(config: Option<&Path>, cmd: CheckpointCommand) -> Result<ExitCo
     match cmd {
         CheckpointCommand::Show { listener, json } => {
             let listener = listener.unwrap_or_else(|| app.config.listener.id.clone());
-            let Some(row) = checkpoints(&client, &app.objects, Some(&listener)).await?.into_iter().next() else {
+            let Some(row) = checkpoints(&client, &app.objects, Some(&listener))
+                .await?
+                .into_iter()
+                .next()
+            else {
                 bail!("no checkpoint for listener {listener}: the daemon has not run with features.checkpoint on");
             };
             if json {
@@ -70,10 +74,17 @@ pub async fn run(config: Option<&Path>, cmd: CheckpointCommand) -> Result<ExitCo
                 println!("after_pk          {}", row.after_pk);
                 println!("epoch             {}", row.epoch);
                 println!("owner             {}", or_dash(&row.owner));
-                println!("heartbeat_at      {} ({})", or_dash(&row.heartbeat_at.map(|t| t.to_rfc3339())), row.state());
+                println!(
+                    "heartbeat_at      {} ({})",
+                    or_dash(&row.heartbeat_at.map(|t| t.to_rfc3339())),
+                    row.state()
+                );
                 println!("last_event_id     {}", or_dash(&row.last_event_id));
                 println!("last_event_pk     {}", or_dash(&row.last_event_pk));
-                println!("last_event_at     {}", or_dash(&row.last_event_at.map(|t| t.to_rfc3339())));
+                println!(
+                    "last_event_at     {}",
+                    or_dash(&row.last_event_at.map(|t| t.to_rfc3339()))
+                );
                 println!("events_processed  {}", row.events_processed);
                 println!("last_error        {}", or_dash(&row.last_error));
                 println!("updated_at        {}", row.updated_at.to_rfc3339());
@@ -85,8 +96,14 @@ pub async fn run(config: Option<&Path>, cmd: CheckpointCommand) -> Result<ExitCo
 }
 
 async fn set(app: &App, client: &tokio_postgres::Client, a: SetArgs) -> Result<ExitCode> {
-    let listener = a.listener.clone().unwrap_or_else(|| app.config.listener.id.clone());
-    let current = checkpoints(client, &app.objects, Some(&listener)).await?.into_iter().next();
+    let listener = a
+        .listener
+        .clone()
+        .unwrap_or_else(|| app.config.listener.id.clone());
+    let current = checkpoints(client, &app.objects, Some(&listener))
+        .await?
+        .into_iter()
+        .next();
     if let Some(c) = &current {
         if c.alive() && !a.force {
             bail!(
@@ -101,16 +118,33 @@ async fn set(app: &App, client: &tokio_postgres::Client, a: SetArgs) -> Result<E
     let (pos, what) = if let Some(id) = a.event_id {
         let log = ChangeLog::new(app.objects.change_log.clone());
         match log.read_event(client, id).await.map_err(db_err)? {
-            Some(ChangeRow::Event(e)) => (Position::replay_from(e.txid, e.pk, now), format!("event {id} (pk {}, txid {})", e.pk, e.txid)),
+            Some(ChangeRow::Event(e)) => (
+                Position::replay_from(e.txid, e.pk, now),
+                format!("event {id} (pk {}, txid {})", e.pk, e.txid),
+            ),
             Some(ChangeRow::Poison { reason, .. }) => {
                 bail!("event {id} is a poison row ({reason}): its transaction id is unknown; pick another event")
             }
             None => bail!("no event {id} in {}", app.objects.change_log),
         }
     } else if a.beginning {
-        (Position { lo: Snapshot { xmin: 1, xmax: 1, xip: vec![] }, hi: now, after_pk: 0 }, "the beginning of the change log".into())
+        (
+            Position {
+                lo: Snapshot {
+                    xmin: 1,
+                    xmax: 1,
+                    xip: vec![],
+                },
+                hi: now,
+                after_pk: 0,
+            },
+            "the beginning of the change log".into(),
+        )
     } else {
-        (Position::at(now), "now (everything committed so far is skipped)".into())
+        (
+            Position::at(now),
+            "now (everything committed so far is skipped)".into(),
+        )
     };
     let plan = serde_json::json!({
         "listener": listener, "to": what, "window_lo": pos.lo.to_string(), "window_hi": pos.hi.to_string(),
@@ -121,7 +155,10 @@ async fn set(app: &App, client: &tokio_postgres::Client, a: SetArgs) -> Result<E
         if a.json {
             print_json(&serde_json::json!({ "applied": false, "plan": plan }))?;
         } else {
-            println!("would set the checkpoint of {listener} to {what}: window {} .. {} after pk {}", pos.lo, pos.hi, pos.after_pk);
+            println!(
+                "would set the checkpoint of {listener} to {what}: window {} .. {} after pk {}",
+                pos.lo, pos.hi, pos.after_pk
+            );
             println!("nothing changed: pass --yes to apply");
         }
         return Ok(ExitCode::FAILURE);
@@ -137,14 +174,26 @@ async fn set(app: &App, client: &tokio_postgres::Client, a: SetArgs) -> Result<E
         t = app.objects.checkpoints.sql()
     );
     let epoch: i64 = client
-        .query_one(&sql, &[&listener, &pos.lo.to_string(), &pos.hi.to_string(), &pos.after_pk, &owner])
+        .query_one(
+            &sql,
+            &[
+                &listener,
+                &pos.lo.to_string(),
+                &pos.hi.to_string(),
+                &pos.after_pk,
+                &owner,
+            ],
+        )
         .await
         .map_err(db_err)?
         .get(0);
     if a.json {
         print_json(&serde_json::json!({ "applied": true, "epoch": epoch, "plan": plan }))?;
     } else {
-        println!("checkpoint of {listener} set to {what}: window {} .. {} after pk {} (epoch {epoch})", pos.lo, pos.hi, pos.after_pk);
+        println!(
+            "checkpoint of {listener} set to {what}: window {} .. {} after pk {} (epoch {epoch})",
+            pos.lo, pos.hi, pos.after_pk
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

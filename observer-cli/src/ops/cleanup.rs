@@ -24,18 +24,38 @@ pub async fn run(config: Option<&Path>, a: CleanupArgs) -> Result<ExitCode> {
     let client = app.connect().await?;
     require_migrated(&client, &app.objects).await?;
     let policy = &app.config.retention;
-    let report = retention::apply(&client, &app.objects, policy, a.dry_run).await.map_err(db_err)?;
+    let report = retention::apply(&client, &app.objects, policy, a.dry_run)
+        .await
+        .map_err(db_err)?;
     if a.json {
         print_json(&report)?;
     } else {
         let verb = if a.dry_run { "would delete" } else { "deleted" };
-        let days = |d: u32| if d == 0 { "kept forever".to_string() } else { format!("older than {d} days") };
-        println!("{verb} {} change-log rows ({})", report.change_log, days(policy.change_log_days));
+        let days = |d: u32| {
+            if d == 0 {
+                "kept forever".to_string()
+            } else {
+                format!("older than {d} days")
+            }
+        };
+        println!(
+            "{verb} {} change-log rows ({})",
+            report.change_log,
+            days(policy.change_log_days)
+        );
         if let Some(note) = &report.change_log_note {
             println!("  {note}");
         }
-        println!("{verb} {} action-log rows ({})", report.action_log, days(policy.action_log_days));
-        println!("{verb} {} resolved dead letters ({})", report.dead_letters, days(policy.dead_letter_days));
+        println!(
+            "{verb} {} action-log rows ({})",
+            report.action_log,
+            days(policy.action_log_days)
+        );
+        println!(
+            "{verb} {} resolved dead letters ({})",
+            report.dead_letters,
+            days(policy.dead_letter_days)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -86,7 +86,11 @@ pub async fn run(config: Option<&Path>, args: DebugEventArgs) -> Result<ExitCode
         (None, None) => bail!("give an event id or --history N"),
     };
     let listener = app.config.listener.id.clone();
-    let position = match checkpoints(&client, &app.objects, Some(&listener)).await?.into_iter().next() {
+    let position = match checkpoints(&client, &app.objects, Some(&listener))
+        .await?
+        .into_iter()
+        .next()
+    {
         Some(c) => Some(c.position()?),
         None => None,
     };
@@ -135,8 +139,19 @@ async fn report(
     );
     let event = match row {
         ChangeRow::Event(e) => e,
-        ChangeRow::Poison { pk, event_id, raw, reason } => {
-            let dead = client.query(&dl_sql, &[&pk, &event_id]).await.map_err(db_err)?.iter().map(|r| r.get(0)).collect();
+        ChangeRow::Poison {
+            pk,
+            event_id,
+            raw,
+            reason,
+        } => {
+            let dead = client
+                .query(&dl_sql, &[&pk, &event_id])
+                .await
+                .map_err(db_err)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
             return Ok(EventReport {
                 change_log_pk: pk,
                 event_id,
@@ -171,13 +186,22 @@ async fn report(
         if verdict == MatchVerdict::Matched {
             for (i, a) in o.actions.iter().enumerate() {
                 let mut outcomes = Vec::new();
-                for l in logged.iter_mut().filter(|l| l.0 == o.name && l.1 == i as i32) {
+                for l in logged
+                    .iter_mut()
+                    .filter(|l| l.0 == o.name && l.1 == i as i32)
+                {
                     l.3 = true;
                     outcomes.push(l.2.clone());
                 }
-                let status = match outcomes.last().and_then(|v| v.get("outcome")).and_then(|v| v.as_str()) {
+                let status = match outcomes
+                    .last()
+                    .and_then(|v| v.get("outcome"))
+                    .and_then(|v| v.as_str())
+                {
                     Some(s) => s.to_string(),
-                    None if processed == Some(false) => "not processed yet (after the checkpoint)".into(),
+                    None if processed == Some(false) => {
+                        "not processed yet (after the checkpoint)".into()
+                    }
                     None => "no outcome recorded".into(),
                 };
                 actions.push(ActionReport {
@@ -196,7 +220,13 @@ async fn report(
             actions,
         });
     }
-    let dead = client.query(&dl_sql, &[&event.pk, &Some(event.id)]).await.map_err(db_err)?.iter().map(|r| r.get(0)).collect();
+    let dead = client
+        .query(&dl_sql, &[&event.pk, &Some(event.id)])
+        .await
+        .map_err(db_err)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     Ok(EventReport {
         change_log_pk: event.pk,
         event_id: Some(event.id),
@@ -224,7 +254,9 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
             println!(
                 "change-log row pk {} (event {}): POISON — {}",
                 r.change_log_pk,
-                r.event_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()),
+                r.event_id
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|| "?".into()),
                 p.reason
             );
             println!("  raw: {}", p.raw);
@@ -233,8 +265,12 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
     }
     match r.processed {
         Some(true) => println!("  checkpoint of `{listener}`: processed"),
-        Some(false) => println!("  checkpoint of `{listener}`: not processed yet (after the checkpoint)"),
-        None if r.poison.is_none() && !has_checkpoint => println!("  no checkpoint for listener `{listener}`"),
+        Some(false) => {
+            println!("  checkpoint of `{listener}`: not processed yet (after the checkpoint)")
+        }
+        None if r.poison.is_none() && !has_checkpoint => {
+            println!("  no checkpoint for listener `{listener}`")
+        }
         None => {}
     }
     for o in &r.observers {
@@ -243,21 +279,37 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
             MatchVerdict::OtherEntity => "not matched: other entity".into(),
             MatchVerdict::OtherOperation => "not matched: other operation".into(),
             MatchVerdict::ConditionFalse => {
-                format!("not matched: condition false ({})", o.condition.as_deref().unwrap_or(""))
+                format!(
+                    "not matched: condition false ({})",
+                    o.condition.as_deref().unwrap_or("")
+                )
             }
         };
         println!("  observer {}: {why}", o.observer);
         for a in &o.actions {
-            println!("    action {} ({}) key {}: {}", a.index, a.kind, a.idempotency_key, a.status);
+            println!(
+                "    action {} ({}) key {}: {}",
+                a.index, a.kind, a.idempotency_key, a.status
+            );
             for out in &a.outcomes {
-                for at in out.get("attempts").and_then(|v| v.as_array()).into_iter().flatten() {
+                for at in out
+                    .get("attempts")
+                    .and_then(|v| v.as_array())
+                    .into_iter()
+                    .flatten()
+                {
                     println!(
                         "      attempt {} at {} status {} {}{}",
                         at.get("attempt").unwrap_or(&serde_json::Value::Null),
                         at.get("at").and_then(|v| v.as_str()).unwrap_or("-"),
-                        at.get("status").map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                        at.get("status")
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         at.get("result").and_then(|v| v.as_str()).unwrap_or("-"),
-                        at.get("error").and_then(|v| v.as_str()).map(|e| format!(": {e}")).unwrap_or_default()
+                        at.get("error")
+                            .and_then(|v| v.as_str())
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
                     );
                 }
             }
@@ -271,7 +323,9 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
             "  dead letter #{} [{}] {} {}: {}",
             d.get("id").unwrap_or(&serde_json::Value::Null),
             d.get("status").and_then(|v| v.as_str()).unwrap_or("-"),
-            d.get("observer").and_then(|v| v.as_str()).unwrap_or("(poison event)"),
+            d.get("observer")
+                .and_then(|v| v.as_str())
+                .unwrap_or("(poison event)"),
             d.get("reason").and_then(|v| v.as_str()).unwrap_or("-"),
             d.get("last_error").and_then(|v| v.as_str()).unwrap_or("-")
         );

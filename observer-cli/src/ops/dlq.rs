@@ -131,9 +131,17 @@ pub async fn run(config: Option<&Path>, cmd: DlqCommand) -> Result<ExitCode> {
             } else {
                 println!("dead letter #{id}: {}", r.describe());
             }
-            Ok(if r.status == "delivered" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if r.status == "delivered" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        DlqCommand::RetryAll { observer, dry_run, json } => retry_all(&app, &mut client, observer, dry_run, json).await,
+        DlqCommand::RetryAll {
+            observer,
+            dry_run,
+            json,
+        } => retry_all(&app, &mut client, observer, dry_run, json).await,
         DlqCommand::Purge(a) => purge(&app, &client, a).await,
     }
 }
@@ -141,7 +149,10 @@ pub async fn run(config: Option<&Path>, cmd: DlqCommand) -> Result<ExitCode> {
 async fn stats(app: &App, client: &tokio_postgres::Client, json: bool) -> Result<ExitCode> {
     let t = app.objects.dead_letters.sql();
     let by_status = client
-        .query(&format!("SELECT status, count(*) FROM {t} GROUP BY status ORDER BY status"), &[])
+        .query(
+            &format!("SELECT status, count(*) FROM {t} GROUP BY status ORDER BY status"),
+            &[],
+        )
         .await
         .map_err(db_err)?;
     let mut pending = 0i64;
@@ -190,7 +201,10 @@ async fn stats(app: &App, client: &tokio_postgres::Client, json: bool) -> Result
             None => println!("oldest pending: -"),
         }
         if !groups.is_empty() {
-            println!("{:<32} {:<20} {:>8} {:>8}", "OBSERVER", "REASON", "PENDING", "RESOLVED");
+            println!(
+                "{:<32} {:<20} {:>8} {:>8}",
+                "OBSERVER", "REASON", "PENDING", "RESOLVED"
+            );
             for g in &groups {
                 println!(
                     "{:<32} {:<20} {:>8} {:>8}",
@@ -212,7 +226,10 @@ async fn list(app: &App, client: &tokio_postgres::Client, a: ListArgs) -> Result
          FROM {} WHERE ($1::text IS NULL OR observer = $1) AND status = ANY($2) ORDER BY id LIMIT $3",
         app.objects.dead_letters.sql()
     );
-    let rows = client.query(&sql, &[&a.observer, &a.status.statuses(), &a.limit.max(0)]).await.map_err(db_err)?;
+    let rows = client
+        .query(&sql, &[&a.observer, &a.status.statuses(), &a.limit.max(0)])
+        .await
+        .map_err(db_err)?;
     let items: Vec<Value> = rows
         .iter()
         .map(|r| {
@@ -231,7 +248,10 @@ async fn list(app: &App, client: &tokio_postgres::Client, a: ListArgs) -> Result
     } else if items.is_empty() {
         println!("no dead letters match");
     } else {
-        println!("{:>6} {:<9} {:<24} {:<18} {:<36} {:>4}  LAST ERROR", "ID", "STATUS", "OBSERVER/ACTION", "REASON", "EVENT", "TRY");
+        println!(
+            "{:>6} {:<9} {:<24} {:<18} {:<36} {:>4}  LAST ERROR",
+            "ID", "STATUS", "OBSERVER/ACTION", "REASON", "EVENT", "TRY"
+        );
         for i in &items {
             let who = match i["observer"].as_str() {
                 Some(o) => format!("{o}[{}]", i["action_index"]),
@@ -253,7 +273,10 @@ async fn list(app: &App, client: &tokio_postgres::Client, a: ListArgs) -> Result
 }
 
 async fn show(app: &App, client: &tokio_postgres::Client, id: i64, json: bool) -> Result<ExitCode> {
-    let sql = format!("SELECT to_jsonb(d) FROM {} d WHERE id = $1", app.objects.dead_letters.sql());
+    let sql = format!(
+        "SELECT to_jsonb(d) FROM {} d WHERE id = $1",
+        app.objects.dead_letters.sql()
+    );
     let Some(row) = client.query_opt(&sql, &[&id]).await.map_err(db_err)? else {
         bail!("no dead letter #{id} in {}", app.objects.dead_letters);
     };
@@ -293,7 +316,12 @@ impl RetryReport {
         format!("{}: {}", self.status, self.message)
     }
     fn skipped(id: i64, message: String) -> RetryReport {
-        RetryReport { id, status: "skipped", message, attempts: vec![] }
+        RetryReport {
+            id,
+            status: "skipped",
+            message,
+            attempts: vec![],
+        }
     }
 }
 
@@ -315,12 +343,22 @@ pub async fn retry_one(
     );
     let Some(row) = tx.query_opt(&sql, &[&id]).await.map_err(db_err)? else {
         let exists: bool = tx
-            .query_one(&format!("SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1)", objects.dead_letters.sql()), &[&id])
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM {} WHERE id = $1)",
+                    objects.dead_letters.sql()
+                ),
+                &[&id],
+            )
             .await?
             .get(0);
         return Ok(RetryReport::skipped(
             id,
-            if exists { "being retried by another process".into() } else { format!("no dead letter #{id}") },
+            if exists {
+                "being retried by another process".into()
+            } else {
+                format!("no dead letter #{id}")
+            },
         ));
     };
     let listener: String = row.get(0);
@@ -338,32 +376,59 @@ pub async fn retry_one(
         Some(name) => {
             let event: ChangeEvent = match serde_json::from_value(event) {
                 Ok(e) => e,
-                Err(e) => return Ok(RetryReport::skipped(id, format!("the stored event cannot be read: {e}"))),
+                Err(e) => {
+                    return Ok(RetryReport::skipped(
+                        id,
+                        format!("the stored event cannot be read: {e}"),
+                    ))
+                }
             };
             let Some(obs) = observers.get(&name) else {
-                return Ok(RetryReport::skipped(id, format!("observer `{name}` is no longer in the config (or disabled)")));
+                return Ok(RetryReport::skipped(
+                    id,
+                    format!("observer `{name}` is no longer in the config (or disabled)"),
+                ));
             };
             let index = action_index.unwrap_or(-1);
             if index < 0 || index as usize >= obs.actions.len() {
-                return Ok(RetryReport::skipped(id, format!("observer `{name}` has no action {index} any more")));
+                return Ok(RetryReport::skipped(
+                    id,
+                    format!("observer `{name}` has no action {index} any more"),
+                ));
             }
-            let r = redeliver::deliver(exec, Arc::new(event), obs.clone(), index as usize, prior + 1)
-                .await
-                .map_err(|e| anyhow!("dead letter #{id}: {e}"))?;
+            let r = redeliver::deliver(
+                exec,
+                Arc::new(event),
+                obs.clone(),
+                index as usize,
+                prior + 1,
+            )
+            .await
+            .map_err(|e| anyhow!("dead letter #{id}: {e}"))?;
             results.push(r);
         }
         None => {
             let log = ChangeLog::new(objects.change_log.clone());
             let event = match log.read_pk(&tx, pk).await.map_err(db_err)? {
-                None => return Ok(RetryReport::skipped(id, format!("change-log row {pk} no longer exists"))),
+                None => {
+                    return Ok(RetryReport::skipped(
+                        id,
+                        format!("change-log row {pk} no longer exists"),
+                    ))
+                }
                 Some(ChangeRow::Poison { reason, .. }) => {
-                    return Ok(RetryReport::skipped(id, format!("change-log row {pk} is still poison: {reason}")))
+                    return Ok(RetryReport::skipped(
+                        id,
+                        format!("change-log row {pk} is still poison: {reason}"),
+                    ))
                 }
                 Some(ChangeRow::Event(e)) => Arc::new(e),
             };
             let mut n = prior + 1;
             for (obs, index) in redeliver::deliveries_for(observers, &event, None) {
-                let r = redeliver::deliver(exec, event.clone(), obs, index, n).await.map_err(|e| anyhow!("dead letter #{id}: {e}"))?;
+                let r = redeliver::deliver(exec, event.clone(), obs, index, n)
+                    .await
+                    .map_err(|e| anyhow!("dead letter #{id}: {e}"))?;
                 n += r.attempts.len() as u32;
                 results.push(r);
             }
@@ -373,13 +438,24 @@ pub async fn retry_one(
     let failures: Vec<String> = results
         .iter()
         .filter(|r| r.outcome != Outcome::Delivered)
-        .map(|r| format!("{}[{}]: {}", r.observer.name, r.action_index, r.last_error().unwrap_or_default()))
+        .map(|r| {
+            format!(
+                "{}[{}]: {}",
+                r.observer.name,
+                r.action_index,
+                r.last_error().unwrap_or_default()
+            )
+        })
         .collect();
     let last_error = (!failures.is_empty()).then(|| failures.join("; "));
     for r in results.iter().filter(|r| r.outcome == Outcome::Delivered) {
-        redeliver::insert_action_log(&tx, &objects, &listener, &r.action_log()).await.map_err(db_err)?;
+        redeliver::insert_action_log(&tx, &objects, &listener, &r.action_log())
+            .await
+            .map_err(db_err)?;
     }
-    redeliver::record_dead_letter_retry(&tx, &objects, id, &attempts, last_error.as_deref()).await.map_err(db_err)?;
+    redeliver::record_dead_letter_retry(&tx, &objects, id, &attempts, last_error.as_deref())
+        .await
+        .map_err(db_err)?;
     tx.commit().await?;
     let n = attempts.len();
     Ok(match last_error {
@@ -389,8 +465,18 @@ pub async fn retry_one(
             message: "the event decodes now and no observer matches it: resolved".into(),
             attempts,
         },
-        None => RetryReport { id, status: "delivered", message: format!("delivered after {n} attempt(s); resolved"), attempts },
-        Some(e) => RetryReport { id, status: "failed", message: format!("still failing after {n} attempt(s): {e}"), attempts },
+        None => RetryReport {
+            id,
+            status: "delivered",
+            message: format!("delivered after {n} attempt(s); resolved"),
+            attempts,
+        },
+        Some(e) => RetryReport {
+            id,
+            status: "failed",
+            message: format!("still failing after {n} attempt(s): {e}"),
+            attempts,
+        },
     })
 }
 
@@ -403,10 +489,16 @@ async fn retry_all(
 ) -> Result<ExitCode> {
     let t = app.objects.dead_letters.sql();
     let observers = observers(app)?;
-    let max_id: Option<i64> = client.query_one(&format!("SELECT max(id) FROM {t}"), &[]).await.map_err(db_err)?.get(0);
+    let max_id: Option<i64> = client
+        .query_one(&format!("SELECT max(id) FROM {t}"), &[])
+        .await
+        .map_err(db_err)?
+        .get(0);
     let Some(max_id) = max_id else {
         if json {
-            print_json(&json!({"dry_run": dry_run, "retried": 0, "delivered": 0, "still_failing": 0, "skipped": 0, "rows": []}))?;
+            print_json(
+                &json!({"dry_run": dry_run, "retried": 0, "delivered": 0, "still_failing": 0, "skipped": 0, "rows": []}),
+            )?;
         } else {
             println!("the dead-letter queue is empty");
         }
@@ -422,7 +514,10 @@ async fn retry_all(
     let mut rows_out = Vec::new();
     let mut after = 0i64;
     loop {
-        let page = client.query(&page_sql, &[&observer, &after, &max_id]).await.map_err(db_err)?;
+        let page = client
+            .query(&page_sql, &[&observer, &after, &max_id])
+            .await
+            .map_err(db_err)?;
         if page.is_empty() {
             break;
         }
@@ -436,7 +531,12 @@ async fn retry_all(
                 None => {
                     let plan = match &name {
                         Some(n) => match observers.get(n) {
-                            Some(o) if index.is_some_and(|i| i >= 0 && (i as usize) < o.actions.len()) => "would retry",
+                            Some(o)
+                                if index
+                                    .is_some_and(|i| i >= 0 && (i as usize) < o.actions.len()) =>
+                            {
+                                "would retry"
+                            }
                             Some(_) => "would skip: the action no longer exists",
                             None => "would skip: the observer is no longer in the config",
                         },
@@ -448,7 +548,12 @@ async fn retry_all(
                 Some(exec) => {
                     let rep = match retry_one(app, client, &observers, exec, id).await {
                         Ok(rep) => rep,
-                        Err(e) => RetryReport { id, status: "failed", message: format!("{e:#}"), attempts: vec![] },
+                        Err(e) => RetryReport {
+                            id,
+                            status: "failed",
+                            message: format!("{e:#}"),
+                            attempts: vec![],
+                        },
                     };
                     match rep.status {
                         "delivered" => delivered += 1,
@@ -461,7 +566,7 @@ async fn retry_all(
                     rows_out.push(json!({"id": id, "status": rep.status, "message": rep.message}));
                 }
             }
-            if seen % 100 == 0 {
+            if seen.is_multiple_of(100) {
                 eprintln!("… {seen} dead letters processed ({delivered} delivered, {failed} still failing, {skipped} skipped)");
             }
         }
@@ -471,7 +576,13 @@ async fn retry_all(
             print_json(&json!({"dry_run": true, "would_retry": seen, "rows": rows_out}))?;
         } else {
             for r in &rows_out {
-                println!("#{} {}[{}]: {}", r["id"], r["observer"].as_str().unwrap_or("(poison event)"), r["action_index"], r["plan"].as_str().unwrap_or(""));
+                println!(
+                    "#{} {}[{}]: {}",
+                    r["id"],
+                    r["observer"].as_str().unwrap_or("(poison event)"),
+                    r["action_index"],
+                    r["plan"].as_str().unwrap_or("")
+                );
             }
             println!("dry run: {seen} pending dead letter(s) would be retried; nothing changed");
         }
@@ -479,12 +590,20 @@ async fn retry_all(
     }
     let retried = delivered + failed;
     if json {
-        print_json(&json!({"dry_run": false, "retried": retried, "delivered": delivered,
-                           "still_failing": failed, "skipped": skipped, "rows": rows_out}))?;
+        print_json(
+            &json!({"dry_run": false, "retried": retried, "delivered": delivered,
+                           "still_failing": failed, "skipped": skipped, "rows": rows_out}),
+        )?;
     } else {
-        println!("retried {retried}: {delivered} delivered, {failed} still failing; {skipped} skipped");
+        println!(
+            "retried {retried}: {delivered} delivered, {failed} still failing; {skipped} skipped"
+        );
     }
-    Ok(if failed > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 async fn purge(app: &App, client: &tokio_postgres::Client, a: PurgeArgs) -> Result<ExitCode> {
@@ -497,7 +616,10 @@ async fn purge(app: &App, client: &tokio_postgres::Client, a: PurgeArgs) -> Resu
         app.objects.dead_letters.sql()
     );
     let days = a.older_than.map(|d| d as i32);
-    let n = client.execute(&sql, &[&a.status.statuses(), &a.observer, &days]).await.map_err(db_err)?;
+    let n = client
+        .execute(&sql, &[&a.status.statuses(), &a.observer, &days])
+        .await
+        .map_err(db_err)?;
     if a.json {
         print_json(&json!({"deleted": n}))?;
     } else {

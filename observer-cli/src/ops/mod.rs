@@ -63,16 +63,28 @@ impl CheckpointRow {
     /// The stored position.
     pub fn position(&self) -> Result<Position> {
         let parse = |t: &str| -> Result<Snapshot> {
-            t.parse().map_err(|e| anyhow!("stored checkpoint of `{}` is unreadable: {e}", self.listener))
+            t.parse().map_err(|e| {
+                anyhow!(
+                    "stored checkpoint of `{}` is unreadable: {e}",
+                    self.listener
+                )
+            })
         };
-        Ok(Position { lo: parse(&self.window_lo)?, hi: parse(&self.window_hi)?, after_pk: self.after_pk })
+        Ok(Position {
+            lo: parse(&self.window_lo)?,
+            hi: parse(&self.window_hi)?,
+            after_pk: self.after_pk,
+        })
     }
 
     /// "running" or "stopped (last heartbeat Ns ago)".
     pub fn state(&self) -> String {
         match self.heartbeat_age_secs {
             Some(_) if self.alive() => "running".into(),
-            Some(a) => format!("stopped (last heartbeat {}s ago)", a.max(0.0).round() as i64),
+            Some(a) => format!(
+                "stopped (last heartbeat {}s ago)",
+                a.max(0.0).round() as i64
+            ),
             None => "stopped (no heartbeat recorded)".into(),
         }
     }
@@ -119,7 +131,14 @@ pub async fn checkpoints(
 pub async fn require_migrated(client: &tokio_postgres::Client, objects: &Objects) -> Result<()> {
     let sql = "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL";
     let ok: bool = client
-        .query_one(sql, &[&objects.checkpoints.sql(), &objects.dead_letters.sql(), &objects.action_log.sql()])
+        .query_one(
+            sql,
+            &[
+                &objects.checkpoints.sql(),
+                &objects.dead_letters.sql(),
+                &objects.action_log.sql(),
+            ],
+        )
         .await?
         .get(0);
     if !ok {
@@ -137,7 +156,10 @@ pub async fn require_migrated(client: &tokio_postgres::Client, objects: &Objects
 pub fn observers(app: &App) -> Result<Observers> {
     Observers::compile(&app.config).map_err(|issues| {
         let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
-        anyhow!("invalid observers in the configuration:\n{}", list.join("\n"))
+        anyhow!(
+            "invalid observers in the configuration:\n{}",
+            list.join("\n")
+        )
     })
 }
 
@@ -145,7 +167,8 @@ pub fn observers(app: &App) -> Result<Observers> {
 pub fn executor(app: &App) -> Result<BoxExecutor> {
     stack::check_features(&app.config)?;
     let pool = app.pool()?;
-    let http = ActionContext::http_client().map_err(|e| anyhow!("building the HTTP client: {e}"))?;
+    let http =
+        ActionContext::http_client().map_err(|e| anyhow!("building the HTTP client: {e}"))?;
     Ok(stack::build(&app.config, ActionContext { http, pool }))
 }
 
@@ -157,5 +180,7 @@ pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
 
 /// `—` for a missing value in text output.
 pub fn or_dash<T: std::fmt::Display>(v: &Option<T>) -> String {
-    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+    v.as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "-".into())
 }

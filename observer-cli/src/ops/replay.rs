@@ -19,11 +19,13 @@ use crate::app::App;
 const PAGE: i64 = 1000;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Rows are read in pk order from --from (inclusive) up to --to (inclusive for an event id, \
+#[command(
+    after_help = "Rows are read in pk order from --from (inclusive) up to --to (inclusive for an event id, \
 exclusive for a time), or up to the newest row when replay starts. Every action of every matching observer is \
 executed with its retry policy and the same idempotency key as the daemon's delivery; failures are dead-lettered \
 (retries_exhausted / permanent_failure). Poison rows are reported and skipped (the daemon dead-lettered them). \
-The checkpoint is not changed.")]
+The checkpoint is not changed."
+)]
 pub struct ReplayArgs {
     /// An RFC 3339 time (rows created at or after it) or an event UUID (from that event's row on).
     #[arg(long)]
@@ -46,7 +48,12 @@ enum Bound {
     Pk(i64),
 }
 
-async fn bound(log: &ChangeLog, client: &tokio_postgres::Client, text: &str, flag: &str) -> Result<Bound> {
+async fn bound(
+    log: &ChangeLog,
+    client: &tokio_postgres::Client,
+    text: &str,
+    flag: &str,
+) -> Result<Bound> {
     if let Ok(id) = Uuid::parse_str(text) {
         return match log.read_event(client, id).await.map_err(db_err)? {
             Some(r) => Ok(Bound::Pk(r.pk())),
@@ -93,19 +100,43 @@ pub async fn run(config: Option<&Path>, a: ReplayArgs) -> Result<ExitCode> {
     };
     if to_pk.is_none() {
         // Fix the end now, so a busy change log cannot keep the replay running forever.
-        let sql = format!("SELECT max(pk_entity_change_log) FROM {}", app.objects.change_log.sql());
-        to_pk = Some(client.query_one(&sql, &[]).await.map_err(db_err)?.get::<_, Option<i64>>(0).unwrap_or(0));
+        let sql = format!(
+            "SELECT max(pk_entity_change_log) FROM {}",
+            app.objects.change_log.sql()
+        );
+        to_pk = Some(
+            client
+                .query_one(&sql, &[])
+                .await
+                .map_err(db_err)?
+                .get::<_, Option<i64>>(0)
+                .unwrap_or(0),
+        );
     }
-    let mut exec = if a.dry_run { None } else { Some(executor(&app)?) };
-    let mut recorder = Recorder::new(app.objects.clone(), &app.config.listener.id, app.config.action_log.record);
-    let mut s = Summary { dry_run: a.dry_run, ..Summary::default() };
+    let mut exec = if a.dry_run {
+        None
+    } else {
+        Some(executor(&app)?)
+    };
+    let mut recorder = Recorder::new(
+        app.objects.clone(),
+        &app.config.listener.id,
+        app.config.action_log.record,
+    );
+    let mut s = Summary {
+        dry_run: a.dry_run,
+        ..Summary::default()
+    };
     loop {
-        let rows = log.read_range(&client, after_pk, to_pk, from_time, to_time, PAGE).await.map_err(db_err)?;
+        let rows = log
+            .read_range(&client, after_pk, to_pk, from_time, to_time, PAGE)
+            .await
+            .map_err(db_err)?;
         let Some(last) = rows.last() else { break };
         after_pk = last.pk();
         for row in rows {
             s.events_read += 1;
-            if s.events_read % 1000 == 0 {
+            if s.events_read.is_multiple_of(1000) {
                 eprintln!(
                     "… {} events read, {} matched, {} delivered, {} dead-lettered",
                     s.events_read, s.events_matched, s.delivered, s.dead_lettered

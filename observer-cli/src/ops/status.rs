@@ -62,11 +62,22 @@ pub async fn run(config: Option<&Path>, args: StatusArgs) -> Result<ExitCode> {
     let app = App::load(config)?;
     let client = app.connect().await?;
     require_migrated(&client, &app.objects).await?;
-    let listener = args.listener.clone().unwrap_or_else(|| app.config.listener.id.clone());
-    let rows = checkpoints(&client, &app.objects, (!args.all).then_some(listener.as_str())).await?;
+    let listener = args
+        .listener
+        .clone()
+        .unwrap_or_else(|| app.config.listener.id.clone());
+    let rows = checkpoints(
+        &client,
+        &app.objects,
+        (!args.all).then_some(listener.as_str()),
+    )
+    .await?;
     if rows.is_empty() {
         if args.all {
-            bail!("no checkpoint rows in {}: no daemon has run with features.checkpoint on", app.objects.checkpoints);
+            bail!(
+                "no checkpoint rows in {}: no daemon has run with features.checkpoint on",
+                app.objects.checkpoints
+            );
         }
         bail!("no checkpoint for listener {listener}: the daemon has not run with features.checkpoint on");
     }
@@ -92,16 +103,26 @@ pub async fn run(config: Option<&Path>, args: StatusArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status_of(client: &tokio_postgres::Client, app: &App, log: &ChangeLog, row: CheckpointRow) -> Result<ListenerStatus> {
+async fn status_of(
+    client: &tokio_postgres::Client,
+    app: &App,
+    log: &ChangeLog,
+    row: CheckpointRow,
+) -> Result<ListenerStatus> {
     let pos = row.position()?;
     let (lag_events, oldest) = log.backlog(client, &pos).await.map_err(db_err)?;
-    let lag_seconds = oldest.map(|t| ((Utc::now() - t).num_milliseconds() as f64 / 1000.0).max(0.0)).unwrap_or(0.0);
+    let lag_seconds = oldest
+        .map(|t| ((Utc::now() - t).num_milliseconds() as f64 / 1000.0).max(0.0))
+        .unwrap_or(0.0);
     let sql = format!(
         "SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'resolved')
          FROM {} WHERE listener_id = $1",
         app.objects.dead_letters.sql()
     );
-    let dl = client.query_one(&sql, &[&row.listener]).await.map_err(db_err)?;
+    let dl = client
+        .query_one(&sql, &[&row.listener])
+        .await
+        .map_err(db_err)?;
     Ok(ListenerStatus {
         state: row.state(),
         alive: row.alive(),
@@ -118,7 +139,10 @@ async fn status_of(client: &tokio_postgres::Client, app: &App, log: &ChangeLog, 
         lag_events,
         lag_seconds,
         oldest_unprocessed_at: oldest,
-        dead_letters: DeadLetterCounts { pending: dl.get(0), resolved: dl.get(1) },
+        dead_letters: DeadLetterCounts {
+            pending: dl.get(0),
+            resolved: dl.get(1),
+        },
         listener: row.listener,
         owner: row.owner,
         epoch: row.epoch,
@@ -132,7 +156,10 @@ fn print_text(s: &ListenerStatus) {
     println!("listener      {}", s.listener);
     println!("state         {}", s.state);
     println!("owner         {} (epoch {})", or_dash(&s.owner), s.epoch);
-    println!("window        {} .. {} after pk {}", p.window_lo, p.window_hi, p.after_pk);
+    println!(
+        "window        {} .. {} after pk {}",
+        p.window_lo, p.window_hi, p.after_pk
+    );
     println!(
         "last event    {} (pk {}, at {})",
         or_dash(&p.last_event_id),
@@ -140,10 +167,19 @@ fn print_text(s: &ListenerStatus) {
         or_dash(&p.last_event_at.map(|t| t.to_rfc3339()))
     );
     println!("processed     {} events", p.events_processed);
-    println!("lag           {} events, {:.1}s", s.lag_events, s.lag_seconds);
-    println!("dead letters  {} pending, {} resolved", s.dead_letters.pending, s.dead_letters.resolved);
+    println!(
+        "lag           {} events, {:.1}s",
+        s.lag_events, s.lag_seconds
+    );
+    println!(
+        "dead letters  {} pending, {} resolved",
+        s.dead_letters.pending, s.dead_letters.resolved
+    );
     match (&s.last_error, &s.last_error_at) {
-        (Some(e), at) => println!("last error    {e} (at {})", or_dash(&at.map(|t| t.to_rfc3339()))),
+        (Some(e), at) => println!(
+            "last error    {e} (at {})",
+            or_dash(&at.map(|t| t.to_rfc3339()))
+        ),
         (None, _) => println!("last error    -"),
     }
 }
