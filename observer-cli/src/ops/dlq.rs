@@ -210,8 +210,8 @@ async fn stats(app: &App, client: &tokio_postgres::Client, json: bool) -> Result
                     "{:<32} {:<20} {:>8} {:>8}",
                     g["observer"].as_str().unwrap_or("(poison event)"),
                     g["reason"].as_str().unwrap_or("-"),
-                    g["pending"],
-                    g["resolved"]
+                    g["pending"].to_string(),
+                    g["resolved"].to_string()
                 );
             }
         }
@@ -259,12 +259,12 @@ async fn list(app: &App, client: &tokio_postgres::Client, a: ListArgs) -> Result
             };
             println!(
                 "{:>6} {:<9} {:<24} {:<18} {:<36} {:>4}  {}",
-                i["id"],
+                i["id"].to_string(),
                 i["status"].as_str().unwrap_or("-"),
                 who,
                 i["reason"].as_str().unwrap_or("-"),
                 i["event_id"].as_str().unwrap_or("-"),
-                i["attempts"],
+                i["attempts"].to_string(),
                 i["last_error"].as_str().unwrap_or("-")
             );
         }
@@ -576,13 +576,11 @@ async fn retry_all(
             print_json(&json!({"dry_run": true, "would_retry": seen, "rows": rows_out}))?;
         } else {
             for r in &rows_out {
-                println!(
-                    "#{} {}[{}]: {}",
-                    r["id"],
-                    r["observer"].as_str().unwrap_or("(poison event)"),
-                    r["action_index"],
-                    r["plan"].as_str().unwrap_or("")
-                );
+                let who = match r["observer"].as_str() {
+                    Some(o) => format!("{o}[{}]", r["action_index"]),
+                    None => "(poison event)".into(),
+                };
+                println!("#{} {who}: {}", r["id"], r["plan"].as_str().unwrap_or(""));
             }
             println!("dry run: {seen} pending dead letter(s) would be retried; nothing changed");
         }
