@@ -9,8 +9,16 @@ use tower::ServiceBuilder;
 
 /// Fails when config switches on a layer this binary was built without.
 pub fn check_features(cfg: &Config) -> Result<()> {
-    if cfg.features.checkpoint && !cfg!(feature = "checkpoint") {
-        bail!("features.checkpoint is on, but this binary was built without the `checkpoint` cargo feature: rebuild with `--features checkpoint` or set OBSERVER__FEATURES__CHECKPOINT=false");
+    for name in cfg.features.enabled() {
+        // Each layer that exists in this build adds its line here.
+        let built = name == "checkpoint" && cfg!(feature = "checkpoint");
+        if !built {
+            bail!(
+                "features.{name} is on, but this binary was built without the `{name}` layer (cargo feature `{name}`): \
+                 use a build that includes it, or set OBSERVER__FEATURES__{}=false",
+                name.to_ascii_uppercase()
+            );
+        }
     }
     Ok(())
 }

@@ -104,7 +104,10 @@ pub struct Attempt {
 pub fn compile(config: &ActionConfig, at: &str) -> Result<CompiledAction, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
     let mut issue = |field: &str, message: String| {
-        issues.push(ConfigIssue { location: format!("{at}.{field}"), message })
+        issues.push(ConfigIssue {
+            location: format!("{at}.{field}"),
+            message,
+        })
     };
     let action = match config {
         ActionConfig::Webhook(w) => compile_webhook(w, &mut issue),
@@ -117,7 +120,10 @@ pub fn compile(config: &ActionConfig, at: &str) -> Result<CompiledAction, Vec<Co
     }
 }
 
-fn compile_webhook(w: &WebhookConfig, issue: &mut dyn FnMut(&str, String)) -> Option<CompiledAction> {
+fn compile_webhook(
+    w: &WebhookConfig,
+    issue: &mut dyn FnMut(&str, String),
+) -> Option<CompiledAction> {
     let method = match reqwest::Method::from_bytes(w.method.to_ascii_uppercase().as_bytes()) {
         Ok(m) => Some(m),
         Err(_) => {
@@ -131,7 +137,10 @@ fn compile_webhook(w: &WebhookConfig, issue: &mut dyn FnMut(&str, String)) -> Op
                 if t.is_static() {
                     match reqwest::Url::parse(&u) {
                         Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
-                        Ok(parsed) => issue("url", format!("scheme `{}` is not http or https", parsed.scheme())),
+                        Ok(parsed) => issue(
+                            "url",
+                            format!("scheme `{}` is not http or https", parsed.scheme()),
+                        ),
                         Err(e) => issue("url", format!("`{u}` is not a URL: {e}")),
                     }
                 } else if !(u.starts_with("http://") || u.starts_with("https://")) {
@@ -160,15 +169,26 @@ fn compile_webhook(w: &WebhookConfig, issue: &mut dyn FnMut(&str, String)) -> Op
             }
         };
         let lower = hn.as_str();
-        if ["idempotency-key", "webhook-id", "webhook-timestamp", "webhook-signature", "content-length", "host"]
-            .contains(&lower)
+        if [
+            "idempotency-key",
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+            "content-length",
+            "host",
+        ]
+        .contains(&lower)
         {
-            issue(&field, format!("`{name}` is set by the webhook action itself"));
+            issue(
+                &field,
+                format!("`{name}` is set by the webhook action itself"),
+            );
             continue;
         }
-        match resolve_secret(value, &field).map_err(|e| e.to_string()).and_then(|v| {
-            Template::parse(&v, Target::Header).map_err(|e| e.to_string())
-        }) {
+        match resolve_secret(value, &field)
+            .map_err(|e| e.to_string())
+            .and_then(|v| Template::parse(&v, Target::Header).map_err(|e| e.to_string()))
+        {
             Ok(t) => headers.push((hn, t)),
             Err(e) => issue(&field, e),
         }
@@ -239,11 +259,23 @@ fn compile_sql(s: &SqlConfig, issue: &mut dyn FnMut(&str, String)) -> Option<Com
                 && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
         });
     if !ok {
-        issue("function", format!("`{}` is not a function name: expected `name` or `schema.name`", s.function));
+        issue(
+            "function",
+            format!(
+                "`{}` is not a function name: expected `name` or `schema.name`",
+                s.function
+            ),
+        );
         return None;
     }
-    let name = parts.iter().map(|p| quote_ident(p)).collect::<Vec<_>>().join(".");
-    Some(CompiledAction::Sql(Sql { statement: format!("SELECT {name}($1::jsonb)") }))
+    let name = parts
+        .iter()
+        .map(|p| quote_ident(p))
+        .collect::<Vec<_>>()
+        .join(".");
+    Some(CompiledAction::Sql(Sql {
+        statement: format!("SELECT {name}($1::jsonb)"),
+    }))
 }
 
 /// Longest response excerpt kept in an error message.
@@ -259,7 +291,14 @@ impl CompiledAction {
             CompiledAction::Log(l) => l.write(scope),
             CompiledAction::Sql(s) => s.call(ctx, scope).await,
         };
-        Attempt { attempt, at, duration_ms: started.elapsed().as_millis() as u64, status, error, result }
+        Attempt {
+            attempt,
+            at,
+            duration_ms: started.elapsed().as_millis() as u64,
+            status,
+            error,
+            result,
+        }
     }
 }
 
@@ -280,15 +319,24 @@ impl Webhook {
                 Ok(b) => b,
                 Err(e) => return permanent(format!("body template: {e}")),
             },
-            None => scope.event.envelope(scope.observer.unwrap_or_default()).to_string(),
+            None => scope
+                .event
+                .envelope(scope.observer.unwrap_or_default())
+                .to_string(),
         };
         let key = scope.idempotency_key.unwrap_or_default();
         let mut req = ctx
             .http
             .request(self.method.clone(), &url)
             .timeout(self.timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("idempotency-key", key);
+        if !self
+            .headers
+            .iter()
+            .any(|(n, _)| n == reqwest::header::CONTENT_TYPE)
+        {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+        }
         for (name, t) in &self.headers {
             match t.render(scope).map_err(|e| e.to_string()).and_then(|v| {
                 HeaderValue::from_str(&v).map_err(|_| "invalid header value".to_string())
@@ -298,7 +346,9 @@ impl Webhook {
             }
         }
         let sig = signature_headers(&self.keys, key, Utc::now().timestamp(), body.as_bytes());
-        req = req.header("webhook-id", sig.id).header("webhook-timestamp", sig.timestamp);
+        req = req
+            .header("webhook-id", sig.id)
+            .header("webhook-timestamp", sig.timestamp);
         if let Some(s) = sig.signature {
             req = req.header("webhook-signature", s);
         }
@@ -329,7 +379,11 @@ impl Webhook {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let location = resp.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let excerpt = drain(resp).await;
         let mut error = format!("HTTP {code}");
         if let Some(l) = location.filter(|_| status.is_redirection()) {
@@ -341,7 +395,9 @@ impl Webhook {
         }
         let retryable = code == 408 || code == 429 || status.is_server_error();
         let result = if retryable {
-            AttemptResult::Retry { after_ms: retry_after.map(|d| d.as_millis() as u64) }
+            AttemptResult::Retry {
+                after_ms: retry_after.map(|d| d.as_millis() as u64),
+            }
         } else {
             AttemptResult::Permanent
         };
@@ -361,7 +417,11 @@ async fn drain(mut resp: reqwest::Response) -> String {
         }
     }
     let text = String::from_utf8_lossy(&buf);
-    text.chars().filter(|c| !c.is_control() || *c == ' ').collect::<String>().trim().to_string()
+    text.chars()
+        .filter(|c| !c.is_control() || *c == ' ')
+        .collect::<String>()
+        .trim()
+        .to_string()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -407,9 +467,15 @@ impl Log {
         };
         let observer = scope.observer.unwrap_or_default();
         match self.level {
-            tracing::Level::WARN => tracing::warn!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}"),
-            tracing::Level::DEBUG => tracing::debug!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}"),
-            _ => tracing::info!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}"),
+            tracing::Level::WARN => {
+                tracing::warn!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}")
+            }
+            tracing::Level::DEBUG => {
+                tracing::debug!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}")
+            }
+            _ => {
+                tracing::info!(target: "fraiseql_observers::action", observer, event_id = %e.id, "{message}")
+            }
         }
         (AttemptResult::Delivered, None, None)
     }
@@ -419,11 +485,20 @@ impl Sql {
     async fn call(&self, ctx: &ActionContext, scope: &Scope<'_>) -> Outcome {
         let mut payload = scope.event.envelope(scope.observer.unwrap_or_default());
         if let Some(obj) = payload.as_object_mut() {
-            obj.insert("idempotency_key".into(), scope.idempotency_key.unwrap_or_default().into());
+            obj.insert(
+                "idempotency_key".into(),
+                scope.idempotency_key.unwrap_or_default().into(),
+            );
         }
         let client = match ctx.pool.get().await {
             Ok(c) => c,
-            Err(e) => return (AttemptResult::Retry { after_ms: None }, None, Some(format!("database pool: {e}"))),
+            Err(e) => {
+                return (
+                    AttemptResult::Retry { after_ms: None },
+                    None,
+                    Some(format!("database pool: {e}")),
+                )
+            }
         };
         match client.execute(self.statement.as_str(), &[&payload]).await {
             Ok(_) => (AttemptResult::Delivered, None, None),
@@ -437,7 +512,11 @@ impl Sql {
                     Some(db) => format!("{} ({})", db.message(), db.code().code()),
                     None => error_chain(&e),
                 };
-                let result = if transient { AttemptResult::Retry { after_ms: None } } else { AttemptResult::Permanent };
+                let result = if transient {
+                    AttemptResult::Retry { after_ms: None }
+                } else {
+                    AttemptResult::Permanent
+                };
                 (result, None, Some(msg))
             }
         }
@@ -452,7 +531,10 @@ mod tests {
     fn retry_after_forms() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after("999999"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

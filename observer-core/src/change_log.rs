@@ -78,13 +78,26 @@ pub struct Position {
 impl Position {
     /// The position at the start of an empty window at `snap` ("everything visible in snap is done").
     pub fn at(snap: Snapshot) -> Position {
-        Position { lo: snap.clone(), hi: snap, after_pk: 0 }
+        Position {
+            lo: snap.clone(),
+            hi: snap,
+            after_pk: 0,
+        }
     }
 
-    /// A position from which every row written by transaction `txid` or a later one, from pk
-    /// `pk` on, is read again (used by `checkpoint set`).
-    pub fn replay_from(txid: u64, pk: i64, now: Snapshot) -> Position {
-        Position { lo: Snapshot { xmin: txid, xmax: txid, xip: vec![] }, hi: now, after_pk: pk - 1 }
+    /// A position from which every row written by transaction `txid` or a later-started one is
+    /// read again (used by `checkpoint set --event-id`). Rows of later transactions can have lower
+    /// pks than the event, so the window is read from its start, not from the event's pk.
+    pub fn replay_from(txid: u64, now: Snapshot) -> Position {
+        Position {
+            lo: Snapshot {
+                xmin: txid,
+                xmax: txid,
+                xip: vec![],
+            },
+            hi: now,
+            after_pk: 0,
+        }
     }
 }
 
@@ -92,7 +105,12 @@ impl Position {
 #[derive(Debug, Clone)]
 pub enum ChangeRow {
     Event(ChangeEvent),
-    Poison { pk: i64, event_id: Option<Uuid>, raw: serde_json::Value, reason: String },
+    Poison {
+        pk: i64,
+        event_id: Option<Uuid>,
+        raw: serde_json::Value,
+        reason: String,
+    },
 }
 
 impl ChangeRow {
@@ -138,10 +156,25 @@ impl ChangeLog {
     }
 
     /// The database's current snapshot.
-    pub async fn current_snapshot(client: &impl GenericClient) -> Result<Snapshot, tokio_postgres::Error> {
-        let text: String = client.query_one("SELECT pg_current_snapshot()::text", &[]).await?.get(0);
-        // Postgres always prints a well-formed snapshot; a parse failure is a bug worth a loud error.
-        Ok(text.parse().unwrap_or_else(|e| panic!("Postgres returned {e}")))
+    pub async fn current_snapshot(
+        client: &impl GenericClient,
+    ) -> Result<Snapshot, tokio_postgres::Error> {
+        // Read as its three parts so no text parsing can fail here.
+        let row = client
+            .query_one(
+                "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x ORDER BY x)
+                 FROM pg_current_snapshot() s",
+                &[],
+            )
+            .await?;
+        let num = |t: String| t.parse::<u64>().unwrap_or(0);
+        let xip: Vec<String> = row.get(2);
+        Ok(Snapshot {
+            xmin: num(row.get(0)),
+            xmax: num(row.get(1)),
+            xip: xip.into_iter().map(num).collect(),
+        })
     }
 
     /// Up to `limit` rows of window (`lo`, `hi`) with pk above `after_pk`, in pk order.
@@ -157,7 +190,14 @@ impl ChangeLog {
         let rows = client
             .query(
                 &self.select,
-                &[&lo.xmax.to_string(), &xip, &hi.xmax.to_string(), &hi.to_string(), &after_pk, &limit],
+                &[
+                    &lo.xmax.to_string(),
+                    &xip,
+                    &hi.xmax.to_string(),
+                    &hi.to_string(),
+                    &after_pk,
+                    &limit,
+                ],
             )
             .await?;
         Ok(rows.iter().map(decode_row).collect())
@@ -182,30 +222,70 @@ impl ChangeLog {
              ORDER BY pk_entity_change_log LIMIT $5",
             t = self.table.sql()
         );
-        let rows = client.query(&sql, &[&after_pk, &to_pk, &from_time, &to_time, &limit]).await?;
+        let rows = client
+            .query(&sql, &[&after_pk, &to_pk, &from_time, &to_time, &limit])
+            .await?;
         Ok(rows.iter().map(decode_row).collect())
     }
 
     /// The newest `n` rows, newest first.
-    pub async fn read_latest(&self, client: &impl GenericClient, n: i64) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM {t} ORDER BY pk_entity_change_log DESC LIMIT $1", t = self.table.sql());
-        Ok(client.query(&sql, &[&n]).await?.iter().map(decode_row).collect())
+    pub async fn read_latest(
+        &self,
+        client: &impl GenericClient,
+        n: i64,
+    ) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {t} ORDER BY pk_entity_change_log DESC LIMIT $1",
+            t = self.table.sql()
+        );
+        Ok(client
+            .query(&sql, &[&n])
+            .await?
+            .iter()
+            .map(decode_row)
+            .collect())
     }
 
     /// The row with event id `id`.
-    pub async fn read_event(&self, client: &impl GenericClient, id: Uuid) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM {t} WHERE id = $1 ORDER BY pk_entity_change_log LIMIT 1", t = self.table.sql());
-        Ok(client.query_opt(&sql, &[&id]).await?.as_ref().map(decode_row))
+    pub async fn read_event(
+        &self,
+        client: &impl GenericClient,
+        id: Uuid,
+    ) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {t} WHERE id = $1 ORDER BY pk_entity_change_log LIMIT 1",
+            t = self.table.sql()
+        );
+        Ok(client
+            .query_opt(&sql, &[&id])
+            .await?
+            .as_ref()
+            .map(decode_row))
     }
 
     /// The row with change-log pk `pk`.
-    pub async fn read_pk(&self, client: &impl GenericClient, pk: i64) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
-        let sql = format!("SELECT {COLUMNS} FROM {t} WHERE pk_entity_change_log = $1", t = self.table.sql());
-        Ok(client.query_opt(&sql, &[&pk]).await?.as_ref().map(decode_row))
+    pub async fn read_pk(
+        &self,
+        client: &impl GenericClient,
+        pk: i64,
+    ) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {t} WHERE pk_entity_change_log = $1",
+            t = self.table.sql()
+        );
+        Ok(client
+            .query_opt(&sql, &[&pk])
+            .await?
+            .as_ref()
+            .map(decode_row))
     }
 
     /// Rows not yet done at `pos`, and the age of the oldest of them.
-    pub async fn backlog(&self, client: &impl GenericClient, pos: &Position) -> Result<(i64, Option<DateTime<Utc>>), tokio_postgres::Error> {
+    pub async fn backlog(
+        &self,
+        client: &impl GenericClient,
+        pos: &Position,
+    ) -> Result<(i64, Option<DateTime<Utc>>), tokio_postgres::Error> {
         let sql = format!(
             "SELECT count(*), min(created_at) FROM {t}
              WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
@@ -213,7 +293,17 @@ impl ChangeLog {
             t = self.table.sql()
         );
         let xip: Vec<String> = pos.lo.xip.iter().map(|x| x.to_string()).collect();
-        let row = client.query_one(&sql, &[&pos.lo.xmax.to_string(), &xip, &pos.hi.to_string(), &pos.after_pk]).await?;
+        let row = client
+            .query_one(
+                &sql,
+                &[
+                    &pos.lo.xmax.to_string(),
+                    &xip,
+                    &pos.hi.to_string(),
+                    &pos.after_pk,
+                ],
+            )
+            .await?;
         Ok((row.get(0), row.get(1)))
     }
 }
@@ -222,48 +312,84 @@ impl ChangeLog {
 fn decode_row(row: &Row) -> ChangeRow {
     let pk: i64 = row.try_get(0).unwrap_or(0);
     let text = |i: usize| -> Result<Option<String>, String> {
-        row.try_get::<_, Option<String>>(i).map_err(|e| format!("column {}: {e}", row.columns()[i].name()))
+        row.try_get::<_, Option<String>>(i)
+            .map_err(|e| format!("column {}: {e}", row.columns()[i].name()))
     };
     let json = |i: usize| -> Result<Option<serde_json::Value>, String> {
         row.try_get::<_, Option<serde_json::Value>>(i)
             .map_err(|e| format!("column {}: {e}", row.columns()[i].name()))
     };
     let id_text = text(1);
-    let event_id = id_text.as_ref().ok().and_then(|t| t.as_deref()).and_then(|t| Uuid::parse_str(t).ok());
+    let event_id = id_text
+        .as_ref()
+        .ok()
+        .and_then(|t| t.as_deref())
+        .and_then(|t| Uuid::parse_str(t).ok());
     let raw = || {
         let mut m = serde_json::Map::new();
         m.insert("pk_entity_change_log".into(), pk.into());
-        for (i, name) in [(1, "id"), (3, "object_type"), (4, "object_id"), (5, "modification_type"), (8, "tenant_id"), (9, "txid")] {
-            m.insert(name.into(), text(i).ok().flatten().map(serde_json::Value::String).unwrap_or(serde_json::Value::Null));
+        for (i, name) in [
+            (1, "id"),
+            (3, "object_type"),
+            (4, "object_id"),
+            (5, "modification_type"),
+            (8, "tenant_id"),
+            (9, "txid"),
+        ] {
+            m.insert(
+                name.into(),
+                text(i)
+                    .ok()
+                    .flatten()
+                    .map(serde_json::Value::String)
+                    .unwrap_or(serde_json::Value::Null),
+            );
         }
         for (i, name) in [(6, "object_data"), (7, "object_data_before")] {
-            m.insert(name.into(), json(i).ok().flatten().unwrap_or(serde_json::Value::Null));
+            m.insert(
+                name.into(),
+                json(i).ok().flatten().unwrap_or(serde_json::Value::Null),
+            );
         }
         serde_json::Value::Object(m)
     };
-    let poison = |reason: String| ChangeRow::Poison { pk, event_id, raw: raw(), reason };
+    let poison = |reason: String| ChangeRow::Poison {
+        pk,
+        event_id,
+        raw: raw(),
+        reason,
+    };
     let result = (|| -> Result<ChangeEvent, String> {
         let id = match id_text? {
             Some(t) => Uuid::parse_str(&t).map_err(|_| format!("id `{t}` is not a UUID"))?,
             None => return Err("id is NULL".into()),
         };
-        let created_at: DateTime<Utc> = row.try_get(2).map_err(|e| format!("column created_at: {e}"))?;
+        let created_at: DateTime<Utc> = row
+            .try_get(2)
+            .map_err(|e| format!("column created_at: {e}"))?;
         let entity = text(3)?.ok_or("object_type is NULL")?;
         if entity.trim().is_empty() {
             return Err("object_type is empty".into());
         }
         let op_text = text(5)?.ok_or("modification_type is NULL")?;
         let operation = Operation::parse(&op_text).ok_or_else(|| {
-            format!("unknown modification_type `{op_text}`: expected INSERT, UPDATE, DELETE or CUSTOM")
+            format!(
+                "unknown modification_type `{op_text}`: expected INSERT, UPDATE, DELETE or CUSTOM"
+            )
         })?;
         let entity_id = text(4)?;
         match &entity_id {
             None if operation != Operation::Custom => {
-                return Err(format!("object_id is NULL on a {operation} (only CUSTOM events may omit it)"))
+                return Err(format!(
+                    "object_id is NULL on a {operation} (only CUSTOM events may omit it)"
+                ))
             }
             Some(id) if id.is_empty() => return Err("object_id is empty".into()),
             Some(id) if id.len() > MAX_OBJECT_ID => {
-                return Err(format!("object_id is {} bytes long (at most {MAX_OBJECT_ID})", id.len()))
+                return Err(format!(
+                    "object_id is {} bytes long (at most {MAX_OBJECT_ID})",
+                    id.len()
+                ))
             }
             Some(id) if id.chars().any(|c| c.is_control()) => {
                 return Err("object_id contains control characters".into())
@@ -271,11 +397,15 @@ fn decode_row(row: &Row) -> ChangeRow {
             _ => {}
         }
         let tenant_id = match text(8)? {
-            Some(t) => Some(Uuid::parse_str(&t).map_err(|_| format!("tenant_id `{t}` is not a UUID"))?),
+            Some(t) => {
+                Some(Uuid::parse_str(&t).map_err(|_| format!("tenant_id `{t}` is not a UUID"))?)
+            }
             None => None,
         };
         let txid_text = text(9)?.ok_or("txid is NULL")?;
-        let txid = txid_text.parse::<u64>().map_err(|_| format!("txid `{txid_text}` is not a transaction id"))?;
+        let txid = txid_text
+            .parse::<u64>()
+            .map_err(|_| format!("txid `{txid_text}` is not a transaction id"))?;
         Ok(ChangeEvent {
             pk,
             id,

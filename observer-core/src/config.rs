@@ -57,7 +57,9 @@ pub struct ChangeLogConfig {
 
 impl Default for ChangeLogConfig {
     fn default() -> Self {
-        ChangeLogConfig { table: "tb_entity_change_log".into() }
+        ChangeLogConfig {
+            table: "tb_entity_change_log".into(),
+        }
     }
 }
 
@@ -108,17 +110,64 @@ impl Default for ListenerConfig {
     }
 }
 
-/// `[features]`: run-time switches for the layers compiled into this binary.
+/// `[features]`: run-time switches for the layers. Every layer of the design has a key so a
+/// config written for a fuller build still loads; switching on a layer this binary does not
+/// contain is a start-up error naming it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FeaturesConfig {
     /// Persist the position and resume after it (cargo feature `checkpoint`).
     pub checkpoint: bool,
+    pub concurrent: bool,
+    pub dedup: bool,
+    pub caching: bool,
+    pub circuit_breaker: bool,
+    pub rate_limit: bool,
+    pub metrics: bool,
+    pub failover: bool,
+    pub search: bool,
+    pub queue: bool,
+    pub nats: bool,
 }
 
 impl Default for FeaturesConfig {
     fn default() -> Self {
-        FeaturesConfig { checkpoint: true }
+        FeaturesConfig {
+            checkpoint: true,
+            concurrent: false,
+            dedup: false,
+            caching: false,
+            circuit_breaker: false,
+            rate_limit: false,
+            metrics: false,
+            failover: false,
+            search: false,
+            queue: false,
+            nats: false,
+        }
+    }
+}
+
+impl FeaturesConfig {
+    /// The layers switched on, by name.
+    pub fn enabled(&self) -> Vec<&'static str> {
+        [
+            ("checkpoint", self.checkpoint),
+            ("concurrent", self.concurrent),
+            ("dedup", self.dedup),
+            ("caching", self.caching),
+            ("circuit_breaker", self.circuit_breaker),
+            ("rate_limit", self.rate_limit),
+            ("metrics", self.metrics),
+            ("failover", self.failover),
+            ("search", self.search),
+            ("queue", self.queue),
+            ("nats", self.nats),
+        ]
+        .into_iter()
+        .filter(|(_, on)| *on)
+        .map(|(n, _)| n)
+        .collect()
     }
 }
 
@@ -143,7 +192,9 @@ pub struct ActionLogConfig {
 
 impl Default for ActionLogConfig {
     fn default() -> Self {
-        ActionLogConfig { record: RecordMode::All }
+        ActionLogConfig {
+            record: RecordMode::All,
+        }
     }
 }
 
@@ -200,10 +251,15 @@ fn yes() -> bool {
 }
 
 fn all_operations() -> Vec<OperationName> {
-    [Operation::Insert, Operation::Update, Operation::Delete, Operation::Custom]
-        .into_iter()
-        .map(OperationName)
-        .collect()
+    [
+        Operation::Insert,
+        Operation::Update,
+        Operation::Delete,
+        Operation::Custom,
+    ]
+    .into_iter()
+    .map(OperationName)
+    .collect()
 }
 
 /// An operation as written in config: case-insensitive `insert`/`INSERT`.
@@ -245,7 +301,10 @@ impl ActionConfig {
         match self {
             ActionConfig::Webhook(w) => w.retry.clone(),
             ActionConfig::Sql(s) => s.retry.clone(),
-            ActionConfig::Log(_) => RetryConfig { max_attempts: 1, ..RetryConfig::default() },
+            ActionConfig::Log(_) => RetryConfig {
+                max_attempts: 1,
+                ..RetryConfig::default()
+            },
         }
     }
 }
@@ -313,7 +372,7 @@ pub struct SqlConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backoff {
-    /// initial × 2^(n-1), capped, with full jitter.
+    /// initial × 2^(n-1), capped, then a random wait between half of that and all of it.
     Exponential,
     /// initial × n, capped.
     Linear,
@@ -334,7 +393,12 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        RetryConfig { max_attempts: 5, backoff: Backoff::Exponential, initial_ms: 200, max_ms: 30_000 }
+        RetryConfig {
+            max_attempts: 5,
+            backoff: Backoff::Exponential,
+            initial_ms: 200,
+            max_ms: 30_000,
+        }
     }
 }
 
@@ -342,7 +406,10 @@ impl Default for RetryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Invalid { path: String, message: String },
     #[error("{location}: {message}")]
@@ -360,11 +427,15 @@ pub fn load_with_env(
     file: Option<&FsPath>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let origin = file.map(|f| f.display().to_string()).unwrap_or_else(|| "(defaults)".into());
+    let origin = file
+        .map(|f| f.display().to_string())
+        .unwrap_or_else(|| "(defaults)".into());
     let mut builder = config::Config::builder();
     if let Some(f) = file {
-        let text = std::fs::read_to_string(f)
-            .map_err(|source| ConfigError::Read { path: f.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(f).map_err(|source| ConfigError::Read {
+            path: f.to_path_buf(),
+            source,
+        })?;
         let format = match f.extension().and_then(|e| e.to_str()) {
             Some("yaml") | Some("yml") => config::FileFormat::Yaml,
             _ => config::FileFormat::Toml,
@@ -375,7 +446,11 @@ pub fn load_with_env(
     let mut database_url = None;
     for (k, v) in env {
         if let Some(rest) = k.strip_prefix("OBSERVER__") {
-            let key = rest.split("__").map(|p| p.to_ascii_lowercase()).collect::<Vec<_>>().join(".");
+            let key = rest
+                .split("__")
+                .map(|p| p.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(".");
             overrides.push((key, v));
         } else if k == "DATABASE_URL" {
             database_url = Some(v);
@@ -385,12 +460,18 @@ pub fn load_with_env(
     for (key, value) in &overrides {
         builder = builder
             .set_override(key.as_str(), env_value(value))
-            .map_err(|e| ConfigError::Invalid { path: origin.clone(), message: e.to_string() })?;
+            .map_err(|e| ConfigError::Invalid {
+                path: origin.clone(),
+                message: e.to_string(),
+            })?;
     }
     if let Some(url) = database_url {
         builder = builder
             .set_override("database.url", url)
-            .map_err(|e| ConfigError::Invalid { path: origin.clone(), message: e.to_string() })?;
+            .map_err(|e| ConfigError::Invalid {
+                path: origin.clone(),
+                message: e.to_string(),
+            })?;
     }
     let built = builder.build().map_err(|e| ConfigError::Invalid {
         path: origin.clone(),
@@ -494,9 +575,18 @@ url = "http://127.0.0.1:1/x"
 "#,
         );
         let env = vec![
-            ("OBSERVER__FEATURES__CHECKPOINT".to_string(), "false".to_string()),
-            ("OBSERVER__LISTENER__BATCH_SIZE".to_string(), "77".to_string()),
-            ("DATABASE_URL".to_string(), "postgres://x@127.0.0.1/y".to_string()),
+            (
+                "OBSERVER__FEATURES__CHECKPOINT".to_string(),
+                "false".to_string(),
+            ),
+            (
+                "OBSERVER__LISTENER__BATCH_SIZE".to_string(),
+                "77".to_string(),
+            ),
+            (
+                "DATABASE_URL".to_string(),
+                "postgres://x@127.0.0.1/y".to_string(),
+            ),
         ];
         let c = load_with_env(Some(&p), env).unwrap();
         assert_eq!(c.listener.id, "orders");
@@ -520,9 +610,12 @@ url = "http://127.0.0.1:1/x"
         let p = write("c.toml", "[listner]\nid = \"x\"\n");
         let e = load_with_env(Some(&p), vec![]).unwrap_err().to_string();
         assert!(e.contains("listner"), "{e}");
-        let e = load_with_env(None, vec![("OBSERVER__FEATURES__NOPE".into(), "true".into())])
-            .unwrap_err()
-            .to_string();
+        let e = load_with_env(
+            None,
+            vec![("OBSERVER__FEATURES__NOPE".into(), "true".into())],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("nope"), "{e}");
         assert!(e.contains("OBSERVER__FEATURES__NOPE"), "{e}");
     }
@@ -530,10 +623,19 @@ url = "http://127.0.0.1:1/x"
     #[test]
     fn secrets_resolve_from_env_and_files() {
         std::env::set_var("OBS_TEST_SECRET_X", "s3");
-        assert_eq!(resolve_secret("a${env:OBS_TEST_SECRET_X}b", "k").unwrap(), "as3b");
+        assert_eq!(
+            resolve_secret("a${env:OBS_TEST_SECRET_X}b", "k").unwrap(),
+            "as3b"
+        );
         let f = write("secret.txt", "from-file\n");
-        assert_eq!(resolve_secret(&format!("${{file:{}}}", f.display()), "k").unwrap(), "from-file");
-        assert!(resolve_secret("${env:OBS_TEST_MISSING_Q}", "k").unwrap_err().to_string().contains("OBS_TEST_MISSING_Q"));
+        assert_eq!(
+            resolve_secret(&format!("${{file:{}}}", f.display()), "k").unwrap(),
+            "from-file"
+        );
+        assert!(resolve_secret("${env:OBS_TEST_MISSING_Q}", "k")
+            .unwrap_err()
+            .to_string()
+            .contains("OBS_TEST_MISSING_Q"));
         assert!(resolve_secret("${vault:x}", "k").is_err());
         assert!(resolve_secret("${env:X", "k").is_err());
     }

@@ -72,9 +72,12 @@ pub async fn supervise(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let mut delay = Duration::from_millis(500);
+    // Where the last run got to. With checkpoints on the store is the truth; with them off this
+    // is what keeps a restart after a database error from jumping to the tail and losing events.
+    let mut resume: Option<Position> = None;
     loop {
         let started = Instant::now();
-        match run(ctx, make_executor(), shutdown.clone()).await {
+        match run(ctx, make_executor(), shutdown.clone(), &mut resume).await {
             Ok(()) => return Ok(()),
             Err(RunError::Store(e @ StoreError::NotMigrated(_))) => return Err(e.into()),
             Err(e) => {
@@ -109,7 +112,10 @@ struct ListenConnection {
     _task: tokio::task::JoinHandle<()>,
 }
 
-async fn listen_connection(ctx: &RunContext, wake: Arc<Notify>) -> Result<ListenConnection, RunError> {
+async fn listen_connection(
+    ctx: &RunContext,
+    wake: Arc<Notify>,
+) -> Result<ListenConnection, RunError> {
     let (client, mut connection) = ctx.pg_config.connect(tokio_postgres::NoTls).await?;
     let lost = CancellationToken::new();
     let lost2 = lost.clone();
@@ -127,26 +133,43 @@ async fn listen_connection(ctx: &RunContext, wake: Arc<Notify>) -> Result<Listen
         }
         lost2.cancel();
     });
-    Ok(ListenConnection { client, lost, _task: task })
+    Ok(ListenConnection {
+        client,
+        lost,
+        _task: task,
+    })
 }
 
 /// Takes the per-listener advisory lock, waiting as a standby while another process holds it.
-async fn acquire_lock(conn: &ListenConnection, listener: &str, shutdown: &CancellationToken) -> Result<bool, RunError> {
+async fn acquire_lock(
+    conn: &ListenConnection,
+    listener: &str,
+    shutdown: &CancellationToken,
+) -> Result<bool, RunError> {
     let mut announced = false;
     loop {
         let got: bool = conn
             .client
-            .query_one("SELECT pg_try_advisory_lock(hashtextextended('fraiseql_observers:' || $1, 0))", &[&listener])
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('fraiseql_observers:' || $1, 0))",
+                &[&listener],
+            )
             .await?
             .get(0);
         if got {
             if announced {
-                tracing::info!(listener, "listener lock acquired; this instance is now active");
+                tracing::info!(
+                    listener,
+                    "listener lock acquired; this instance is now active"
+                );
             }
             return Ok(true);
         }
         if !announced {
-            tracing::info!(listener, "listener is active in another process; standing by");
+            tracing::info!(
+                listener,
+                "listener is active in another process; standing by"
+            );
             announced = true;
         }
         tokio::select! {
@@ -171,17 +194,20 @@ struct EventState {
 }
 
 /// The completion watermark: items in read order; the front ones that are done advance it.
+type EventMark = (uuid::Uuid, i64, chrono::DateTime<Utc>);
+
 #[derive(Default)]
 struct Tracker {
-    slots: VecDeque<(u64, Position, bool, Option<(uuid::Uuid, i64, chrono::DateTime<Utc>)>)>,
+    /// (sequence, position reached when done, done, the event it is — None for markers).
+    slots: VecDeque<(u64, Position, bool, Option<EventMark>)>,
     next_seq: u64,
     watermark: Option<Position>,
     completed_events: i64,
-    last_event: Option<(uuid::Uuid, i64, chrono::DateTime<Utc>)>,
+    last_event: Option<EventMark>,
 }
 
 impl Tracker {
-    fn push(&mut self, pos: Position, event: Option<(uuid::Uuid, i64, chrono::DateTime<Utc>)>) -> u64 {
+    fn push(&mut self, pos: Position, event: Option<EventMark>) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.slots.push_back((seq, pos, false, event));
@@ -210,8 +236,14 @@ impl Tracker {
     }
 }
 
-/// One run: from the checkpoint until shutdown or the first infrastructure failure.
-pub async fn run(ctx: &RunContext, mut executor: BoxExecutor, shutdown: CancellationToken) -> Result<(), RunError> {
+/// One run: from the checkpoint (or `resume`, when there is no checkpoint store) until shutdown
+/// or the first infrastructure failure. On return, `resume` holds the completion watermark.
+pub async fn run(
+    ctx: &RunContext,
+    mut executor: BoxExecutor,
+    shutdown: CancellationToken,
+    resume: &mut Option<Position>,
+) -> Result<(), RunError> {
     let cfg = &ctx.config;
     let listener = cfg.listener.id.as_str();
     let wake = Arc::new(Notify::new());
@@ -221,32 +253,48 @@ pub async fn run(ctx: &RunContext, mut executor: BoxExecutor, shutdown: Cancella
     }
     listen
         .client
-        .batch_execute(&format!("LISTEN {}", crate::schema::quote_ident(&ctx.objects.channel)))
+        .batch_execute(&format!(
+            "LISTEN {}",
+            crate::schema::quote_ident(&ctx.objects.channel)
+        ))
         .await?;
 
-    let mut book = ctx.pg_config.connect(tokio_postgres::NoTls).await.map(|(client, conn)| {
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "bookkeeping connection failed");
-            }
-        });
-        client
-    })?;
+    let mut book = ctx
+        .pg_config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map(|(client, conn)| {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(error = %e, "bookkeeping connection failed");
+                }
+            });
+            client
+        })?;
 
+    check_tables(&book, &ctx.objects).await?;
     let saved = match &ctx.checkpoint {
         Some(store) => store.load(&book, listener).await?,
-        None => None,
+        None => resume.clone(),
     };
     let start = match saved {
         Some(p) => {
-            tracing::info!(listener, position = %describe(&p), "resuming from checkpoint");
+            tracing::info!(listener, position = %describe(&p), "resuming");
             p
         }
         None => {
             let snap = ChangeLog::current_snapshot(&book).await?;
             let p = match cfg.listener.start_from {
                 StartFrom::Tail => Position::at(snap),
-                StartFrom::Beginning => Position { lo: Snapshot { xmin: 1, xmax: 1, xip: vec![] }, hi: snap, after_pk: 0 },
+                StartFrom::Beginning => Position {
+                    lo: Snapshot {
+                        xmin: 1,
+                        xmax: 1,
+                        xip: vec![],
+                    },
+                    hi: snap,
+                    after_pk: 0,
+                },
             };
             tracing::info!(listener, start_from = ?cfg.listener.start_from, "no checkpoint; starting");
             p
@@ -273,7 +321,10 @@ pub async fn run(ctx: &RunContext, mut executor: BoxExecutor, shutdown: Cancella
     let _stop_reader = reader_stop.clone().drop_guard();
 
     let mut recorder = Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record);
-    let mut tracker = Tracker { watermark: Some(start), ..Tracker::default() };
+    let mut tracker = Tracker {
+        watermark: Some(start),
+        ..Tracker::default()
+    };
     let mut saved_watermark: Option<Position> = None;
     let mut progress = Progress::default();
     let mut events: HashMap<u64, EventState> = HashMap::new();
@@ -282,7 +333,8 @@ pub async fn run(ctx: &RunContext, mut executor: BoxExecutor, shutdown: Cancella
     let mut waiting: HashMap<u64, Vec<DeliveryState>> = HashMap::new();
     let mut ready: VecDeque<(u64, Vec<DeliveryState>)> = VecDeque::new();
     let mut retries: DelayQueue<(u64, DeliveryState)> = DelayQueue::new();
-    let mut inflight: JoinSet<(u64, Vec<DeliveryState>, Result<DispatchResult, BoxError>)> = JoinSet::new();
+    let mut inflight: JoinSet<(u64, Vec<DeliveryState>, Result<DispatchResult, BoxError>)> =
+        JoinSet::new();
     let flush_every = Duration::from_millis(cfg.listener.flush_interval_ms.max(1));
     let mut flush_tick = tokio::time::interval(flush_every);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -374,12 +426,25 @@ pub async fn run(ctx: &RunContext, mut executor: BoxExecutor, shutdown: Cancella
         }
     }
     if in_flight_at_stop > 0 {
-        tracing::info!(in_flight_at_stop, retrying = retries.len(), "in-flight work drained");
+        tracing::info!(
+            in_flight_at_stop,
+            retrying = retries.len(),
+            "in-flight work drained"
+        );
     }
     // Whatever is still waiting or retrying stays after the checkpoint and is delivered next start.
     let mut last = Ok(());
     for _ in 0..3 {
-        match flush(ctx, &mut book, &mut recorder, &tracker, epoch, &mut progress).await {
+        match flush(
+            ctx,
+            &mut book,
+            &mut recorder,
+            &tracker,
+            epoch,
+            &mut progress,
+        )
+        .await
+        {
             Ok(()) => {
                 last = Ok(());
                 break;
@@ -396,7 +461,27 @@ pub async fn run(ctx: &RunContext, mut executor: BoxExecutor, shutdown: Cancella
     if let Some(p) = &tracker.watermark {
         tracing::info!(listener, position = %describe(p), "stopped");
     }
+    *resume = tracker.watermark.clone();
     result
+}
+
+/// Fails with `NotMigrated` when the change log or one of our tables is missing.
+async fn check_tables(client: &tokio_postgres::Client, objects: &Objects) -> Result<(), RunError> {
+    for t in [
+        &objects.change_log,
+        &objects.checkpoints,
+        &objects.dead_letters,
+        &objects.action_log,
+    ] {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.sql()])
+            .await?
+            .get(0);
+        if !exists {
+            return Err(StoreError::NotMigrated(format!("table {t} does not exist")).into());
+        }
+    }
+    Ok(())
 }
 
 fn describe(p: &Position) -> String {
@@ -444,7 +529,12 @@ fn accept(
         Item::Row(row, pos) => (row, pos),
     };
     let event = match row {
-        ChangeRow::Poison { pk, event_id, raw, reason } => {
+        ChangeRow::Poison {
+            pk,
+            event_id,
+            raw,
+            reason,
+        } => {
             tracing::warn!(pk, %reason, "change-log row cannot be processed; dead-lettered");
             progress.last_error = Some((format!("change-log row {pk}: {reason}"), Utc::now()));
             recorder.dead_letter(NewDeadLetter {
@@ -486,7 +576,14 @@ fn accept(
         return;
     }
     let key = event.ordering_key();
-    events.insert(seq, EventState { event, key: key.clone(), remaining: states.len() });
+    events.insert(
+        seq,
+        EventState {
+            event,
+            key: key.clone(),
+            remaining: states.len(),
+        },
+    );
     match busy.get_mut(&key) {
         Some(queue) => {
             queue.push_back(seq);
@@ -547,7 +644,9 @@ fn on_result(
             return false;
         }
     };
-    let Some(ev) = events.get_mut(&seq) else { return false };
+    let Some(ev) = events.get_mut(&seq) else {
+        return false;
+    };
     let event = ev.event.clone();
     let mut finished = 0usize;
     for (mut state, attempt) in states.into_iter().zip(attempts) {
@@ -563,7 +662,9 @@ fn on_result(
             AttemptResult::Retry { after_ms } if n < policy.max_attempts => {
                 let wait = next_delay(policy, n, after_ms);
                 tracing::debug!(observer = %observer.name, event_id = %event.id, attempt = n, wait_ms = wait.as_millis() as u64, error = error.as_deref().unwrap_or(""), "attempt failed; retry scheduled");
-                progress.last_error = error.clone().map(|e| (format!("{}: {e}", observer.name), Utc::now()));
+                progress.last_error = error
+                    .clone()
+                    .map(|e| (format!("{}: {e}", observer.name), Utc::now()));
                 state.delivery.attempt = n + 1;
                 retries.insert((seq, state), wait);
                 continue;
@@ -573,7 +674,11 @@ fn on_result(
         let key = state.delivery.idempotency_key.to_string();
         let kind = observer.actions[index].action.kind();
         if outcome.is_none() {
-            let reason = if matches!(result, AttemptResult::Permanent) { "permanent_failure" } else { "retries_exhausted" };
+            let reason = if matches!(result, AttemptResult::Permanent) {
+                "permanent_failure"
+            } else {
+                "retries_exhausted"
+            };
             let last_error = error.unwrap_or_else(|| "failed".into());
             tracing::warn!(observer = %observer.name, event_id = %event.id, action = index, attempts = n, %reason, error = %last_error, "dead-lettered");
             progress.last_error = Some((format!("{}: {last_error}", observer.name), Utc::now()));
@@ -613,7 +718,10 @@ pub fn next_delay(policy: &RetryConfig, n: u32, retry_after_ms: Option<u64>) -> 
         Backoff::Fixed => policy.initial_ms,
         Backoff::Linear => policy.initial_ms.saturating_mul(n as u64),
         Backoff::Exponential => {
-            let ceiling = policy.initial_ms.saturating_mul(1u64 << (n - 1).min(32)).min(policy.max_ms);
+            let ceiling = policy
+                .initial_ms
+                .saturating_mul(1u64 << (n - 1).min(32))
+                .min(policy.max_ms);
             // Full jitter, but never below half the step, so retries still spread out.
             let half = ceiling / 2;
             half + rand::random_range(0..=ceiling - half)
@@ -638,7 +746,10 @@ async fn read_loop(
     let mut pos = start;
     let outcome: Result<(), String> = async {
         loop {
-            let client = pool.get().await.map_err(|e| format!("database pool: {e}"))?;
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| format!("database pool: {e}"))?;
             let rows = log
                 .read_window(&**client, &pos.lo, &pos.hi, pos.after_pk, batch)
                 .await
@@ -651,7 +762,9 @@ async fn read_loop(
             }
             if !full {
                 // Window drained: move to the next one, waiting for news if nothing changed.
-                let mut next = ChangeLog::current_snapshot(&**client).await.map_err(|e| e.to_string())?;
+                let mut next = ChangeLog::current_snapshot(&**client)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 drop(client);
                 if next == pos.hi && items.is_empty() {
                     tokio::select! {
@@ -659,11 +772,20 @@ async fn read_loop(
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep(poll) => {}
                     }
-                    let client = pool.get().await.map_err(|e| format!("database pool: {e}"))?;
-                    next = ChangeLog::current_snapshot(&**client).await.map_err(|e| e.to_string())?;
+                    let client = pool
+                        .get()
+                        .await
+                        .map_err(|e| format!("database pool: {e}"))?;
+                    next = ChangeLog::current_snapshot(&**client)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
                 if next != pos.hi {
-                    pos = Position { lo: pos.hi.clone(), hi: next, after_pk: 0 };
+                    pos = Position {
+                        lo: pos.hi.clone(),
+                        hi: next,
+                        after_pk: 0,
+                    };
                     items.push(Item::WindowEnd(Position::at(pos.lo.clone())));
                 }
             }
@@ -687,13 +809,24 @@ mod tests {
 
     #[test]
     fn delays_follow_the_policy() {
-        let p = RetryConfig { max_attempts: 5, backoff: Backoff::Fixed, initial_ms: 100, max_ms: 1000 };
+        let p = RetryConfig {
+            max_attempts: 5,
+            backoff: Backoff::Fixed,
+            initial_ms: 100,
+            max_ms: 1000,
+        };
         assert_eq!(next_delay(&p, 3, None), Duration::from_millis(100));
         assert_eq!(next_delay(&p, 3, Some(700)), Duration::from_millis(700));
-        let p = RetryConfig { backoff: Backoff::Linear, ..p };
+        let p = RetryConfig {
+            backoff: Backoff::Linear,
+            ..p
+        };
         assert_eq!(next_delay(&p, 3, None), Duration::from_millis(300));
         assert_eq!(next_delay(&p, 30, None), Duration::from_millis(1000));
-        let p = RetryConfig { backoff: Backoff::Exponential, ..p };
+        let p = RetryConfig {
+            backoff: Backoff::Exponential,
+            ..p
+        };
         for n in 1..10 {
             let d = next_delay(&p, n, None).as_millis() as u64;
             let ceiling = (100u64 << (n - 1)).min(1000);
@@ -705,9 +838,27 @@ mod tests {
     fn watermark_is_contiguous() {
         let snap: Snapshot = "5:5:".parse().unwrap();
         let mut t = Tracker::default();
-        let a = t.push(Position { after_pk: 1, ..Position::at(snap.clone()) }, None);
-        let b = t.push(Position { after_pk: 2, ..Position::at(snap.clone()) }, None);
-        let c = t.push(Position { after_pk: 3, ..Position::at(snap) }, None);
+        let a = t.push(
+            Position {
+                after_pk: 1,
+                ..Position::at(snap.clone())
+            },
+            None,
+        );
+        let b = t.push(
+            Position {
+                after_pk: 2,
+                ..Position::at(snap.clone())
+            },
+            None,
+        );
+        let c = t.push(
+            Position {
+                after_pk: 3,
+                ..Position::at(snap)
+            },
+            None,
+        );
         t.complete(b);
         assert!(t.watermark.is_none());
         t.complete(a);

@@ -119,7 +119,7 @@ async fn set(app: &App, client: &tokio_postgres::Client, a: SetArgs) -> Result<E
         let log = ChangeLog::new(app.objects.change_log.clone());
         match log.read_event(client, id).await.map_err(db_err)? {
             Some(ChangeRow::Event(e)) => (
-                Position::replay_from(e.txid, e.pk, now),
+                Position::replay_from(e.txid, now),
                 format!("event {id} (pk {}, txid {})", e.pk, e.txid),
             ),
             Some(ChangeRow::Poison { reason, .. }) => {

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Brings up what fraiseql-observers needs on this machine, idempotently:
+#   Postgres on 127.0.0.1:5432 reachable as user `postgres` (installed from Debian's packages
+#   and started on loopback when missing; a running server is reused).
+# Safe to run any number of times. Prints what it did.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+PGHOST_ADDR=127.0.0.1
+PGPORT_NUM=5432
+
+pg_ok() { psql -h "$PGHOST_ADDR" -p "$PGPORT_NUM" -U postgres -d postgres -tAc 'select 1' >/dev/null 2>&1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root to run: $*"; return 1; fi
+}
+
+ensure_postgres() {
+  if pg_ok; then log "postgres: reachable on $PGHOST_ADDR:$PGPORT_NUM"; return; fi
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    log "postgres: not installed; installing Debian's postgresql package"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null
+  fi
+  local version
+  version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$version" ]; then
+    log "postgres: no cluster found; creating one"
+    version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+    as_root pg_createcluster "$version" main
+  fi
+  local conf=/etc/postgresql/$version/main
+  # Loopback only; trust for loopback so the project's scripts and tests can connect as postgres.
+  if ! grep -q '^# fraiseql-observers loopback trust' "$conf/pg_hba.conf"; then
+    log "postgres: allowing trust authentication on loopback for the test/dev cluster"
+    as_root sh -c "tmp=\$(mktemp); { echo '# fraiseql-observers loopback trust'; \
+      echo 'host all all 127.0.0.1/32 trust'; echo 'host all all ::1/128 trust'; \
+      echo 'local all postgres trust'; cat '$conf/pg_hba.conf'; } > \$tmp && \
+      cat \$tmp > '$conf/pg_hba.conf' && rm -f \$tmp"
+  fi
+  if ! grep -q "^listen_addresses" "$conf/postgresql.conf"; then
+    as_root sh -c "echo \"listen_addresses = 'localhost'\" >> '$conf/postgresql.conf'"
+  fi
+  log "postgres: starting cluster $version/main"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null \
+    || as_root pg_ctlcluster --skip-systemctl-redirect "$version" main reload 2>/dev/null || true
+  for _ in $(seq 1 50); do pg_ok && break; sleep 0.2; done
+  pg_ok || { log "postgres: still unreachable on $PGHOST_ADDR:$PGPORT_NUM"; exit 1; }
+  log "postgres: ready"
+}
+
+ensure_postgres
