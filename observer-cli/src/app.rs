@@ -27,9 +27,16 @@ impl App {
         let url = config::resolve_secret(&config.database.url, "database.url")?;
         let mut pg_config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| anyhow!("database.url is not a valid Postgres URL: {e}"))?;
-        pg_config.connect_timeout(Duration::from_millis(config.database.connect_timeout_ms.max(1)));
+        pg_config.connect_timeout(Duration::from_millis(
+            config.database.connect_timeout_ms.max(1),
+        ));
         pg_config.application_name("fraiseql-observers");
-        Ok(App { config: Arc::new(config), config_path: path.map(Path::to_path_buf), objects, pg_config })
+        Ok(App {
+            config: Arc::new(config),
+            config_path: path.map(Path::to_path_buf),
+            objects,
+            pg_config,
+        })
     }
 
     /// `host:port/dbname` of the configured database, for messages.
@@ -44,7 +51,11 @@ impl App {
             })
             .unwrap_or_else(|| "localhost".into());
         let port = self.pg_config.get_ports().first().copied().unwrap_or(5432);
-        let db = self.pg_config.get_dbname().or(self.pg_config.get_user()).unwrap_or("postgres");
+        let db = self
+            .pg_config
+            .get_dbname()
+            .or(self.pg_config.get_user())
+            .unwrap_or("postgres");
         format!("{host}:{port}/{db}")
     }
 
@@ -68,12 +79,16 @@ impl App {
         let mgr = deadpool_postgres::Manager::from_config(
             self.pg_config.clone(),
             tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig { recycling_method: deadpool_postgres::RecyclingMethod::Fast },
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
         );
         deadpool_postgres::Pool::builder(mgr)
             .max_size(self.config.database.pool_size.max(2))
             .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_millis(self.config.database.connect_timeout_ms.max(1))))
+            .create_timeout(Some(Duration::from_millis(
+                self.config.database.connect_timeout_ms.max(1),
+            )))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| anyhow!("database pool: {e}"))

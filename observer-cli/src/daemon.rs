@@ -19,23 +19,40 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     let cfg = app.config.clone();
     stack::check_features(&cfg)?;
     if cfg.listener.batch_size < 1 || cfg.listener.batch_size > 100_000 {
-        anyhow::bail!("listener.batch_size must be 1..=100000, got {}", cfg.listener.batch_size);
+        anyhow::bail!(
+            "listener.batch_size must be 1..=100000, got {}",
+            cfg.listener.batch_size
+        );
     }
     let observers = Observers::compile(&cfg).map_err(|issues| {
         let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
-        anyhow!("invalid observers in {}:\n{}", app.config_path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into()), list.join("\n"))
+        anyhow!(
+            "invalid observers in {}:\n{}",
+            app.config_path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(defaults)".into()),
+            list.join("\n")
+        )
     })?;
     if observers.list.is_empty() {
-        tracing::warn!("no enabled observer: events will be read and checkpointed, nothing executed");
+        tracing::warn!(
+            "no enabled observer: events will be read and checkpointed, nothing executed"
+        );
     }
     let pool = app.pool()?;
     let retention_pool = pool.clone();
     let http = ActionContext::http_client().context("building the HTTP client")?;
-    let actions = ActionContext { http, pool: pool.clone() };
+    let actions = ActionContext {
+        http,
+        pool: pool.clone(),
+    };
     let checkpoint: Option<Arc<dyn CheckpointStore>> = checkpoint_store(&app);
     let owner = format!(
         "{}:{}",
-        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into()),
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".into()),
         std::process::id()
     );
     let ctx = RunContext {
@@ -60,7 +77,12 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     let cfg2 = cfg.clone();
     let make = move || stack::build(&cfg2, actions.clone());
     // Owned: stopped by the same token and awaited before we return.
-    let retention = tokio::spawn(retention_pass(retention_pool, app.objects.clone(), cfg.retention.clone(), shutdown.clone()));
+    let retention = tokio::spawn(retention_pass(
+        retention_pool,
+        app.objects.clone(),
+        cfg.retention.clone(),
+        shutdown.clone(),
+    ));
     let result = runloop::supervise(&ctx, &make, shutdown.clone()).await;
     shutdown.cancel();
     if let Err(e) = retention.await {
@@ -88,8 +110,13 @@ async fn retention_pass(
             _ = tokio::time::sleep(every) => {}
         }
         let pass = async {
-            let client = pool.get().await.map_err(|e| anyhow!("database pool: {e}"))?;
-            observer_core::retention::apply(&**client, &objects, &policy, false).await.map_err(anyhow::Error::from)
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| anyhow!("database pool: {e}"))?;
+            observer_core::retention::apply(&**client, &objects, &policy, false)
+                .await
+                .map_err(anyhow::Error::from)
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -107,7 +134,9 @@ async fn retention_pass(
 #[cfg(feature = "checkpoint")]
 fn checkpoint_store(app: &App) -> Option<Arc<dyn CheckpointStore>> {
     app.config.features.checkpoint.then(|| {
-        Arc::new(observer_features::checkpoint::PostgresCheckpointStore::new(&app.objects.checkpoints)) as Arc<dyn CheckpointStore>
+        Arc::new(observer_features::checkpoint::PostgresCheckpointStore::new(
+            &app.objects.checkpoints,
+        )) as Arc<dyn CheckpointStore>
     })
 }
 
@@ -118,7 +147,10 @@ fn checkpoint_store(_app: &App) -> Option<Arc<dyn CheckpointStore>> {
 
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

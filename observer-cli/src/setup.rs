@@ -53,17 +53,32 @@ pub async fn capture(config: Option<&Path>, cmd: CaptureCommand) -> Result<()> {
     let app = App::load(config)?;
     let mut client = app.connect().await?;
     match cmd {
-        CaptureCommand::Add { table, entity, id_columns, tenant_column } => {
+        CaptureCommand::Add {
+            table,
+            entity,
+            id_columns,
+            tenant_column,
+        } => {
             if entity.trim().is_empty() {
                 anyhow::bail!("--entity must not be empty");
             }
-            let c = schema::capture_add(&mut client, &app.objects, &table, &entity, &id_columns, tenant_column.as_deref()).await?;
+            let c = schema::capture_add(
+                &mut client,
+                &app.objects,
+                &table,
+                &entity,
+                &id_columns,
+                tenant_column.as_deref(),
+            )
+            .await?;
             println!(
                 "capturing {} as entity `{}` (object_id from {}{})",
                 c.table,
                 c.entity,
                 c.id_columns.join(", "),
-                c.tenant_column.map(|t| format!(", tenant_id from {t}")).unwrap_or_default()
+                c.tenant_column
+                    .map(|t| format!(", tenant_id from {t}"))
+                    .unwrap_or_default()
             );
         }
         CaptureCommand::List { json } => {
@@ -73,9 +88,18 @@ pub async fn capture(config: Option<&Path>, cmd: CaptureCommand) -> Result<()> {
             } else if list.is_empty() {
                 println!("no table has a capture trigger");
             } else {
-                println!("{:<40} {:<24} {:<24} TENANT", "TABLE", "ENTITY", "ID COLUMNS");
+                println!(
+                    "{:<40} {:<24} {:<24} TENANT",
+                    "TABLE", "ENTITY", "ID COLUMNS"
+                );
                 for c in list {
-                    println!("{:<40} {:<24} {:<24} {}", c.table, c.entity, c.id_columns.join(","), c.tenant_column.unwrap_or_else(|| "-".into()));
+                    println!(
+                        "{:<40} {:<24} {:<24} {}",
+                        c.table,
+                        c.entity,
+                        c.id_columns.join(","),
+                        c.tenant_column.unwrap_or_else(|| "-".into())
+                    );
                 }
             }
         }

@@ -25,19 +25,34 @@ pub async fn run(args: ValidateArgs) -> Result<ExitCode> {
     let mut observers = 0;
     let mut actions = 0;
     match config::load(Some(&args.file)) {
-        Err(e) => issues.push(ConfigIssue { location: file.clone(), message: e.to_string() }),
+        Err(e) => issues.push(ConfigIssue {
+            location: file.clone(),
+            message: e.to_string(),
+        }),
         Ok(cfg) => {
             if let Err(e) = TableName::parse(&cfg.change_log.table) {
-                issues.push(ConfigIssue { location: "change_log.table".into(), message: e.to_string() });
+                issues.push(ConfigIssue {
+                    location: "change_log.table".into(),
+                    message: e.to_string(),
+                });
             }
             if let Err(e) = crate::stack::check_features(&cfg) {
-                issues.push(ConfigIssue { location: "features".into(), message: e.to_string() });
+                issues.push(ConfigIssue {
+                    location: "features".into(),
+                    message: e.to_string(),
+                });
             }
             if cfg.listener.batch_size < 1 || cfg.listener.batch_size > 100_000 {
-                issues.push(ConfigIssue { location: "listener.batch_size".into(), message: "expected 1..=100000".into() });
+                issues.push(ConfigIssue {
+                    location: "listener.batch_size".into(),
+                    message: "expected 1..=100000".into(),
+                });
             }
             if cfg.observers.is_empty() {
-                issues.push(ConfigIssue { location: "observers".into(), message: "no observer is configured".into() });
+                issues.push(ConfigIssue {
+                    location: "observers".into(),
+                    message: "no observer is configured".into(),
+                });
             }
             match Observers::compile(&cfg) {
                 Ok(o) => {
@@ -61,5 +76,9 @@ pub async fn run(args: ValidateArgs) -> Result<ExitCode> {
         }
         println!("{file}: {} error(s)", issues.len());
     }
-    Ok(if issues.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if issues.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -50,7 +50,11 @@ const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b7e_8d3a_4c59_9e02_5b1d_7a4f
 /// The idempotency key of (event, observer, action index): a UUIDv5, so it is opaque, fixed-length
 /// and safe in any header, yet the same every time it is derived.
 pub fn idempotency_key(event_id: Uuid, observer: &str, action_index: usize) -> String {
-    Uuid::new_v5(&KEY_NAMESPACE, format!("{event_id}/{observer}/{action_index}").as_bytes()).to_string()
+    Uuid::new_v5(
+        &KEY_NAMESPACE,
+        format!("{event_id}/{observer}/{action_index}").as_bytes(),
+    )
+    .to_string()
 }
 
 /// The core executor: attempts each delivery's action once, in order.
@@ -91,7 +95,10 @@ impl tower::Service<Dispatch> for CoreExecutor {
                         at: chrono::Utc::now(),
                         duration_ms: 0,
                         status: None,
-                        error: Some(format!("observer `{}` has no action {}", d.observer.name, d.action_index)),
+                        error: Some(format!(
+                            "observer `{}` has no action {}",
+                            d.observer.name, d.action_index
+                        )),
                         result: crate::action::AttemptResult::Permanent,
                     },
                 };

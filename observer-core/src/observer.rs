@@ -84,14 +84,17 @@ pub struct Observers {
 
 impl Observers {
     /// Compiles every enabled observer; all issues are returned together.
-    pub fn compile(config: &Config, ) -> Result<Observers, Vec<ConfigIssue>> {
+    pub fn compile(config: &Config) -> Result<Observers, Vec<ConfigIssue>> {
         let mut issues = Vec::new();
         let mut list = Vec::new();
         let mut names = HashSet::new();
         for (i, o) in config.observers.iter().enumerate() {
             let at = format!("observers[{i}] \"{}\"", o.name);
             if !names.insert(o.name.clone()) {
-                issues.push(ConfigIssue { location: at.clone(), message: "duplicate observer name".into() });
+                issues.push(ConfigIssue {
+                    location: at.clone(),
+                    message: "duplicate observer name".into(),
+                });
             }
             match compile_observer(o, &at) {
                 Ok(obs) if o.enabled => list.push(Arc::new(obs)),
@@ -107,8 +110,13 @@ impl Observers {
     }
 
     /// The observers that match `event`, in config order.
-    pub fn matching<'a>(&'a self, event: &'a ChangeEvent) -> impl Iterator<Item = &'a Arc<Observer>> + 'a {
-        self.list.iter().filter(move |o| o.verdict(event) == MatchVerdict::Matched)
+    pub fn matching<'a>(
+        &'a self,
+        event: &'a ChangeEvent,
+    ) -> impl Iterator<Item = &'a Arc<Observer>> + 'a {
+        self.list
+            .iter()
+            .filter(move |o| o.verdict(event) == MatchVerdict::Matched)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Observer>> {
@@ -119,25 +127,40 @@ impl Observers {
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn compile_observer(o: &ObserverConfig, at: &str) -> Result<Observer, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
-    let issue = |field: &str, message: String| ConfigIssue { location: format!("{at}.{field}"), message };
+    let issue = |field: &str, message: String| ConfigIssue {
+        location: format!("{at}.{field}"),
+        message,
+    };
     if !valid_name(&o.name) {
-        issues.push(issue("name", "must be 1-128 letters, digits, `-`, `_` or `.` (it is part of every idempotency key)".into()));
+        issues.push(issue(
+            "name",
+            "must be 1-128 letters, digits, `-`, `_` or `.` (it is part of every idempotency key)"
+                .into(),
+        ));
     }
     let entity = match o.entity.trim() {
         "" => {
-            issues.push(issue("entity", "must name an entity (object_type) or be `*`".into()));
+            issues.push(issue(
+                "entity",
+                "must name an entity (object_type) or be `*`".into(),
+            ));
             None
         }
         "*" => None,
         e => Some(e.to_string()),
     };
     if o.events.is_empty() {
-        issues.push(issue("events", "lists no operation: expected some of INSERT, UPDATE, DELETE, CUSTOM".into()));
+        issues.push(issue(
+            "events",
+            "lists no operation: expected some of INSERT, UPDATE, DELETE, CUSTOM".into(),
+        ));
     }
     let condition = match &o.condition {
         Some(src) => match Condition::parse(src) {
@@ -150,13 +173,19 @@ fn compile_observer(o: &ObserverConfig, at: &str) -> Result<Observer, Vec<Config
         None => None,
     };
     if o.actions.is_empty() {
-        issues.push(issue("actions", "an observer needs at least one action".into()));
+        issues.push(issue(
+            "actions",
+            "an observer needs at least one action".into(),
+        ));
     }
     let mut actions = Vec::new();
     for (j, a) in o.actions.iter().enumerate() {
         let loc = format!("{at}.actions[{j}] ({})", a.kind());
         if let Err(m) = check_retry(&a.retry()) {
-            issues.push(ConfigIssue { location: format!("{loc}.retry"), message: m });
+            issues.push(ConfigIssue {
+                location: format!("{loc}.retry"),
+                message: m,
+            });
         }
         match action::compile(a, &loc) {
             Ok(action) => actions.push(ObserverAction {

@@ -183,7 +183,8 @@ impl Path {
             }
         }
         let path = Path { root, segments };
-        path.check_shape().map_err(|message| PathError { offset: 0, message })?;
+        path.check_shape()
+            .map_err(|message| PathError { offset: 0, message })?;
         Ok((path, i))
     }
 
@@ -199,7 +200,11 @@ impl Path {
                 Some(f) if EVENT_FIELDS.contains(&f) && self.segments.len() == 1 => Ok(()),
                 _ => Err(format!(
                     "`event` has the fields {}",
-                    EVENT_FIELDS.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ")
+                    EVENT_FIELDS
+                        .iter()
+                        .map(|f| format!("`{f}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )),
             },
             Root::Observer => match first {
@@ -250,7 +255,11 @@ pub struct Scope<'a> {
 impl<'a> Scope<'a> {
     /// A scope with the event alone (conditions).
     pub fn event(event: &'a ChangeEvent) -> Scope<'a> {
-        Scope { event, observer: None, idempotency_key: None }
+        Scope {
+            event,
+            observer: None,
+            idempotency_key: None,
+        }
     }
 
     /// Resolves a path; `None` when any step is missing.
@@ -260,15 +269,25 @@ impl<'a> Scope<'a> {
             Root::Data => walk(e.data.as_ref()?, &path.segments).map(Cow::Borrowed),
             Root::Before => walk(e.before.as_ref()?, &path.segments).map(Cow::Borrowed),
             Root::Event => {
-                let Some(Segment::Field(f)) = path.segments.first() else { return None };
+                let Some(Segment::Field(f)) = path.segments.first() else {
+                    return None;
+                };
                 let v = match f.as_str() {
                     "id" => Value::String(e.id.to_string()),
                     "entity" => Value::String(e.entity.clone()),
-                    "entity_id" => e.entity_id.clone().map(Value::String).unwrap_or(Value::Null),
+                    "entity_id" => e
+                        .entity_id
+                        .clone()
+                        .map(Value::String)
+                        .unwrap_or(Value::Null),
                     "operation" => Value::String(e.operation.as_str().to_string()),
-                    "tenant_id" => e.tenant_id.map(|t| Value::String(t.to_string())).unwrap_or(Value::Null),
+                    "tenant_id" => e
+                        .tenant_id
+                        .map(|t| Value::String(t.to_string()))
+                        .unwrap_or(Value::Null),
                     "created_at" => Value::String(
-                        e.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                        e.created_at
+                            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                     ),
                     "pk" => Value::from(e.pk),
                     "txid" => Value::from(e.txid),
@@ -276,7 +295,9 @@ impl<'a> Scope<'a> {
                 };
                 Some(Cow::Owned(v))
             }
-            Root::Observer => self.observer.map(|o| Cow::Owned(Value::String(o.to_string()))),
+            Root::Observer => self
+                .observer
+                .map(|o| Cow::Owned(Value::String(o.to_string()))),
             Root::Delivery => self
                 .idempotency_key
                 .map(|k| Cow::Owned(Value::String(k.to_string()))),
@@ -317,7 +338,10 @@ mod tests {
 
     #[test]
     fn rejects_unknown_roots_and_event_fields() {
-        assert!(Path::parse("payload.x").unwrap_err().message.contains("unknown root"));
+        assert!(Path::parse("payload.x")
+            .unwrap_err()
+            .message
+            .contains("unknown root"));
         assert!(Path::parse("event.idd").is_err());
         assert!(Path::parse("data.").is_err());
         assert!(Path::parse("data[x]").is_err());

@@ -36,7 +36,10 @@ pub fn quote_ident(s: &str) -> String {
 impl TableName {
     /// Parses `table` or `schema.table` (schema defaults to `public`).
     pub fn parse(name: &str) -> Result<TableName, NameError> {
-        let err = |reason: &str| NameError { name: name.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| NameError {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        };
         let parts: Vec<&str> = name.split('.').collect();
         let (schema, table) = match parts.as_slice() {
             [t] => ("public", *t),
@@ -46,7 +49,10 @@ impl TableName {
         if !valid_ident(schema) || !valid_ident(table) {
             return Err(err("each part must be letters, digits, `_` or `$`, start with a letter or `_`, at most 63 bytes"));
         }
-        Ok(TableName { schema: schema.to_string(), table: table.to_string() })
+        Ok(TableName {
+            schema: schema.to_string(),
+            table: table.to_string(),
+        })
     }
 
     /// The quoted `"schema"."table"`.
@@ -56,7 +62,10 @@ impl TableName {
 
     /// Another table in the same schema.
     pub fn sibling(&self, table: &str) -> TableName {
-        TableName { schema: self.schema.clone(), table: table.to_string() }
+        TableName {
+            schema: self.schema.clone(),
+            table: table.to_string(),
+        }
     }
 }
 
@@ -90,11 +99,19 @@ impl Objects {
 
     /// The capture trigger function (one per schema of the change log).
     pub fn capture_function(&self) -> String {
-        format!("{}.{}", quote_ident(&self.change_log.schema), quote_ident("fraiseql_observers_capture"))
+        format!(
+            "{}.{}",
+            quote_ident(&self.change_log.schema),
+            quote_ident("fraiseql_observers_capture")
+        )
     }
 
     fn notify_function(&self) -> String {
-        format!("{}.{}", quote_ident(&self.change_log.schema), quote_ident("fraiseql_observers_notify"))
+        format!(
+            "{}.{}",
+            quote_ident(&self.change_log.schema),
+            quote_ident("fraiseql_observers_notify")
+        )
     }
 
     /// Every statement `migrate` runs, in order.
@@ -279,11 +296,16 @@ END $fn$"#,
 }
 
 /// Installs every object; safe to run any number of times, and concurrently.
-pub async fn migrate(client: &mut tokio_postgres::Client, objects: &Objects) -> Result<(), tokio_postgres::Error> {
+pub async fn migrate(
+    client: &mut tokio_postgres::Client,
+    objects: &Objects,
+) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     // Serialises concurrent migrations (CREATE … IF NOT EXISTS races otherwise).
-    tx.execute("SELECT pg_advisory_xact_lock(7414082901)", &[]).await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7414082901)", &[])
+        .await?;
     for stmt in objects.migration() {
         tx.batch_execute(&stmt).await?;
     }
@@ -317,9 +339,21 @@ pub enum CaptureError {
 }
 
 const TRIGGERS: [(&str, &str, &str); 3] = [
-    ("fraiseql_observers_capture_ins", "INSERT", "REFERENCING NEW TABLE AS fraiseql_new"),
-    ("fraiseql_observers_capture_upd", "UPDATE", "REFERENCING OLD TABLE AS fraiseql_old NEW TABLE AS fraiseql_new"),
-    ("fraiseql_observers_capture_del", "DELETE", "REFERENCING OLD TABLE AS fraiseql_old"),
+    (
+        "fraiseql_observers_capture_ins",
+        "INSERT",
+        "REFERENCING NEW TABLE AS fraiseql_new",
+    ),
+    (
+        "fraiseql_observers_capture_upd",
+        "UPDATE",
+        "REFERENCING OLD TABLE AS fraiseql_old NEW TABLE AS fraiseql_new",
+    ),
+    (
+        "fraiseql_observers_capture_del",
+        "DELETE",
+        "REFERENCING OLD TABLE AS fraiseql_old",
+    ),
 ];
 
 fn sql_literal(s: &str) -> String {
@@ -343,7 +377,10 @@ pub async fn capture_add(
         .and_then(|r| r.get::<_, Option<u32>>(0));
     let oid = oid.ok_or_else(|| CaptureError::NoTable(name.to_string()))?;
     let installed: bool = tx
-        .query_one("SELECT to_regprocedure($1) IS NOT NULL", &[&format!("{}()", objects.capture_function())])
+        .query_one(
+            "SELECT to_regprocedure($1) IS NOT NULL",
+            &[&format!("{}()", objects.capture_function())],
+        )
         .await?
         .get(0);
     if !installed {
@@ -381,7 +418,10 @@ pub async fn capture_add(
     };
     for c in &ids {
         if !columns.iter().any(|(n, _)| n == c) {
-            return Err(CaptureError::NoColumn { table: name.to_string(), column: c.clone() });
+            return Err(CaptureError::NoColumn {
+                table: name.to_string(),
+                column: c.clone(),
+            });
         }
     }
     // tenant_id is captured only from a uuid column, so a bad value can never abort the
@@ -389,17 +429,30 @@ pub async fn capture_add(
     let tenant = match tenant_column {
         Some(t) => {
             if !columns.iter().any(|(n, ty)| n == t && ty == "uuid") {
-                return Err(CaptureError::NoColumn { table: name.to_string(), column: format!("{t} (of type uuid)") });
+                return Err(CaptureError::NoColumn {
+                    table: name.to_string(),
+                    column: format!("{t} (of type uuid)"),
+                });
             }
             Some(t.to_string())
         }
-        None => columns.iter().find(|(n, ty)| n == "tenant_id" && ty == "uuid").map(|(n, _)| n.clone()),
+        None => columns
+            .iter()
+            .find(|(n, ty)| n == "tenant_id" && ty == "uuid")
+            .map(|(n, _)| n.clone()),
     };
-    let mut args = vec![sql_literal(entity), sql_literal(tenant.as_deref().unwrap_or(""))];
+    let mut args = vec![
+        sql_literal(entity),
+        sql_literal(tenant.as_deref().unwrap_or("")),
+    ];
     args.extend(ids.iter().map(|c| sql_literal(c)));
     let args = args.join(", ");
     for (trigger, op, referencing) in TRIGGERS {
-        tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {trigger} ON {}", name.sql())).await?;
+        tx.batch_execute(&format!(
+            "DROP TRIGGER IF EXISTS {trigger} ON {}",
+            name.sql()
+        ))
+        .await?;
         tx.batch_execute(&format!(
             "CREATE TRIGGER {trigger} AFTER {op} ON {} {referencing}
              FOR EACH STATEMENT EXECUTE FUNCTION {}({args})",
@@ -409,14 +462,25 @@ pub async fn capture_add(
         .await?;
     }
     tx.commit().await?;
-    Ok(Capture { table: name.to_string(), entity: entity.to_string(), id_columns: ids, tenant_column: tenant })
+    Ok(Capture {
+        table: name.to_string(),
+        entity: entity.to_string(),
+        id_columns: ids,
+        tenant_column: tenant,
+    })
 }
 
 /// Removes the capture triggers from `table`; returns whether any were there.
-pub async fn capture_remove(client: &mut tokio_postgres::Client, table: &str) -> Result<bool, CaptureError> {
+pub async fn capture_remove(
+    client: &mut tokio_postgres::Client,
+    table: &str,
+) -> Result<bool, CaptureError> {
     let name = TableName::parse(table)?;
     let tx = client.transaction().await?;
-    let exists: bool = tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&name.sql()]).await?.get(0);
+    let exists: bool = tx
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name.sql()])
+        .await?
+        .get(0);
     if !exists {
         return Err(CaptureError::NoTable(name.to_string()));
     }
@@ -430,14 +494,20 @@ pub async fn capture_remove(client: &mut tokio_postgres::Client, table: &str) ->
             .await?
             .get(0);
         found |= n > 0;
-        tx.batch_execute(&format!("DROP TRIGGER IF EXISTS {trigger} ON {}", name.sql())).await?;
+        tx.batch_execute(&format!(
+            "DROP TRIGGER IF EXISTS {trigger} ON {}",
+            name.sql()
+        ))
+        .await?;
     }
     tx.commit().await?;
     Ok(found)
 }
 
 /// Every table carrying our capture trigger, with its entity and id columns.
-pub async fn capture_list(client: &impl GenericClient) -> Result<Vec<Capture>, tokio_postgres::Error> {
+pub async fn capture_list(
+    client: &impl GenericClient,
+) -> Result<Vec<Capture>, tokio_postgres::Error> {
     let rows = client
         .query(
             "SELECT n.nspname::text || '.' || c.relname::text, t.tgargs, t.tgnargs::int
@@ -476,8 +546,16 @@ mod tests {
 
     #[test]
     fn table_names() {
-        assert_eq!(TableName::parse("tb_x").unwrap().sql(), "\"public\".\"tb_x\"");
-        assert_eq!(TableName::parse("core.tb_entity_change_log").unwrap().schema, "core");
+        assert_eq!(
+            TableName::parse("tb_x").unwrap().sql(),
+            "\"public\".\"tb_x\""
+        );
+        assert_eq!(
+            TableName::parse("core.tb_entity_change_log")
+                .unwrap()
+                .schema,
+            "core"
+        );
         assert!(TableName::parse("a.b.c").is_err());
         assert!(TableName::parse("x;drop table y").is_err());
         assert!(TableName::parse("").is_err());

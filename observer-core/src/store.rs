@@ -47,11 +47,28 @@ pub struct Progress {
 #[async_trait::async_trait]
 pub trait CheckpointStore: Send + Sync {
     /// The saved position of `listener`, if any.
-    async fn load(&self, client: &tokio_postgres::Client, listener: &str) -> Result<Option<Position>, StoreError>;
+    async fn load(
+        &self,
+        client: &tokio_postgres::Client,
+        listener: &str,
+    ) -> Result<Option<Position>, StoreError>;
     /// Claims the listener (bumps its epoch) and returns the epoch to fence later saves with.
-    async fn claim(&self, client: &tokio_postgres::Client, listener: &str, owner: &str, start: &Position) -> Result<i64, StoreError>;
+    async fn claim(
+        &self,
+        client: &tokio_postgres::Client,
+        listener: &str,
+        owner: &str,
+        start: &Position,
+    ) -> Result<i64, StoreError>;
     /// Saves `pos` inside `tx`; fails with `Fenced` when another instance claimed the listener.
-    async fn save(&self, tx: &Transaction<'_>, listener: &str, epoch: i64, pos: &Position, progress: &Progress) -> Result<(), StoreError>;
+    async fn save(
+        &self,
+        tx: &Transaction<'_>,
+        listener: &str,
+        epoch: i64,
+        pos: &Position,
+        progress: &Progress,
+    ) -> Result<(), StoreError>;
 }
 
 /// A dead letter about to be written.
@@ -109,7 +126,15 @@ impl Recorder {
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             objects.dead_letters.sql()
         );
-        Recorder { objects, listener: listener.to_string(), record, log: Vec::new(), dead: Vec::new(), insert_log, insert_dead }
+        Recorder {
+            objects,
+            listener: listener.to_string(),
+            record,
+            log: Vec::new(),
+            dead: Vec::new(),
+            insert_log,
+            insert_dead,
+        }
     }
 
     /// Buffers one action outcome (filtered by `[action_log] record`).
@@ -150,12 +175,30 @@ impl Recorder {
             let obs: Vec<&str> = self.log.iter().map(|r| r.observer.as_str()).collect();
             let idx: Vec<i32> = self.log.iter().map(|r| r.action_index).collect();
             let types: Vec<&str> = self.log.iter().map(|r| r.action_type).collect();
-            let keys: Vec<&str> = self.log.iter().map(|r| r.idempotency_key.as_str()).collect();
+            let keys: Vec<&str> = self
+                .log
+                .iter()
+                .map(|r| r.idempotency_key.as_str())
+                .collect();
             let outcomes: Vec<&str> = self.log.iter().map(|r| r.outcome).collect();
-            let attempts: Vec<Value> = self.log.iter().map(|r| serde_json::to_value(&r.attempts).unwrap_or(Value::Null)).collect();
+            let attempts: Vec<Value> = self
+                .log
+                .iter()
+                .map(|r| serde_json::to_value(&r.attempts).unwrap_or(Value::Null))
+                .collect();
             tx.execute(
                 self.insert_log.as_str(),
-                &[&self.listener, &ids, &pks, &obs, &idx, &types, &keys, &outcomes, &attempts],
+                &[
+                    &self.listener,
+                    &ids,
+                    &pks,
+                    &obs,
+                    &idx,
+                    &types,
+                    &keys,
+                    &outcomes,
+                    &attempts,
+                ],
             )
             .await?;
         }
@@ -181,7 +224,9 @@ impl Recorder {
             .await?;
         }
         if let Some((store, epoch, pos, progress)) = checkpoint {
-            store.save(&tx, &self.listener, epoch, pos, progress).await?;
+            store
+                .save(&tx, &self.listener, epoch, pos, progress)
+                .await?;
         }
         tx.commit().await?;
         self.log.clear();
@@ -196,17 +241,23 @@ impl Recorder {
 
 /// Parses a stored snapshot column.
 pub fn parse_snapshot(listener: &str, text: &str) -> Result<Snapshot, StoreError> {
-    text.parse().map_err(|e: crate::change_log::SnapshotParseError| StoreError::Corrupt {
-        listener: listener.to_string(),
-        message: e.to_string(),
-    })
+    text.parse().map_err(
+        |e: crate::change_log::SnapshotParseError| StoreError::Corrupt {
+            listener: listener.to_string(),
+            message: e.to_string(),
+        },
+    )
 }
 
 /// Maps "relation does not exist" to a message that says what to do.
 pub fn explain_missing(e: tokio_postgres::Error) -> StoreError {
     match e.code() {
         Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE => {
-            StoreError::NotMigrated(e.as_db_error().map(|d| d.message().to_string()).unwrap_or_default())
+            StoreError::NotMigrated(
+                e.as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_default(),
+            )
         }
         _ => StoreError::Db(e),
     }

@@ -36,8 +36,14 @@ fn sample() -> Config {
                 secret: Some("${env:SECRET}".into()),
                 retry: RetryConfig::default(),
             }),
-            ActionConfig::Log(LogConfig { message: Some("m".into()), level: "info".into() }),
-            ActionConfig::Sql(SqlConfig { function: "f".into(), retry: RetryConfig::default() }),
+            ActionConfig::Log(LogConfig {
+                message: Some("m".into()),
+                level: "info".into(),
+            }),
+            ActionConfig::Sql(SqlConfig {
+                function: "f".into(),
+                retry: RetryConfig::default(),
+            }),
         ],
     });
     cfg
@@ -79,7 +85,11 @@ fn every_config_key_is_documented() {
     let mut missing = Vec::new();
     for (parent, key) in &keys {
         // Sections are headed `[name]` (or `[[name]]` for arrays of tables); keys are `name`.
-        let shown = if parent.is_empty() { format!("[{key}]") } else { format!("`{key}`") };
+        let shown = if parent.is_empty() {
+            format!("[{key}]")
+        } else {
+            format!("`{key}`")
+        };
         if !doc.contains(&shown) {
             missing.push(format!("{parent}.{key} (no {shown} in the doc)"));
         }
@@ -96,13 +106,20 @@ fn every_config_key_is_documented() {
             }
         }
     }
-    assert!(missing.is_empty(), "docs/configuration.md does not document:\n  {}", missing.join("\n  "));
+    assert!(
+        missing.is_empty(),
+        "docs/configuration.md does not document:\n  {}",
+        missing.join("\n  ")
+    );
 }
 
 #[test]
 fn action_types_are_documented() {
     let doc = doc();
     for kind in ["webhook", "log", "sql"] {
-        assert!(doc.contains(&format!("type = \"{kind}\"")), "no `type = \"{kind}\"` section in the doc");
+        assert!(
+            doc.contains(&format!("type = \"{kind}\"")),
+            "no `type = \"{kind}\"` section in the doc"
+        );
     }
 }

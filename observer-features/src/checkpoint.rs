@@ -7,7 +7,9 @@
 
 use observer_core::change_log::Position;
 use observer_core::schema::TableName;
-use observer_core::store::{explain_missing, parse_snapshot, CheckpointStore, Progress, StoreError};
+use observer_core::store::{
+    explain_missing, parse_snapshot, CheckpointStore, Progress, StoreError,
+};
 use tokio_postgres::Transaction;
 
 /// Checkpoints in `<schema>.observer_checkpoints`.
@@ -44,8 +46,15 @@ impl PostgresCheckpointStore {
 
 #[async_trait::async_trait]
 impl CheckpointStore for PostgresCheckpointStore {
-    async fn load(&self, client: &tokio_postgres::Client, listener: &str) -> Result<Option<Position>, StoreError> {
-        let row = client.query_opt(self.load.as_str(), &[&listener]).await.map_err(explain_missing)?;
+    async fn load(
+        &self,
+        client: &tokio_postgres::Client,
+        listener: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        let row = client
+            .query_opt(self.load.as_str(), &[&listener])
+            .await
+            .map_err(explain_missing)?;
         let Some(row) = row else { return Ok(None) };
         let lo: String = row.get(0);
         let hi: String = row.get(1);
@@ -56,18 +65,37 @@ impl CheckpointStore for PostgresCheckpointStore {
         }))
     }
 
-    async fn claim(&self, client: &tokio_postgres::Client, listener: &str, owner: &str, start: &Position) -> Result<i64, StoreError> {
+    async fn claim(
+        &self,
+        client: &tokio_postgres::Client,
+        listener: &str,
+        owner: &str,
+        start: &Position,
+    ) -> Result<i64, StoreError> {
         let row = client
             .query_one(
                 self.claim.as_str(),
-                &[&listener, &start.lo.to_string(), &start.hi.to_string(), &start.after_pk, &owner],
+                &[
+                    &listener,
+                    &start.lo.to_string(),
+                    &start.hi.to_string(),
+                    &start.after_pk,
+                    &owner,
+                ],
             )
             .await
             .map_err(explain_missing)?;
         Ok(row.get(0))
     }
 
-    async fn save(&self, tx: &Transaction<'_>, listener: &str, epoch: i64, pos: &Position, progress: &Progress) -> Result<(), StoreError> {
+    async fn save(
+        &self,
+        tx: &Transaction<'_>,
+        listener: &str,
+        epoch: i64,
+        pos: &Position,
+        progress: &Progress,
+    ) -> Result<(), StoreError> {
         let (id, pk, at) = match progress.last_event {
             Some((id, pk, at)) => (Some(id), Some(pk), Some(at)),
             None => (None, None, None),
@@ -81,12 +109,27 @@ impl CheckpointStore for PostgresCheckpointStore {
         let n = tx
             .execute(
                 self.save.as_str(),
-                &[&listener, &epoch, &pos.lo.to_string(), &pos.hi.to_string(), &pos.after_pk, &id, &pk, &at, &delta, &err, &err_at],
+                &[
+                    &listener,
+                    &epoch,
+                    &pos.lo.to_string(),
+                    &pos.hi.to_string(),
+                    &pos.after_pk,
+                    &id,
+                    &pk,
+                    &at,
+                    &delta,
+                    &err,
+                    &err_at,
+                ],
             )
             .await
             .map_err(explain_missing)?;
         if n == 0 {
-            return Err(StoreError::Fenced { listener: listener.to_string(), epoch });
+            return Err(StoreError::Fenced {
+                listener: listener.to_string(),
+                epoch,
+            });
         }
         Ok(())
     }
