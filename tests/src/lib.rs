@@ -407,6 +407,8 @@ pub struct Received {
     pub time: SystemTime,
     /// The status we answered.
     pub status: u16,
+    /// `event_id` of a default-envelope JSON body, parsed once on arrival.
+    pub event_id: Option<String>,
 }
 
 impl Received {
@@ -430,7 +432,7 @@ impl Received {
 
     /// `event_id` of a default-envelope body.
     pub fn event_id(&self) -> String {
-        self.json()["event_id"].as_str().expect("event_id").to_string()
+        self.event_id.clone().unwrap_or_else(|| panic!("no event_id in body: {}", self.body_text()))
     }
 }
 
@@ -525,6 +527,9 @@ async fn handle(
             at,
             time: SystemTime::now(),
             status,
+            event_id: serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("event_id").and_then(Value::as_str).map(str::to_string)),
         };
         g.requests.push(rec);
         (status, delay, retry_after)
@@ -636,7 +641,7 @@ impl Receiver {
                     summary.join("\n")
                 );
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -646,7 +651,7 @@ impl Receiver {
 // ---------------------------------------------------------------------------------------------
 
 /// Log lines meaning the daemon has taken its start position (or is standing by).
-pub const READY_MARKERS: [&str; 3] = ["no checkpoint; starting", "resuming from checkpoint", "standing by"];
+pub const READY_MARKERS: [&str; 3] = ["no checkpoint", "resuming", "standing by"];
 
 /// `fraiseql-observers --config F run` as a child process.
 pub struct Daemon {

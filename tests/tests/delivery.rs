@@ -5,7 +5,7 @@ use std::time::Duration;
 use observer_tests::*;
 use serde_json::{json, Value};
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_update_delete_arrive_as_default_envelope() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
@@ -68,7 +68,7 @@ async fn insert_update_delete_arrive_as_default_envelope() {
     assert!(daemon.stop().await.success());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn composite_primary_key_gives_json_array_object_id() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE order_lines (order_id BIGINT, line_no INT, sku TEXT, PRIMARY KEY (order_id, line_no))")

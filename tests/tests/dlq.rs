@@ -7,7 +7,7 @@ use observer_tests::*;
 
 const T: Duration = Duration::from_secs(30);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_retries_dead_letter_then_retry_all_resolves() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;

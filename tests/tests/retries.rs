@@ -8,7 +8,7 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_503s_then_delivered_on_attempt_three_with_same_key() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
@@ -32,7 +32,7 @@ async fn two_503s_then_delivered_on_attempt_three_with_same_key() {
     assert!(daemon.stop().await.success());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_400_is_dead_lettered_at_once() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
@@ -51,7 +51,7 @@ async fn http_400_is_dead_lettered_at_once() {
     assert!(daemon.stop().await.success());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
@@ -69,7 +69,7 @@ async fn retry_after_is_honoured() {
     assert!(daemon.stop().await.success());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_destination_does_not_delay_unrelated_events() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;

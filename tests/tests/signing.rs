@@ -10,7 +10,7 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn signed_when_secret_and_unsigned_without() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;

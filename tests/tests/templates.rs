@@ -5,7 +5,7 @@ use std::time::Duration;
 use observer_tests::*;
 use serde_json::json;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_header_and_url_templates_render() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
