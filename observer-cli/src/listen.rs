@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, FromRequest as _, Request, State};
+use axum::http::header::CONTENT_LENGTH;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -61,8 +61,7 @@ pub struct ListenArgs {
     /// Address to bind; use 0.0.0.0 to accept deliveries from other hosts or containers.
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
-    /// Secret(s) to verify signatures with (repeatable; also env FRAISEQL_LISTEN_SECRET).
-    /// whsec_… or raw.
+    /// Secret(s) to verify signatures with, whsec_… or raw (repeatable).
     // hide_env_values: otherwise `--help` would print the secret taken from the environment.
     #[arg(
         long = "secret",
@@ -117,9 +116,22 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
 
     let (lines_tx, lines_rx) = mpsc::channel(LINE_BUFFER);
     let (finish_tx, finish_rx) = oneshot::channel();
-    let printer = tokio::spawn(print_lines(lines_rx, finish_rx));
+    // Dropped when the printer ends, which before `finish` means stdout failed (e.g. the
+    // reader of a pipe exited): stop then instead of answering deliveries nobody sees.
+    let (printer_alive, printer_gone) = oneshot::channel::<()>();
+    let printer = tokio::spawn(async move {
+        let result = print_lines(lines_rx, finish_rx).await;
+        drop(printer_alive);
+        result
+    });
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            _ = printer_gone => {}
+        }
+    };
 
-    let served = serve(listener, config, lines_tx, shutdown_signal()).await;
+    let served = serve(listener, config, lines_tx, shutdown).await;
 
     // Let the printer drain what the last requests queued, then stop it.
     let _ = finish_tx.send(());
@@ -250,20 +262,41 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     let received_at = Utc::now();
     let path = uri
         .path_and_query()
         .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    // A declared length over the limit is refused before reading anything, so the sender
+    // gets its 413 at once instead of after uploading 10 MiB. Chunked bodies are caught by
+    // `DefaultBodyLimit` while reading.
+    let declared_len = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = declared_len.is_some_and(|len| len > MAX_BODY_BYTES as u64);
+    let body = if too_large {
+        Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "body of {} bytes exceeds the {MAX_BODY_BYTES}-byte limit",
+                declared_len.unwrap_or_default()
+            ),
+        ))
+    } else {
+        Bytes::from_request(request, &())
+            .await
+            .map_err(|rejection| (rejection.status(), rejection.body_text()))
+    };
     let body = match body {
         Ok(body) => body,
-        Err(rejection) => {
-            // Typically the 10 MiB limit. Shown so the user sees why the sender got an
-            // error, but not counted: the delivery was not received.
-            let text = rejected_text(&sink.config, received_at, &method, &path, &rejection);
+        Err((status, reason)) => {
+            // Typically the size limit (413). Shown so the user sees why the sender got an
+            // error, but not counted as a delivery: nothing was received.
+            let text = rejected_text(&sink.config, received_at, &method, &path, status, &reason);
             let _ = sink.lines.send(text).await;
-            return rejection.into_response();
+            return (status, reason).into_response();
         }
     };
 
@@ -359,10 +392,8 @@ impl Delivery {
         );
         match &self.body {
             ShownBody::Empty => out.push_str("(empty body)\n"),
-            ShownBody::Json(value) => {
-                let pretty =
-                    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
-                out.push_str(&pretty);
+            ShownBody::Json { text, .. } => {
+                out.push_str(&reindent_json(text));
                 out.push('\n');
             }
             ShownBody::Text {
@@ -407,7 +438,7 @@ impl Delivery {
         });
         let (body, truncated) = match &self.body {
             ShownBody::Empty => (Value::String(String::new()), false),
-            ShownBody::Json(value) => (value.clone(), false),
+            ShownBody::Json { value, .. } => (value.clone(), false),
             ShownBody::Text {
                 text, truncated, ..
             } => (Value::String(text.clone()), *truncated),
@@ -421,7 +452,13 @@ impl Delivery {
 /// How a body is shown.
 enum ShownBody {
     Empty,
-    Json(Value),
+    /// Valid JSON: the parsed value for `--json`, and the text as sent for the readable form,
+    /// which keeps the sender's key order and number spelling (a `Value` would sort keys and
+    /// round `19.90` to `19.9`).
+    Json {
+        value: Value,
+        text: String,
+    },
     Text {
         text: String,
         total_bytes: usize,
@@ -435,7 +472,9 @@ impl ShownBody {
             return ShownBody::Empty;
         }
         if let Ok(value) = serde_json::from_slice::<Value>(body) {
-            return ShownBody::Json(value);
+            // Valid JSON is valid UTF-8, so nothing is lost here.
+            let text = String::from_utf8_lossy(body).into_owned();
+            return ShownBody::Json { value, text };
         }
         // Lossy so binary or mis-encoded bodies still show something recognisable.
         let mut text =
@@ -453,6 +492,66 @@ impl ShownBody {
             truncated,
         }
     }
+}
+
+/// Pretty-prints already validated JSON text by re-indenting it, two spaces per level like
+/// `serde_json::to_string_pretty`, without re-serialising values.
+fn reindent_json(text: &str) -> String {
+    fn newline(out: &mut String, depth: usize) {
+        out.push('\n');
+        out.extend(std::iter::repeat_n(' ', depth * 2));
+    }
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                while chars.peek().is_some_and(|n| n.is_ascii_whitespace()) {
+                    chars.next();
+                }
+                // Empty containers stay on one line: `{}` / `[]`.
+                if let Some(&close @ ('}' | ']')) = chars.peek() {
+                    out.push(close);
+                    chars.next();
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_ascii_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Verifies a delivery's Standard Webhooks signature with the configured keys.
@@ -501,15 +600,15 @@ fn rejected_text(
     received_at: DateTime<Utc>,
     method: &Method,
     path: &str,
-    rejection: &BytesRejection,
+    status: StatusCode,
+    reason: &str,
 ) -> String {
-    let status = rejection.status();
     if config.json {
         json!({
             "received_at": received_at.to_rfc3339_opts(SecondsFormat::Millis, true),
             "method": method.as_str(),
             "path": path,
-            "rejected": rejection.body_text(),
+            "rejected": reason,
             "status": status.as_u16(),
         })
         .to_string()
@@ -517,10 +616,7 @@ fn rejected_text(
         let time = received_at
             .with_timezone(&Local)
             .format("%Y-%m-%d %H:%M:%S%.3f");
-        format!(
-            "{time} {method} {path}\n  REJECTED with {status}: {}\n",
-            rejection.body_text()
-        )
+        format!("{time} {method} {path}\n  REJECTED with {status}: {reason}\n")
     }
 }
 
@@ -632,9 +728,9 @@ mod tests {
         stream.write_all(raw.as_bytes()).await.expect("write head");
         stream.write_all(body).await.expect("write body");
         let mut response = Vec::new();
-        stream
-            .read_to_end(&mut response)
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
             .await
+            .expect("response in time")
             .expect("read response");
         let response = String::from_utf8_lossy(&response);
         let status_line = response.lines().next().unwrap_or_default().to_owned();
@@ -786,6 +882,21 @@ mod tests {
         let shown = format!("{:?}", args(&["hunter2"], false, 204, 0));
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("<1 redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn json_bodies_keep_order_and_numbers() {
+        let text = r#" {"b":19.90,"a":[1, 2,{ }],"c":{"e":[]},"d":"x,{y}:\"[","f":null} "#;
+        let expected = "{\n  \"b\": 19.90,\n  \"a\": [\n    1,\n    2,\n    {}\n  ],\n  \"c\": {\n    \"e\": []\n  },\n  \"d\": \"x,{y}:\\\"[\",\n  \"f\": null\n}";
+        assert_eq!(reindent_json(text), expected);
+        // Same layout as serde_json's pretty printer when key order agrees.
+        let sorted = r#"{"a":[1,{"k":true}],"b":"s"}"#;
+        let value: Value = serde_json::from_str(sorted).expect("valid");
+        assert_eq!(
+            reindent_json(sorted),
+            serde_json::to_string_pretty(&value).expect("prints")
+        );
+        assert_eq!(reindent_json("3"), "3");
     }
 
     #[test]

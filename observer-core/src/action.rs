@@ -100,8 +100,33 @@ pub struct Attempt {
     pub result: AttemptResult,
 }
 
+/// Whether `${env:…}`/`${file:…}` references are resolved while compiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Resolve them (the daemon, retries, replay): a missing variable is an error.
+    Resolve,
+    /// Leave them as written and sign nothing: for commands that only match and display
+    /// (`debug-event`), so inspecting needs no secret. Such actions must not be executed.
+    Unresolved,
+}
+
+fn secret(
+    value: &str,
+    location: &str,
+    mode: Secrets,
+) -> Result<String, crate::config::ConfigError> {
+    match mode {
+        Secrets::Resolve => resolve_secret(value, location),
+        Secrets::Unresolved => Ok(value.to_string()),
+    }
+}
+
 /// Compiles one action; every problem is returned with its location.
-pub fn compile(config: &ActionConfig, at: &str) -> Result<CompiledAction, Vec<ConfigIssue>> {
+pub fn compile(
+    config: &ActionConfig,
+    at: &str,
+    mode: Secrets,
+) -> Result<CompiledAction, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
     let mut issue = |field: &str, message: String| {
         issues.push(ConfigIssue {
@@ -110,7 +135,7 @@ pub fn compile(config: &ActionConfig, at: &str) -> Result<CompiledAction, Vec<Co
         })
     };
     let action = match config {
-        ActionConfig::Webhook(w) => compile_webhook(w, &mut issue),
+        ActionConfig::Webhook(w) => compile_webhook(w, &mut issue, mode),
         ActionConfig::Log(l) => compile_log(l, &mut issue),
         ActionConfig::Sql(s) => compile_sql(s, &mut issue),
     };
@@ -123,6 +148,7 @@ pub fn compile(config: &ActionConfig, at: &str) -> Result<CompiledAction, Vec<Co
 fn compile_webhook(
     w: &WebhookConfig,
     issue: &mut dyn FnMut(&str, String),
+    mode: Secrets,
 ) -> Option<CompiledAction> {
     let method = match reqwest::Method::from_bytes(w.method.to_ascii_uppercase().as_bytes()) {
         Ok(m) => Some(m),
@@ -131,7 +157,7 @@ fn compile_webhook(
             None
         }
     };
-    let url = match resolve_secret(&w.url, "url") {
+    let url = match secret(&w.url, "url", mode) {
         Ok(u) => match Template::parse(&u, Target::UrlComponent) {
             Ok(t) => {
                 if t.is_static() {
@@ -207,7 +233,7 @@ fn compile_webhook(
         issue("timeout_ms", "expected 1..=600000".into());
     }
     let mut keys = Vec::new();
-    if let Some(secret) = &w.secret {
+    if let (Some(secret), Secrets::Resolve) = (&w.secret, mode) {
         match resolve_secret(secret, "secret") {
             Ok(s) => match SigningKey::parse(&s) {
                 Ok(k) => keys.push(k),

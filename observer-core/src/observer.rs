@@ -83,8 +83,16 @@ pub struct Observers {
 }
 
 impl Observers {
-    /// Compiles every enabled observer; all issues are returned together.
+    /// Compiles every enabled observer, resolving secrets; all issues are returned together.
     pub fn compile(config: &Config) -> Result<Observers, Vec<ConfigIssue>> {
+        Observers::compile_with(config, action::Secrets::Resolve)
+    }
+
+    /// Compiles with the given secret handling (`Unresolved` only for commands that never execute).
+    pub fn compile_with(
+        config: &Config,
+        secrets: action::Secrets,
+    ) -> Result<Observers, Vec<ConfigIssue>> {
         let mut issues = Vec::new();
         let mut list = Vec::new();
         let mut names = HashSet::new();
@@ -96,7 +104,7 @@ impl Observers {
                     message: "duplicate observer name".into(),
                 });
             }
-            match compile_observer(o, &at) {
+            match compile_observer(o, &at, secrets) {
                 Ok(obs) if o.enabled => list.push(Arc::new(obs)),
                 Ok(_) => {}
                 Err(mut e) => issues.append(&mut e),
@@ -132,7 +140,11 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn compile_observer(o: &ObserverConfig, at: &str) -> Result<Observer, Vec<ConfigIssue>> {
+fn compile_observer(
+    o: &ObserverConfig,
+    at: &str,
+    secrets: action::Secrets,
+) -> Result<Observer, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
     let issue = |field: &str, message: String| ConfigIssue {
         location: format!("{at}.{field}"),
@@ -187,7 +199,7 @@ fn compile_observer(o: &ObserverConfig, at: &str) -> Result<Observer, Vec<Config
                 message: m,
             });
         }
-        match action::compile(a, &loc) {
+        match action::compile(a, &loc, secrets) {
             Ok(action) => actions.push(ObserverAction {
                 action,
                 retry: a.retry(),

@@ -11,7 +11,7 @@ use observer_core::executor::idempotency_key;
 use observer_core::observer::{MatchVerdict, Observers};
 use uuid::Uuid;
 
-use super::{checkpoints, db_err, observers, print_json, require_migrated};
+use super::{checkpoints, db_err, observers_for_inspection, print_json, require_migrated};
 use crate::app::App;
 
 #[derive(Debug, Args)]
@@ -75,7 +75,7 @@ pub async fn run(config: Option<&Path>, args: DebugEventArgs) -> Result<ExitCode
     let app = App::load(config)?;
     let client = app.connect().await?;
     require_migrated(&client, &app.objects).await?;
-    let observers = observers(&app)?;
+    let observers = observers_for_inspection(&app)?;
     let log = ChangeLog::new(app.objects.change_log.clone());
     let rows = match (args.event_id, args.history) {
         (Some(id), _) => match log.read_event(&client, id).await.map_err(db_err)? {

@@ -14,6 +14,7 @@ pub mod status;
 use anyhow::{anyhow, Result};
 use chrono::{DateTime, Utc};
 use observer_core::action::ActionContext;
+use observer_core::action::Secrets;
 use observer_core::change_log::{Position, Snapshot};
 use observer_core::executor::BoxExecutor;
 use observer_core::observer::Observers;
@@ -152,9 +153,19 @@ pub async fn require_migrated(client: &tokio_postgres::Client, objects: &Objects
     Ok(())
 }
 
-/// The configured observers, compiled as the daemon compiles them.
+/// The configured observers, compiled as the daemon compiles them (secrets resolved).
 pub fn observers(app: &App) -> Result<Observers> {
-    Observers::compile(&app.config).map_err(|issues| {
+    compile(app, Secrets::Resolve)
+}
+
+/// The configured observers for matching and display only: secret references stay unresolved,
+/// so inspecting needs no secret. Never execute these.
+pub fn observers_for_inspection(app: &App) -> Result<Observers> {
+    compile(app, Secrets::Unresolved)
+}
+
+fn compile(app: &App, secrets: Secrets) -> Result<Observers> {
+    Observers::compile_with(&app.config, secrets).map_err(|issues| {
         let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
         anyhow!(
             "invalid observers in the configuration:\n{}",
