@@ -54,6 +54,10 @@ struct Args {
     /// INSERT statements per transaction in the throughput phase.
     #[arg(long, default_value_t = 5)]
     stmts_per_tx: u64,
+    /// Connections the paced (latency, idle, soak) phases insert through; each insert is its own
+    /// autocommit statement, so more connections let Postgres group commits.
+    #[arg(long, default_value_t = 16)]
+    paced_conns: u64,
     /// Parallel inserting connections in the throughput phase.
     #[arg(long, default_value_t = 2)]
     insert_conns: u64,
@@ -572,10 +576,17 @@ impl Bench {
         let (la, d0, p0) = self.phase_start(phase);
         self.sink.take();
         self.sink.total.store(0, Ordering::Relaxed);
-        let client = connect(&self.db_url).await?;
-        let stmt = client.prepare("INSERT INTO orders (customer, total, status) VALUES ('paced', 1, 'new') RETURNING id").await?;
+        // Each insert is its own task on one of a few connections, so a slow INSERT round trip
+        // (a busy machine) does not lower the offered rate.
+        let mut conns = Vec::new();
+        for _ in 0..self.args.paced_conns.max(1) {
+            let c = connect(&self.db_url).await?;
+            let stmt = c.prepare("INSERT INTO orders (customer, total, status) VALUES ('paced', 1, 'new') RETURNING id").await?;
+            conns.push(Arc::new((c, stmt)));
+        }
         let mut commits: HashMap<i64, Instant> = HashMap::with_capacity(count as usize);
         let mut insert_ms: Vec<f64> = Vec::with_capacity(count as usize);
+        let mut tasks = tokio::task::JoinSet::new();
         let interval = Duration::from_secs_f64(1.0 / rate);
         let t0 = Instant::now();
         let mut behind = 0u64;
@@ -587,11 +598,23 @@ impl Bench {
             } else if now - due > Duration::from_millis(5) {
                 behind += 1;
             }
-            let s = Instant::now();
-            let row = client.query_one(&stmt, &[]).await?;
-            let done = Instant::now();
+            let conn = conns[(i % conns.len() as u64) as usize].clone();
+            tasks.spawn(async move {
+                let s = Instant::now();
+                let row = conn.0.query_one(&conn.1, &[]).await?;
+                let done = Instant::now();
+                Ok::<_, tokio_postgres::Error>((row.get::<_, i64>(0), s, done))
+            });
+            while let Some(r) = tasks.try_join_next() {
+                let (id, s, done) = r??;
+                insert_ms.push((done - s).as_secs_f64() * 1e3);
+                commits.insert(id, done);
+            }
+        }
+        while let Some(r) = tasks.join_next().await {
+            let (id, s, done) = r??;
             insert_ms.push((done - s).as_secs_f64() * 1e3);
-            commits.insert(row.get::<_, i64>(0), done);
+            commits.insert(id, done);
         }
         let offered_s = (Instant::now() - t0).as_secs_f64();
         let complete = wait_delivered(&self.sink, count, Duration::from_secs(self.args.stall_secs)).await;
@@ -621,6 +644,7 @@ impl Bench {
             "events": count,
             "achieved_insert_rate_per_s": (count as f64 / offered_s).round(),
             "inserts_late_over_5ms": behind,
+            "insert_connections": self.args.paced_conns,
             "insert_roundtrip": lat_summary(insert_ms),
             "commit_to_delivery": lat_summary(lat),
             "delivered_before_commit_returned": before_commit_returned,
