@@ -56,6 +56,7 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         std::process::id()
     );
     let ctx = RunContext {
+        database: app.where_db(),
         config: cfg.clone(),
         observers: Arc::new(observers),
         objects: app.objects.clone(),

@@ -45,7 +45,7 @@ use crate::store::{CheckpointStore, NewActionLog, NewDeadLetter, Progress, Recor
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("database: {0}")]
+    #[error("database: {}", chain(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("the LISTEN connection (which holds the listener lock) was lost")]
     ListenLost,
@@ -53,8 +53,36 @@ pub enum RunError {
     Reader(String),
 }
 
+/// An error with its causes (`tokio_postgres::Error` hides "connection refused" in its source).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl RunError {
+    /// True when the database could not be reached at all (as opposed to failing mid-run).
+    fn is_unreachable(&self) -> bool {
+        match self {
+            RunError::Db(e) => chain(e).contains("error connecting"),
+            RunError::Store(StoreError::Pool(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Everything a run needs; built by the daemon.
 pub struct RunContext {
+    /// `host:port/dbname`, for messages.
+    pub database: String,
     pub config: Arc<Config>,
     pub observers: Arc<Observers>,
     pub objects: Arc<Objects>,
@@ -87,7 +115,12 @@ pub async fn supervise(
                 if started.elapsed() > Duration::from_secs(60) {
                     delay = Duration::from_millis(500);
                 }
-                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "run failed; restarting from the checkpoint");
+                if e.is_unreachable() {
+                    tracing::warn!(database = %ctx.database, error = %e, retry_in_ms = delay.as_millis() as u64,
+                        "cannot connect to the database at {}; waiting and retrying", ctx.database);
+                } else {
+                    tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "run failed; restarting from the checkpoint");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
