@@ -387,9 +387,9 @@ impl Webhook {
                 let what = if e.is_timeout() {
                     format!("timed out after {} ms", self.timeout.as_millis())
                 } else if e.is_connect() {
-                    format!("cannot connect: {}", error_chain(&e))
+                    format!("cannot connect: {}", crate::error_chain(&e))
                 } else {
-                    format!("request failed: {}", error_chain(&e))
+                    format!("request failed: {}", crate::error_chain(&e))
                 };
                 return (AttemptResult::Retry { after_ms: None }, None, Some(what));
             }
@@ -448,20 +448,6 @@ async fn drain(mut resp: reqwest::Response) -> String {
         .collect::<String>()
         .trim()
         .to_string()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date; capped at one hour.
@@ -536,7 +522,7 @@ impl Sql {
                 };
                 let msg = match e.as_db_error() {
                     Some(db) => format!("{} ({})", db.message(), db.code().code()),
-                    None => error_chain(&e),
+                    None => crate::error_chain(&e),
                 };
                 let result = if transient {
                     AttemptResult::Retry { after_ms: None }

@@ -18,3 +18,19 @@ pub mod schema;
 pub mod signing;
 pub mod store;
 pub mod template;
+
+/// An error and its causes, joined with `: ` (`tokio_postgres::Error` and `reqwest::Error` keep
+/// the useful part, such as "connection refused", in their sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

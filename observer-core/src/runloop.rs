@@ -45,7 +45,7 @@ use crate::store::{CheckpointStore, NewActionLog, NewDeadLetter, Progress, Recor
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("database: {}", chain(.0))]
+    #[error("database: {}", crate::error_chain(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("the LISTEN connection (which holds the listener lock) was lost")]
     ListenLost,
@@ -53,26 +53,11 @@ pub enum RunError {
     Reader(String),
 }
 
-/// An error with its causes (`tokio_postgres::Error` hides "connection refused" in its source).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
 impl RunError {
     /// True when the database could not be reached at all (as opposed to failing mid-run).
     fn is_unreachable(&self) -> bool {
         match self {
-            RunError::Db(e) => chain(e).contains("error connecting"),
+            RunError::Db(e) => crate::error_chain(e).contains("error connecting"),
             RunError::Store(StoreError::Pool(_)) => true,
             _ => false,
         }
