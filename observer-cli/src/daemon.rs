@@ -41,7 +41,6 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         );
     }
     let pool = app.pool()?;
-    let retention_pool = pool.clone();
     let http = ActionContext::http_client().context("building the HTTP client")?;
     let actions = ActionContext {
         http,
@@ -60,7 +59,6 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         config: cfg.clone(),
         observers: Arc::new(observers),
         objects: app.objects.clone(),
-        pool,
         pg_config: app.pg_config.clone(),
         checkpoint,
         owner,
@@ -79,7 +77,7 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     let make = move || stack::build(&cfg2, actions.clone());
     // Owned: stopped by the same token and awaited before we return.
     let retention = tokio::spawn(retention_pass(
-        retention_pool,
+        pool.clone(),
         app.objects.clone(),
         cfg.retention.clone(),
         shutdown.clone(),

@@ -122,6 +122,65 @@ impl ChangeRow {
     }
 }
 
+/// The current snapshot as its three parts, so no text parsing can fail.
+const SNAPSHOT_SQL: &str = "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
+        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x ORDER BY x)
+ FROM pg_current_snapshot() s";
+
+fn snapshot_from_row(row: &Row) -> Snapshot {
+    let num = |t: String| t.parse::<u64>().unwrap_or(0);
+    let xip: Vec<String> = row.get(2);
+    Snapshot {
+        xmin: num(row.get(0)),
+        xmax: num(row.get(1)),
+        xip: xip.into_iter().map(num).collect(),
+    }
+}
+
+fn window_params(lo: &Snapshot, hi: &Snapshot) -> (String, Vec<String>, String, String) {
+    (
+        lo.xmax.to_string(),
+        lo.xip.iter().map(|x| x.to_string()).collect(),
+        hi.xmax.to_string(),
+        hi.to_string(),
+    )
+}
+
+/// The daemon's reader: one connection, statements prepared once (one round trip per query).
+pub struct WindowReader {
+    client: tokio_postgres::Client,
+    select: tokio_postgres::Statement,
+    snapshot: tokio_postgres::Statement,
+}
+
+impl WindowReader {
+    /// The database's current snapshot.
+    pub async fn snapshot(&self) -> Result<Snapshot, tokio_postgres::Error> {
+        Ok(snapshot_from_row(
+            &self.client.query_one(&self.snapshot, &[]).await?,
+        ))
+    }
+
+    /// Up to `limit` rows of window (`lo`, `hi`) with pk above `after_pk`, in pk order.
+    pub async fn read(
+        &self,
+        lo: &Snapshot,
+        hi: &Snapshot,
+        after_pk: i64,
+        limit: i64,
+    ) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
+        let (lo_xmax, xip, hi_xmax, hi_text) = window_params(lo, hi);
+        let rows = self
+            .client
+            .query(
+                &self.select,
+                &[&lo_xmax, &xip, &hi_xmax, &hi_text, &after_pk, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(decode_row).collect())
+    }
+}
+
 /// The change-log table and the queries over it.
 #[derive(Debug, Clone)]
 pub struct ChangeLog {
@@ -159,21 +218,27 @@ impl ChangeLog {
     pub async fn current_snapshot(
         client: &impl GenericClient,
     ) -> Result<Snapshot, tokio_postgres::Error> {
-        // Read as its three parts so no text parsing can fail here.
-        let row = client
-            .query_one(
-                "SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text,
-                        ARRAY(SELECT x::text FROM pg_snapshot_xip(s) x ORDER BY x)
-                 FROM pg_current_snapshot() s",
-                &[],
-            )
+        Ok(snapshot_from_row(
+            &client.query_one(SNAPSHOT_SQL, &[]).await?,
+        ))
+    }
+
+    /// A reader holding `client` with the window and snapshot queries prepared once.
+    pub async fn reader(
+        &self,
+        client: tokio_postgres::Client,
+    ) -> Result<WindowReader, tokio_postgres::Error> {
+        // A generic plan of the window query could walk the pk index from the window's start
+        // through the whole table; custom plans always use the txid index for the window bounds.
+        client
+            .batch_execute("SET plan_cache_mode = force_custom_plan")
             .await?;
-        let num = |t: String| t.parse::<u64>().unwrap_or(0);
-        let xip: Vec<String> = row.get(2);
-        Ok(Snapshot {
-            xmin: num(row.get(0)),
-            xmax: num(row.get(1)),
-            xip: xip.into_iter().map(num).collect(),
+        let select = client.prepare(&self.select).await?;
+        let snapshot = client.prepare(SNAPSHOT_SQL).await?;
+        Ok(WindowReader {
+            client,
+            select,
+            snapshot,
         })
     }
 
@@ -186,18 +251,11 @@ impl ChangeLog {
         after_pk: i64,
         limit: i64,
     ) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
-        let xip: Vec<String> = lo.xip.iter().map(|x| x.to_string()).collect();
+        let (lo_xmax, xip, hi_xmax, hi_text) = window_params(lo, hi);
         let rows = client
             .query(
                 &self.select,
-                &[
-                    &lo.xmax.to_string(),
-                    &xip,
-                    &hi.xmax.to_string(),
-                    &hi.to_string(),
-                    &after_pk,
-                    &limit,
-                ],
+                &[&lo_xmax, &xip, &hi_xmax, &hi_text, &after_pk, &limit],
             )
             .await?;
         Ok(rows.iter().map(decode_row).collect())

@@ -71,7 +71,6 @@ pub struct RunContext {
     pub config: Arc<Config>,
     pub observers: Arc<Observers>,
     pub objects: Arc<Objects>,
-    pub pool: deadpool_postgres::Pool,
     pub pg_config: tokio_postgres::Config,
     pub checkpoint: Option<Arc<dyn CheckpointStore>>,
     /// Identifies this process in the checkpoint row (`host:pid`).
@@ -326,9 +325,18 @@ pub async fn run(
     // Reader: prefetches at most two batches ahead.
     let (tx, mut rx) = mpsc::channel::<Result<Vec<Item>, String>>(2);
     let reader_stop = CancellationToken::new();
+    let (reader_client, reader_conn) = ctx.pg_config.connect(tokio_postgres::NoTls).await?;
+    let reader_conn = tokio::spawn(async move {
+        if let Err(e) = reader_conn.await {
+            tracing::warn!(error = %e, "reader connection failed");
+        }
+    });
+    let _stop_reader_conn = AbortOnDrop(reader_conn);
+    let window_reader = ChangeLog::new(ctx.objects.change_log.clone())
+        .reader(reader_client)
+        .await?;
     let reader = tokio::spawn(read_loop(
-        ChangeLog::new(ctx.objects.change_log.clone()),
-        ctx.pool.clone(),
+        window_reader,
         start.clone(),
         cfg.listener.batch_size,
         Duration::from_millis(cfg.listener.poll_interval_ms),
@@ -749,11 +757,18 @@ pub fn next_delay(policy: &RetryConfig, n: u32, retry_after_ms: Option<u64>) -> 
     Duration::from_millis(base.max(retry_after_ms.unwrap_or(0)))
 }
 
+/// Aborts a task when dropped (so a run never leaves its connections behind).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Walks the change log window by window, sending batches until stopped.
-#[allow(clippy::too_many_arguments)]
 async fn read_loop(
-    log: ChangeLog,
-    pool: deadpool_postgres::Pool,
+    reader: crate::change_log::WindowReader,
     start: Position,
     batch: i64,
     poll: Duration,
@@ -764,14 +779,10 @@ async fn read_loop(
     let mut pos = start;
     let outcome: Result<(), String> = async {
         loop {
-            let client = pool
-                .get()
+            let rows = reader
+                .read(&pos.lo, &pos.hi, pos.after_pk, batch)
                 .await
-                .map_err(|e| format!("database pool: {e}"))?;
-            let rows = log
-                .read_window(&**client, &pos.lo, &pos.hi, pos.after_pk, batch)
-                .await
-                .map_err(|e| format!("reading {}: {e}", log.table()))?;
+                .map_err(|e| format!("reading the change log: {}", crate::error_chain(&e)))?;
             let full = rows.len() as i64 >= batch;
             let mut items = Vec::with_capacity(rows.len() + 1);
             for row in rows {
@@ -780,23 +791,17 @@ async fn read_loop(
             }
             if !full {
                 // Window drained: move to the next one, waiting for news if nothing changed.
-                let mut next = ChangeLog::current_snapshot(&**client)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                drop(client);
+                let snapshot_err = |e: tokio_postgres::Error| {
+                    format!("taking a snapshot: {}", crate::error_chain(&e))
+                };
+                let mut next = reader.snapshot().await.map_err(snapshot_err)?;
                 if next == pos.hi && items.is_empty() {
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
                         _ = wake.notified() => {}
                         _ = tokio::time::sleep(poll) => {}
                     }
-                    let client = pool
-                        .get()
-                        .await
-                        .map_err(|e| format!("database pool: {e}"))?;
-                    next = ChangeLog::current_snapshot(&**client)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    next = reader.snapshot().await.map_err(snapshot_err)?;
                 }
                 if next != pos.hi {
                     pos = Position {
