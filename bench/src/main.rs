@@ -768,7 +768,7 @@ async fn run_all(
     args: &Args,
     bin: &PathBuf,
     db_url: &str,
-    workdir: &PathBuf,
+    workdir: &std::path::Path,
     daemon_slot: &mut Option<Daemon>,
     started_at: chrono::DateTime<chrono::Utc>,
     clock: Instant,

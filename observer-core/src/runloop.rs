@@ -276,7 +276,7 @@ pub async fn run(
         ))
         .await?;
 
-    let mut book = ctx
+    let book = ctx
         .pg_config
         .connect(tokio_postgres::NoTls)
         .await
@@ -351,8 +351,20 @@ pub async fn run(
         watermark: Some(start),
         ..Tracker::default()
     };
-    let mut saved_watermark: Option<Position> = None;
+    let mut sent_watermark: Option<Position> = None;
     let mut progress = Progress::default();
+    // The writer records completed work and moves the checkpoint off the loop, so dispatching
+    // never waits for a commit. One job at a time: while it is busy, work keeps accumulating here.
+    let (jobs, job_rx) = mpsc::channel::<WriteJob>(1);
+    let (writer_failed_tx, mut writer_failed) = tokio::sync::oneshot::channel::<StoreError>();
+    let writer = tokio::spawn(write_loop(
+        book,
+        Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record),
+        ctx.checkpoint.clone().zip(epoch),
+        listener.to_string(),
+        job_rx,
+        writer_failed_tx,
+    ));
     let mut events: HashMap<u64, EventState> = HashMap::new();
     // Keys with an event in progress → events of that key waiting their turn.
     let mut busy: HashMap<(String, Option<String>), VecDeque<u64>> = HashMap::new();
@@ -364,8 +376,7 @@ pub async fn run(
     let flush_every = Duration::from_millis(cfg.listener.flush_interval_ms.max(1));
     let mut flush_tick = tokio::time::interval(flush_every);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_save = Instant::now();
-    let mut flush_failures = 0u32;
+    let mut last_sent = Instant::now();
     let max_pending = cfg.listener.max_pending_events.max(1);
 
     let result: Result<(), RunError> = loop {
@@ -373,6 +384,10 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break Ok(()),
             _ = listen.lost.cancelled() => break Err(RunError::ListenLost),
+            failed = &mut writer_failed => match failed {
+                Ok(e) => break Err(e.into()),
+                Err(_) => break Err(RunError::Reader("the writer task ended".into())),
+            },
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                 let (seq, states, result) = match done {
                     Ok(v) => v,
@@ -408,22 +423,15 @@ pub async fn run(
                 }
             }
             _ = flush_tick.tick() => {
-                let moved = tracker.watermark != saved_watermark;
-                if recorder.is_empty() && !moved && last_save.elapsed() < Duration::from_secs(5) {
+                let moved = tracker.watermark != sent_watermark;
+                if recorder.is_empty() && !moved && last_sent.elapsed() < Duration::from_secs(5) {
                     continue;
                 }
-                match flush(ctx, &mut book, &mut recorder, &tracker, epoch, &mut progress).await {
-                    Ok(()) => {
-                        saved_watermark = tracker.watermark.clone();
-                        last_save = Instant::now();
-                        flush_failures = 0;
-                    }
-                    Err(e @ StoreError::Fenced { .. }) => break Err(e.into()),
-                    Err(e) => {
-                        flush_failures += 1;
-                        tracing::warn!(error = %e, buffered = recorder.buffered(), "could not record completed work; keeping it and retrying");
-                        if flush_failures >= 5 { break Err(e.into()); }
-                    }
+                // Busy writer: keep accumulating; the next tick tries again.
+                if let Ok(permit) = jobs.try_reserve() {
+                    permit.send(write_job(&mut recorder, &tracker, &progress));
+                    sent_watermark = tracker.watermark.clone();
+                    last_sent = Instant::now();
                 }
             }
         }
@@ -459,30 +467,23 @@ pub async fn run(
         );
     }
     // Whatever is still waiting or retrying stays after the checkpoint and is delivered next start.
-    let mut last = Ok(());
-    for _ in 0..3 {
-        match flush(
-            ctx,
-            &mut book,
-            &mut recorder,
-            &tracker,
-            epoch,
-            &mut progress,
-        )
+    if jobs
+        .reserve()
         .await
-        {
-            Ok(()) => {
-                last = Ok(());
-                break;
-            }
-            Err(e) => {
-                last = Err(e);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        .map(|p| p.send(write_job(&mut recorder, &tracker, &progress)))
+        .is_err()
+    {
+        tracing::error!(
+            "the writer is gone; unrecorded work will be redelivered on the next start"
+        );
     }
-    if let Err(e) = last {
-        tracing::error!(error = %e, "final flush failed; unrecorded work will be redelivered on the next start");
+    drop(jobs);
+    match tokio::time::timeout(Duration::from_secs(15), writer).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "writer task failed"),
+        Err(_) => tracing::error!(
+            "final write timed out; unrecorded work will be redelivered on the next start"
+        ),
     }
     if let Some(p) = &tracker.watermark {
         tracing::info!(listener, position = %describe(p), "stopped");
@@ -514,23 +515,79 @@ fn describe(p: &Position) -> String {
     format!("window {} .. {} after pk {}", p.lo, p.hi, p.after_pk)
 }
 
-async fn flush(
-    ctx: &RunContext,
-    book: &mut tokio_postgres::Client,
-    recorder: &mut Recorder,
-    tracker: &Tracker,
-    epoch: Option<i64>,
-    progress: &mut Progress,
-) -> Result<(), StoreError> {
+/// What the loop hands the writer: completed work, and the watermark it reaches.
+struct WriteJob {
+    work: crate::store::Recorded,
+    watermark: Option<Position>,
+    progress: Progress,
+}
+
+fn write_job(recorder: &mut Recorder, tracker: &Tracker, progress: &Progress) -> WriteJob {
+    let mut progress = progress.clone();
     progress.events = tracker.completed_events;
     progress.last_event = tracker.last_event;
-    let checkpoint = match (&ctx.checkpoint, epoch, &tracker.watermark) {
-        (Some(store), Some(epoch), Some(pos)) => Some((store.as_ref(), epoch, pos, &*progress)),
-        _ => None,
-    };
-    recorder.flush(book, checkpoint).await?;
-    progress.saved_events = progress.events;
-    Ok(())
+    WriteJob {
+        work: recorder.take(),
+        watermark: tracker.watermark.clone(),
+        progress,
+    }
+}
+
+/// Writes jobs in order: the action log, dead letters and the checkpoint in one transaction per
+/// job. A failed write keeps its work and is retried (later jobs are merged into it); after five
+/// failures in a row the run is ended (`failed`) and resumes from the durable checkpoint.
+async fn write_loop(
+    mut client: tokio_postgres::Client,
+    mut pending: Recorder,
+    checkpoint: Option<(Arc<dyn CheckpointStore>, i64)>,
+    listener: String,
+    mut jobs: mpsc::Receiver<WriteJob>,
+    failed: tokio::sync::oneshot::Sender<StoreError>,
+) {
+    let mut saved_events = 0i64;
+    let mut latest: Option<(Option<Position>, Progress)> = None;
+    let mut failures = 0u32;
+    loop {
+        if latest.is_none() {
+            let Some(job) = jobs.recv().await else { return };
+            pending.absorb(job.work);
+            latest = Some((job.watermark, job.progress));
+        }
+        // Merge anything queued meanwhile: one transaction for all of it.
+        while let Ok(more) = jobs.try_recv() {
+            pending.absorb(more.work);
+            latest = Some((more.watermark, more.progress));
+        }
+        let Some((watermark, progress)) = &latest else {
+            return;
+        };
+        let mut progress = progress.clone();
+        progress.saved_events = saved_events;
+        let cp = match (&checkpoint, watermark) {
+            (Some((store, epoch)), Some(pos)) => Some((store.as_ref(), *epoch, pos, &progress)),
+            _ => None,
+        };
+        match pending.flush(&mut client, cp).await {
+            Ok(()) => {
+                saved_events = progress.events;
+                latest = None;
+                failures = 0;
+            }
+            Err(e @ StoreError::Fenced { .. }) => {
+                let _ = failed.send(e);
+                return;
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, buffered = pending.buffered(), listener, "could not record completed work; keeping it and retrying");
+                if failures >= 5 {
+                    let _ = failed.send(e);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
+            }
+        }
+    }
 }
 
 /// Takes one item from the reader into the loop's state.

@@ -100,6 +100,20 @@ pub struct NewActionLog {
     pub attempts: Vec<Attempt>,
 }
 
+/// Completed work moved out of one recorder, to be written by another (the run loop buffers,
+/// its writer task writes).
+#[derive(Debug, Default)]
+pub struct Recorded {
+    log: Vec<NewActionLog>,
+    dead: Vec<NewDeadLetter>,
+}
+
+impl Recorded {
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty() && self.dead.is_empty()
+    }
+}
+
 /// Buffers completed work and writes it with the checkpoint in one transaction.
 pub struct Recorder {
     objects: Arc<Objects>,
@@ -151,6 +165,20 @@ impl Recorder {
 
     pub fn dead_letter(&mut self, row: NewDeadLetter) {
         self.dead.push(row);
+    }
+
+    /// Moves the buffered work out (the recorder is empty afterwards).
+    pub fn take(&mut self) -> Recorded {
+        Recorded {
+            log: std::mem::take(&mut self.log),
+            dead: std::mem::take(&mut self.dead),
+        }
+    }
+
+    /// Adds work taken from another recorder (already filtered by its `record` mode).
+    pub fn absorb(&mut self, r: Recorded) {
+        self.log.extend(r.log);
+        self.dead.extend(r.dead);
     }
 
     pub fn is_empty(&self) -> bool {
