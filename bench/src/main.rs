@@ -31,7 +31,10 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "observer-bench", about = "End-to-end benchmark of fraiseql-observers (release binary, real Postgres).")]
+#[command(
+    name = "observer-bench",
+    about = "End-to-end benchmark of fraiseql-observers (release binary, real Postgres)."
+)]
 struct Args {
     /// Events for the throughput phase.
     #[arg(long, default_value_t = 100_000)]
@@ -62,7 +65,11 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     insert_conns: u64,
     /// Admin connection URL (a scratch database is created next to it).
-    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     database_url: String,
     /// The daemon binary (default: `fraiseql-observers` next to this executable).
     #[arg(long)]
@@ -107,7 +114,10 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if from >= hay.len() {
         return None;
     }
-    hay[from..].windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
 }
 
 /// Skips `:` and whitespace after a key.
@@ -173,21 +183,24 @@ fn start_sink(state: Arc<SinkState>) -> Result<u16> {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the sink")?;
     std_listener.set_nonblocking(true)?;
     let port = std_listener.local_addr()?.port();
-    std::thread::Builder::new().name("sink".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("sink-worker")
-            .enable_all()
-            .build()
-            .expect("sink runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).expect("sink listener");
-            let app = axum::Router::new().fallback(hook).with_state(state);
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("sink failed: {e}");
-            }
-        });
-    })?;
+    std::thread::Builder::new()
+        .name("sink".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("sink-worker")
+                .enable_all()
+                .build()
+                .expect("sink runtime");
+            rt.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(std_listener).expect("sink listener");
+                let app = axum::Router::new().fallback(hook).with_state(state);
+                if let Err(e) = axum::serve(listener, app).await {
+                    eprintln!("sink failed: {e}");
+                }
+            });
+        })?;
     Ok(port)
 }
 
@@ -202,7 +215,9 @@ fn loadavg() -> String {
 }
 
 fn machine() -> Value {
-    let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -210,17 +225,26 @@ fn machine() -> Value {
         .and_then(|l| l.split_once(':'))
         .map(|(_, v)| v.trim().to_string())
         .unwrap_or_else(|| "?".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
     let mem_total = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+        })
         .unwrap_or_default();
     json!({ "nproc": nproc, "cpu_model": model, "kernel": kernel, "mem_total_kb": mem_total })
 }
 
 fn git_commit() -> String {
     let out = Command::new("git").args(["rev-parse", "HEAD"]).output();
-    let head = out.ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let head = out
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     let dirty = Command::new("git")
         .args(["status", "--porcelain", "--untracked-files=no"])
         .output()
@@ -236,7 +260,12 @@ fn git_commit() -> String {
 
 fn rss_kb(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Per-process CPU time (user+system) in clock ticks, from /proc/<pid>/stat.
@@ -254,7 +283,9 @@ fn postgres_ticks() -> u64 {
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let name = e.file_name();
-            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim() == "postgres" {
                 total += cpu_ticks(pid).unwrap_or(0);
@@ -278,7 +309,10 @@ struct Sampler {
 }
 
 fn spawn_sampler(pid: u32, start: Instant) -> Arc<Sampler> {
-    let s = Arc::new(Sampler { samples: Mutex::new(Vec::new()), phase: Mutex::new("setup".into()) });
+    let s = Arc::new(Sampler {
+        samples: Mutex::new(Vec::new()),
+        phase: Mutex::new("setup".into()),
+    });
     let s2 = s.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -286,7 +320,11 @@ fn spawn_sampler(pid: u32, start: Instant) -> Arc<Sampler> {
             tick.tick().await;
             let Some(kb) = rss_kb(pid) else { break };
             let phase = s2.phase.lock().unwrap().clone();
-            s2.samples.lock().unwrap().push(Sample { t: start.elapsed().as_secs_f64(), phase, rss_kb: kb });
+            s2.samples.lock().unwrap().push(Sample {
+                t: start.elapsed().as_secs_f64(),
+                phase,
+                rss_kb: kb,
+            });
         }
     });
     s
@@ -298,7 +336,11 @@ impl Sampler {
     }
     fn phase_stats(&self, phase: &str) -> Value {
         let s = self.samples.lock().unwrap();
-        let v: Vec<u64> = s.iter().filter(|x| x.phase == phase).map(|x| x.rss_kb).collect();
+        let v: Vec<u64> = s
+            .iter()
+            .filter(|x| x.phase == phase)
+            .map(|x| x.rss_kb)
+            .collect();
         if v.is_empty() {
             return Value::Null;
         }
@@ -319,7 +361,9 @@ impl Daemon {
         if let Ok(Some(st)) = self.child.try_wait() {
             return Ok(format!("already exited: {st}"));
         }
-        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(st) = self.child.try_wait()? {
@@ -362,12 +406,18 @@ fn redact(url: &str) -> String {
 
 /// The admin URL with its database replaced by `db`.
 fn with_db(url: &str, db: &str) -> Result<String> {
-    let scheme_end = url.find("://").ok_or_else(|| anyhow!("BENCH_DATABASE_URL must be a postgres:// URL"))? + 3;
+    let scheme_end = url
+        .find("://")
+        .ok_or_else(|| anyhow!("BENCH_DATABASE_URL must be a postgres:// URL"))?
+        + 3;
     let (base, query) = match url.find('?') {
         Some(q) => (&url[..q], &url[q..]),
         None => (url, ""),
     };
-    let host_part_end = base[scheme_end..].find('/').map(|p| p + scheme_end).unwrap_or(base.len());
+    let host_part_end = base[scheme_end..]
+        .find('/')
+        .map(|p| p + scheme_end)
+        .unwrap_or(base.len());
     Ok(format!("{}/{}{}", &base[..host_part_end], db, query))
 }
 
@@ -385,7 +435,11 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
 
 fn lat_summary(mut ms: Vec<f64>) -> Value {
     ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let mean = if ms.is_empty() { f64::NAN } else { ms.iter().sum::<f64>() / ms.len() as f64 };
+    let mean = if ms.is_empty() {
+        f64::NAN
+    } else {
+        ms.iter().sum::<f64>() / ms.len() as f64
+    };
     json!({
         "count": ms.len(),
         "p50_ms": r3(pct(&ms, 50.0)),
@@ -450,7 +504,11 @@ fn account(recs: &[Rec]) -> Accounting {
             }
         }
     }
-    Accounting { distinct: first_by_event.len(), duplicates, first_by_event }
+    Accounting {
+        distinct: first_by_event.len(),
+        duplicates,
+        first_by_event,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -470,7 +528,11 @@ impl Bench {
         self.sampler.set_phase(name);
         let la = loadavg();
         eprintln!("[bench] phase {name} (loadavg {la})");
-        (la, cpu_ticks(self.daemon_pid).unwrap_or(0), postgres_ticks())
+        (
+            la,
+            cpu_ticks(self.daemon_pid).unwrap_or(0),
+            postgres_ticks(),
+        )
     }
 
     fn cpu_since(&self, d0: u64, p0: u64, secs: f64) -> Value {
@@ -535,7 +597,11 @@ impl Bench {
         let first = acc.first_by_event.values().map(|v| v.0).min();
         let last = acc.first_by_event.values().map(|v| v.0).max();
         let (e2e_s, delivery_s, first_s) = match (first, last) {
-            (Some(f), Some(l)) => ((l - t0).as_secs_f64(), (l - f).as_secs_f64(), (f - t0).as_secs_f64()),
+            (Some(f), Some(l)) => (
+                (l - t0).as_secs_f64(),
+                (l - f).as_secs_f64(),
+                (f - t0).as_secs_f64(),
+            ),
             _ => (f64::NAN, f64::NAN, f64::NAN),
         };
         // Delivery timeline per second since the first insert.
@@ -617,7 +683,8 @@ impl Bench {
             commits.insert(id, done);
         }
         let offered_s = (Instant::now() - t0).as_secs_f64();
-        let complete = wait_delivered(&self.sink, count, Duration::from_secs(self.args.stall_secs)).await;
+        let complete =
+            wait_delivered(&self.sink, count, Duration::from_secs(self.args.stall_secs)).await;
         let secs = (Instant::now() - t0).as_secs_f64();
         let recs = self.sink.take();
         let acc = account(&recs);
@@ -665,19 +732,33 @@ impl Bench {
         let mut v = self.paced("soak", a.rate as f64, count).await?;
         // RSS every 10 s of the soak (from the 1 s samples).
         let samples = self.sampler.samples.lock().unwrap();
-        let soak: Vec<&Sample> = samples[start_sample..].iter().filter(|s| s.phase == "soak").collect();
-        let every10: Vec<(f64, u64)> = soak.iter().step_by(10).map(|s| (r3(s.t), s.rss_kb)).collect();
+        let soak: Vec<&Sample> = samples[start_sample..]
+            .iter()
+            .filter(|s| s.phase == "soak")
+            .collect();
+        let every10: Vec<(f64, u64)> = soak
+            .iter()
+            .step_by(10)
+            .map(|s| (r3(s.t), s.rss_kb))
+            .collect();
         let third = every10.len() / 3;
         let (flat, first_max, last_max) = if third >= 1 {
             let first_max = every10[..third].iter().map(|x| x.1).max().unwrap();
-            let last_max = every10[every10.len() - third..].iter().map(|x| x.1).max().unwrap();
+            let last_max = every10[every10.len() - third..]
+                .iter()
+                .map(|x| x.1)
+                .max()
+                .unwrap();
             // Flat: the last third's peak within 5 % (or 2 MiB) of the first third's.
             let flat = last_max <= first_max + (first_max / 20).max(2048);
             (Some(flat), first_max, last_max)
         } else {
             (None, 0, 0)
         };
-        v["rss_every_10s"] = json!(every10.iter().map(|x| json!({"t_s": x.0, "rss_kb": x.1})).collect::<Vec<_>>());
+        v["rss_every_10s"] = json!(every10
+            .iter()
+            .map(|x| json!({"t_s": x.0, "rss_kb": x.1}))
+            .collect::<Vec<_>>());
         v["rss_first_third_max_kb"] = json!(first_max);
         v["rss_last_third_max_kb"] = json!(last_max);
         v["rss_flat"] = json!(flat);
@@ -698,7 +779,13 @@ fn run_cmd(bin: &PathBuf, config: &PathBuf, args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("running {} {}", bin.display(), args.join(" ")))?;
     if !out.status.success() {
-        bail!("{} {} failed: {}{}", bin.display(), args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{} {} failed: {}{}",
+            bin.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -707,7 +794,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     // The bench's own client side: 1 worker is plenty for the inserting connections and keeps
     // the bench off the daemon's cores as much as possible.
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     rt.block_on(real_main(args))
 }
 
@@ -722,15 +812,31 @@ async fn real_main(args: Args) -> Result<()> {
         bail!("daemon binary {} not found (build it with `cargo build --release -p observer-cli`, or pass --daemon-bin)", daemon_bin.display());
     }
 
-    let db = format!("observer_bench_{}_{}", std::process::id(), started_at.format("%H%M%S"));
+    let db = format!(
+        "observer_bench_{}_{}",
+        std::process::id(),
+        started_at.format("%H%M%S")
+    );
     let admin = connect(&args.database_url).await?;
-    admin.batch_execute(&format!("CREATE DATABASE {db}")).await.context("creating the scratch database")?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .context("creating the scratch database")?;
     let db_url = with_db(&args.database_url, &db)?;
     let workdir = std::env::temp_dir().join(&db);
     std::fs::create_dir_all(&workdir)?;
 
     let mut daemon: Option<Daemon> = None;
-    let result = run_all(&args, &daemon_bin, &db_url, &workdir, &mut daemon, started_at, clock).await;
+    let result = run_all(
+        &args,
+        &daemon_bin,
+        &db_url,
+        &workdir,
+        &mut daemon,
+        started_at,
+        clock,
+    )
+    .await;
 
     // Cleanup, whatever happened.
     let mut stop_status = None;
@@ -741,7 +847,10 @@ async fn real_main(args: Args) -> Result<()> {
     if args.keep {
         eprintln!("[bench] kept database {db} and {}", workdir.display());
     } else {
-        if let Err(e) = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await {
+        if let Err(e) = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await
+        {
             eprintln!("[bench] could not drop {db}: {e}");
         }
         let _ = std::fs::remove_dir_all(&workdir);
@@ -751,7 +860,8 @@ async fn real_main(args: Args) -> Result<()> {
     report["daemon_exit_after_sigterm"] = json!(stop_status);
     print_report(&report);
     if let Some(p) = &args.json_out {
-        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n").with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", p.display()))?;
         eprintln!("[bench] wrote {}", p.display());
     }
     let lost = ["throughput", "latency", "idle", "soak"]
@@ -812,7 +922,14 @@ events = ["INSERT"]
              status text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
         )
         .await?;
-    eprintln!("[bench] capture: {}", run_cmd(bin, &config, &["capture", "add", "orders", "--entity", "Order"])?);
+    eprintln!(
+        "[bench] capture: {}",
+        run_cmd(
+            bin,
+            &config,
+            &["capture", "add", "orders", "--entity", "Order"]
+        )?
+    );
 
     let log_path = workdir.join("daemon.log");
     let log = std::fs::File::create(&log_path)?;
@@ -834,16 +951,27 @@ events = ["INSERT"]
     loop {
         if let Some(d) = daemon_slot.as_mut() {
             if let Some(st) = d.child.try_wait()? {
-                bail!("the daemon exited during startup ({st}); log: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+                bail!(
+                    "the daemon exited during startup ({st}); log: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
             }
         }
-        client.execute("INSERT INTO orders (customer, total, status) VALUES ('warmup', 0, 'new')", &[]).await?;
+        client
+            .execute(
+                "INSERT INTO orders (customer, total, status) VALUES ('warmup', 0, 'new')",
+                &[],
+            )
+            .await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
         if sink.total.load(Ordering::Relaxed) > 0 {
             break;
         }
         if warm_t0.elapsed() > Duration::from_secs(30) {
-            bail!("no delivery within 30 s of starting the daemon; log: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            bail!(
+                "no delivery within 30 s of starting the daemon; log: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
     }
     // Let stragglers of the warm-up arrive, then start clean.
@@ -851,13 +979,21 @@ events = ["INSERT"]
     sink.take();
     let warmup_s = warm_t0.elapsed().as_secs_f64();
 
-    let bench = Bench { args: args.clone(), db_url: db_url.to_string(), sink: sink.clone(), sampler: sampler.clone(), daemon_pid: pid };
+    let bench = Bench {
+        args: args.clone(),
+        db_url: db_url.to_string(),
+        sink: sink.clone(),
+        sampler: sampler.clone(),
+        daemon_pid: pid,
+    };
     let mut phases = serde_json::Map::new();
     let throughput = bench.throughput().await?;
     phases.insert("throughput".into(), throughput);
     // Let the daemon flush and settle between phases.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let latency = bench.paced("latency", args.rate as f64, args.rate * args.latency_secs).await?;
+    let latency = bench
+        .paced("latency", args.rate as f64, args.rate * args.latency_secs)
+        .await?;
     phases.insert("latency".into(), latency);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = bench.paced("idle", 10.0, args.idle_probes).await?;
@@ -910,7 +1046,9 @@ events = ["INSERT"]
 }
 
 fn kb(v: &Value) -> String {
-    v.as_u64().map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "-".into())
+    v.as_u64()
+        .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn print_report(r: &Value) {
@@ -918,43 +1056,117 @@ fn print_report(r: &Value) {
     println!("fraiseql-observers end-to-end benchmark");
     println!("  date      {}", r["date"].as_str().unwrap_or("?"));
     println!("  commit    {}", r["git_commit"].as_str().unwrap_or("?"));
-    println!("  machine   {} x {} | kernel {} | {} kB RAM", m["nproc"], m["cpu_model"].as_str().unwrap_or("?"), m["kernel"].as_str().unwrap_or("?"), m["mem_total_kb"].as_str().unwrap_or("?"));
+    println!(
+        "  machine   {} x {} | kernel {} | {} kB RAM",
+        m["nproc"],
+        m["cpu_model"].as_str().unwrap_or("?"),
+        m["kernel"].as_str().unwrap_or("?"),
+        m["mem_total_kb"].as_str().unwrap_or("?")
+    );
     println!("  config    one webhook observer → in-process sink (204), checkpoints on, action_log record=all");
     let p = &r["phases"];
     let t = &p["throughput"];
     if !t.is_null() {
         println!();
-        println!("throughput (loadavg at start {})", t["loadavg_at_start"].as_str().unwrap_or("?"));
+        println!(
+            "throughput (loadavg at start {})",
+            t["loadavg_at_start"].as_str().unwrap_or("?")
+        );
         println!("  events                       {}", t["events"]);
-        println!("  inserts alone                {} s  ({} rows/s; {} conns, {} rows/stmt, {} stmts/tx)", t["insert_seconds"], t["insert_rows_per_s"], t["insert_connections"], t["rows_per_statement"], t["statements_per_transaction"]);
-        println!("  first insert → last delivery {} s", t["first_insert_to_last_delivery_s"]);
+        println!(
+            "  inserts alone                {} s  ({} rows/s; {} conns, {} rows/stmt, {} stmts/tx)",
+            t["insert_seconds"],
+            t["insert_rows_per_s"],
+            t["insert_connections"],
+            t["rows_per_statement"],
+            t["statements_per_transaction"]
+        );
+        println!(
+            "  first insert → last delivery {} s",
+            t["first_insert_to_last_delivery_s"]
+        );
         println!("  EVENTS/S (end to end)        {}", t["events_per_s"]);
-        println!("  events/s (first→last delivery) {}", t["delivery_window_events_per_s"]);
-        println!("  delivered distinct / dupes / missing  {} / {} / {}", t["delivered_distinct"], t["duplicates"], t["missing"]);
-        println!("  CPU: daemon {} cores, postgres {} cores (avg over the phase)", t["cpu"]["daemon_cores"], t["cpu"]["postgres_cores"]);
-        println!("  daemon RSS: start {}, peak {}, end {}", kb(&t["rss"]["start_kb"]), kb(&t["rss"]["peak_kb"]), kb(&t["rss"]["end_kb"]));
+        println!(
+            "  events/s (first→last delivery) {}",
+            t["delivery_window_events_per_s"]
+        );
+        println!(
+            "  delivered distinct / dupes / missing  {} / {} / {}",
+            t["delivered_distinct"], t["duplicates"], t["missing"]
+        );
+        println!(
+            "  CPU: daemon {} cores, postgres {} cores (avg over the phase)",
+            t["cpu"]["daemon_cores"], t["cpu"]["postgres_cores"]
+        );
+        println!(
+            "  daemon RSS: start {}, peak {}, end {}",
+            kb(&t["rss"]["start_kb"]),
+            kb(&t["rss"]["peak_kb"]),
+            kb(&t["rss"]["end_kb"])
+        );
     }
-    for (key, title) in [("latency", "latency at fixed rate"), ("idle", "idle latency probe (100 ms apart)"), ("soak", "soak")] {
+    for (key, title) in [
+        ("latency", "latency at fixed rate"),
+        ("idle", "idle latency probe (100 ms apart)"),
+        ("soak", "soak"),
+    ] {
         let l = &p[key];
         if l.is_null() {
             continue;
         }
         let c = &l["commit_to_delivery"];
         println!();
-        println!("{title} (loadavg at start {})", l["loadavg_at_start"].as_str().unwrap_or("?"));
-        println!("  offered {} /s, achieved {} /s, {} events", l["offered_rate_per_s"], l["achieved_insert_rate_per_s"], l["events"]);
-        println!("  commit→delivery ms: p50 {}  p90 {}  p99 {}  max {}  (n={})", c["p50_ms"], c["p90_ms"], c["p99_ms"], c["max_ms"], c["count"]);
-        println!("  insert round trip ms: p50 {}  p99 {}", l["insert_roundtrip"]["p50_ms"], l["insert_roundtrip"]["p99_ms"]);
-        println!("  delivered distinct / dupes / missing  {} / {} / {}", l["delivered_distinct"], l["duplicates"], l["missing"]);
-        println!("  CPU: daemon {} cores, postgres {} cores", l["cpu"]["daemon_cores"], l["cpu"]["postgres_cores"]);
-        println!("  daemon RSS: start {}, peak {}, end {}", kb(&l["rss"]["start_kb"]), kb(&l["rss"]["peak_kb"]), kb(&l["rss"]["end_kb"]));
+        println!(
+            "{title} (loadavg at start {})",
+            l["loadavg_at_start"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  offered {} /s, achieved {} /s, {} events",
+            l["offered_rate_per_s"], l["achieved_insert_rate_per_s"], l["events"]
+        );
+        println!(
+            "  commit→delivery ms: p50 {}  p90 {}  p99 {}  max {}  (n={})",
+            c["p50_ms"], c["p90_ms"], c["p99_ms"], c["max_ms"], c["count"]
+        );
+        println!(
+            "  insert round trip ms: p50 {}  p99 {}",
+            l["insert_roundtrip"]["p50_ms"], l["insert_roundtrip"]["p99_ms"]
+        );
+        println!(
+            "  delivered distinct / dupes / missing  {} / {} / {}",
+            l["delivered_distinct"], l["duplicates"], l["missing"]
+        );
+        println!(
+            "  CPU: daemon {} cores, postgres {} cores",
+            l["cpu"]["daemon_cores"], l["cpu"]["postgres_cores"]
+        );
+        println!(
+            "  daemon RSS: start {}, peak {}, end {}",
+            kb(&l["rss"]["start_kb"]),
+            kb(&l["rss"]["peak_kb"]),
+            kb(&l["rss"]["end_kb"])
+        );
         if key == "soak" {
-            println!("  RSS first-third max {}, last-third max {} → flat: {}", kb(&l["rss_first_third_max_kb"]), kb(&l["rss_last_third_max_kb"]), l["rss_flat"]);
+            println!(
+                "  RSS first-third max {}, last-third max {} → flat: {}",
+                kb(&l["rss_first_third_max_kb"]),
+                kb(&l["rss_last_third_max_kb"]),
+                l["rss_flat"]
+            );
         }
     }
     println!();
-    println!("daemon RSS over the whole run: start {}, peak {}, end {} ({} samples, 1/s)", kb(&r["rss"]["start_kb"]), kb(&r["rss"]["peak_kb"]), kb(&r["rss"]["end_kb"]), r["rss"]["samples"]);
-    println!("daemon exit after SIGTERM: {}", r["daemon_exit_after_sigterm"].as_str().unwrap_or("?"));
+    println!(
+        "daemon RSS over the whole run: start {}, peak {}, end {} ({} samples, 1/s)",
+        kb(&r["rss"]["start_kb"]),
+        kb(&r["rss"]["peak_kb"]),
+        kb(&r["rss"]["end_kb"]),
+        r["rss"]["samples"]
+    );
+    println!(
+        "daemon exit after SIGTERM: {}",
+        r["daemon_exit_after_sigterm"].as_str().unwrap_or("?")
+    );
     if let Some(w) = r["daemon_log_warnings"].as_array() {
         if !w.is_empty() {
             println!("daemon warnings/errors ({}):", w.len());
@@ -979,8 +1191,17 @@ mod tests {
 
     #[test]
     fn replaces_the_database() {
-        assert_eq!(with_db("postgres://postgres@127.0.0.1:5432/postgres", "x").unwrap(), "postgres://postgres@127.0.0.1:5432/x");
-        assert_eq!(with_db("postgres://u:p@h/db?sslmode=disable", "x").unwrap(), "postgres://u:p@h/x?sslmode=disable");
-        assert_eq!(with_db("postgres://h:5432", "x").unwrap(), "postgres://h:5432/x");
+        assert_eq!(
+            with_db("postgres://postgres@127.0.0.1:5432/postgres", "x").unwrap(),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_db("postgres://u:p@h/db?sslmode=disable", "x").unwrap(),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(
+            with_db("postgres://h:5432", "x").unwrap(),
+            "postgres://h:5432/x"
+        );
     }
 }

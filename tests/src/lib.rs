@@ -27,7 +27,10 @@ pub use observer_core::executor::idempotency_key;
 
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// The `fraiseql-observers` binary, built once per test process.
@@ -85,7 +88,11 @@ pub async fn run_cli(args: &[&str]) -> Output {
 
 /// stdout + stderr of a finished command, for messages.
 pub fn output_text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -112,7 +119,9 @@ where
 
 /// A fresh temp directory for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join("fraiseql-observers-tests").join(name);
+    let d = std::env::temp_dir()
+        .join("fraiseql-observers-tests")
+        .join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create temp dir");
     d
@@ -137,7 +146,9 @@ pub fn admin_url() -> String {
 
 /// `url` with its database name replaced by `db`.
 pub fn url_with_db(url: &str, db: &str) -> String {
-    let (scheme, rest) = url.split_once("://").expect("admin URL must be postgres://…");
+    let (scheme, rest) = url
+        .split_once("://")
+        .expect("admin URL must be postgres://…");
     let (rest, query) = match rest.split_once('?') {
         Some((r, q)) => (r, format!("?{q}")),
         None => (rest, String::new()),
@@ -187,12 +198,30 @@ impl TestDb {
         let url = url_with_db(&admin_url(), &name);
         let dir = temp_dir(&name);
         let client = connect(&url).await;
-        let db = TestDb { name, url, dir, client };
+        let db = TestDb {
+            name,
+            url,
+            dir,
+            client,
+        };
         let out = db.cli(&["migrate"]).await;
-        assert!(out.status.success(), "migrate failed: {}", output_text(&out));
-        db.client.batch_execute(ORDERS_DDL).await.expect("create orders");
-        let out = db.cli(&["capture", "add", "orders", "--entity", "Order"]).await;
-        assert!(out.status.success(), "capture add failed: {}", output_text(&out));
+        assert!(
+            out.status.success(),
+            "migrate failed: {}",
+            output_text(&out)
+        );
+        db.client
+            .batch_execute(ORDERS_DDL)
+            .await
+            .expect("create orders");
+        let out = db
+            .cli(&["capture", "add", "orders", "--entity", "Order"])
+            .await;
+        assert!(
+            out.status.success(),
+            "capture add failed: {}",
+            output_text(&out)
+        );
         db
     }
 
@@ -243,7 +272,10 @@ impl TestDb {
     }
 
     pub async fn exec(&self, sql: &str) {
-        self.client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
     /// Rows of `sql` as JSON objects (`SELECT to_jsonb(x) FROM (<sql>) x`).
@@ -271,7 +303,10 @@ impl TestDb {
 
     pub async fn set_status(&self, id: i64, status: &str) {
         self.client
-            .execute("UPDATE orders SET status = $2 WHERE id = $1", &[&id, &status])
+            .execute(
+                "UPDATE orders SET status = $2 WHERE id = $1",
+                &[&id, &status],
+            )
             .await
             .expect("update order");
     }
@@ -320,11 +355,13 @@ impl TestDb {
     }
 
     pub async fn dead_letters(&self) -> Vec<Value> {
-        self.json_rows("SELECT * FROM observer_dead_letters ORDER BY id").await
+        self.json_rows("SELECT * FROM observer_dead_letters ORDER BY id")
+            .await
     }
 
     pub async fn action_log(&self) -> Vec<Value> {
-        self.json_rows("SELECT * FROM observer_action_log ORDER BY id").await
+        self.json_rows("SELECT * FROM observer_action_log ORDER BY id")
+            .await
     }
 
     pub async fn checkpoints(&self) -> Vec<Value> {
@@ -358,9 +395,11 @@ impl TestDb {
     /// Waits until the checkpoint of `listener` covers every change-log row written so far:
     /// every action of every event is then delivered or dead-lettered, and recorded.
     pub async fn wait_caught_up(&self, listener: &str, timeout: Duration) {
-        eventually(timeout, &format!("checkpoint `{listener}` to cover the whole change log"), || async {
-            (self.unprocessed(listener).await == 0).then_some(())
-        })
+        eventually(
+            timeout,
+            &format!("checkpoint `{listener}` to cover the whole change log"),
+            || async { (self.unprocessed(listener).await == 0).then_some(()) },
+        )
         .await
     }
 }
@@ -371,14 +410,20 @@ impl Drop for TestDb {
         let dir = self.dir.clone();
         // Our own runtime on a plain thread: Drop may run inside (or outside) a tokio runtime.
         let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
-                    if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await {
+                    if let Ok((client, conn)) =
+                        tokio_postgres::connect(&admin_url(), tokio_postgres::NoTls).await
+                    {
                         tokio::spawn(async move {
                             let _ = conn.await;
                         });
-                        let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                        let _ = client
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
                     }
                 });
             }
@@ -413,7 +458,9 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 
     pub fn body_text(&self) -> String {
@@ -427,12 +474,15 @@ impl Received {
     }
 
     pub fn idempotency_key(&self) -> &str {
-        self.header("idempotency-key").expect("Idempotency-Key header")
+        self.header("idempotency-key")
+            .expect("Idempotency-Key header")
     }
 
     /// `event_id` of a default-envelope body.
     pub fn event_id(&self) -> String {
-        self.event_id.clone().unwrap_or_else(|| panic!("no event_id in body: {}", self.body_text()))
+        self.event_id
+            .clone()
+            .unwrap_or_else(|| panic!("no event_id in body: {}", self.body_text()))
     }
 }
 
@@ -521,15 +571,22 @@ async fn handle(
             query: uri.query().map(str::to_string),
             headers: headers
                 .iter()
-                .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_ascii_lowercase(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect(),
             body: body.to_vec(),
             at,
             time: SystemTime::now(),
             status,
-            event_id: serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v.get("event_id").and_then(Value::as_str).map(str::to_string)),
+            event_id: serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
+                v.get("event_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            }),
         };
         g.requests.push(rec);
         (status, delay, retry_after)
@@ -538,10 +595,19 @@ async fn handle(
         tokio::time::sleep(delay).await;
     }
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = (code, if code.is_success() { String::new() } else { format!("receiver says {status}") }).into_response();
+    let mut resp = (
+        code,
+        if code.is_success() {
+            String::new()
+        } else {
+            format!("receiver says {status}")
+        },
+    )
+        .into_response();
     if !code.is_success() {
         if let Some(r) = retry_after {
-            resp.headers_mut().insert("retry-after", r.parse().expect("retry-after value"));
+            resp.headers_mut()
+                .insert("retry-after", r.parse().expect("retry-after value"));
         }
     }
     resp
@@ -550,13 +616,21 @@ async fn handle(
 impl Receiver {
     pub async fn start() -> Receiver {
         let inner = Arc::new(Mutex::new(Inner::default()));
-        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver addr");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Receiver { addr, inner, _server: Arc::new(ServerHandle(task)) }
+        Receiver {
+            addr,
+            inner,
+            _server: Arc::new(ServerHandle(task)),
+        }
     }
 
     /// `http://127.0.0.1:PORT{path}`.
@@ -581,7 +655,8 @@ impl Receiver {
 
     pub fn set_path_sequence(&self, path: &str, statuses: &[u16]) {
         self.behave(|b| {
-            b.path_sequence.insert(path.to_string(), statuses.iter().copied().collect());
+            b.path_sequence
+                .insert(path.to_string(), statuses.iter().copied().collect());
         });
     }
 
@@ -607,7 +682,10 @@ impl Receiver {
 
     /// Requests to `path`.
     pub fn requests_to(&self, path: &str) -> Vec<Received> {
-        self.requests().into_iter().filter(|r| r.path == path).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
     }
 
     pub fn count(&self) -> usize {
@@ -616,7 +694,10 @@ impl Receiver {
 
     /// Waits until at least `n` requests arrived; returns them all.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
-        self.wait_until(timeout, &format!("{n} request(s) at the receiver"), |r| r.len() >= n).await
+        self.wait_until(timeout, &format!("{n} request(s) at the receiver"), |r| {
+            r.len() >= n
+        })
+        .await
     }
 
     /// Waits until `cond` holds over all requests so far; the panic message includes what arrived.
@@ -633,8 +714,11 @@ impl Receiver {
                 return reqs;
             }
             if Instant::now() >= deadline {
-                let summary: Vec<String> =
-                    reqs.iter().take(20).map(|r| format!("{} {} -> {} {}", r.method, r.path, r.status, r.body_text())).collect();
+                let summary: Vec<String> = reqs
+                    .iter()
+                    .take(20)
+                    .map(|r| format!("{} {} -> {} {}", r.method, r.path, r.status, r.body_text()))
+                    .collect();
                 panic!(
                     "timed out after {timeout:?} waiting for {what}; {} request(s) arrived:\n{}",
                     reqs.len(),
@@ -669,7 +753,8 @@ impl Daemon {
 
     pub async fn start_with_env(db: &TestDb, config: &str, env: &[(&str, &str)]) -> Daemon {
         let d = Daemon::spawn(&db.dir, config, env).expect("spawn daemon");
-        d.wait_log_any(&READY_MARKERS, Duration::from_secs(20)).await;
+        d.wait_log_any(&READY_MARKERS, Duration::from_secs(20))
+            .await;
         d
     }
 
@@ -689,7 +774,12 @@ impl Daemon {
         c.stdout(out).stderr(err).kill_on_drop(true);
         let child = c.spawn().context("spawn fraiseql-observers run")?;
         let pid = child.id().context("child pid")?;
-        Ok(Daemon { child, pid, config_path, log_path })
+        Ok(Daemon {
+            child,
+            pid,
+            config_path,
+            log_path,
+        })
     }
 
     /// Captured stderr (the log) so far.
@@ -736,7 +826,11 @@ impl Daemon {
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(r) => Ok(r?),
-            Err(_) => bail!("daemon {} did not exit within {timeout:?}; log:\n{}", self.pid, self.logs()),
+            Err(_) => bail!(
+                "daemon {} did not exit within {timeout:?}; log:\n{}",
+                self.pid,
+                self.logs()
+            ),
         }
     }
 
@@ -767,12 +861,23 @@ impl Daemon {
 // ---------------------------------------------------------------------------------------------
 
 /// A fast retry policy for tests.
-pub const FAST_RETRY: &str = r#"retry = { max_attempts = 3, backoff = "fixed", initial_ms = 50, max_ms = 1000 }"#;
+pub const FAST_RETRY: &str =
+    r#"retry = { max_attempts = 3, backoff = "fixed", initial_ms = 50, max_ms = 1000 }"#;
 
 /// One `[[observers]]` entry with one webhook action. `observer_extra` goes into the observer
 /// (events, condition), `action_extra` into the action (secret, body, headers, retry…).
-pub fn webhook_observer(name: &str, entity: &str, url: &str, observer_extra: &str, action_extra: &str) -> String {
-    let retry = if action_extra.contains("retry") { "" } else { FAST_RETRY };
+pub fn webhook_observer(
+    name: &str,
+    entity: &str,
+    url: &str,
+    observer_extra: &str,
+    action_extra: &str,
+) -> String {
+    let retry = if action_extra.contains("retry") {
+        ""
+    } else {
+        FAST_RETRY
+    };
     format!(
         "[[observers]]\nname = \"{name}\"\nentity = \"{entity}\"\n{observer_extra}\n\n  [[observers.actions]]\n  type = \"webhook\"\n  url = \"{url}\"\n  {retry}\n{action_extra}\n\n"
     )
@@ -785,7 +890,9 @@ pub fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            {
                 out.push(v);
                 i += 3;
                 continue;

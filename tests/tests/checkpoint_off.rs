@@ -10,8 +10,12 @@ async fn checkpoint_off_starts_at_tail_and_writes_nothing() {
     let rx = Receiver::start().await;
     db.insert_order(1, "before-start", 1.0).await;
     // No start_from: the default is the tail.
-    let cfg = db.config_listener("id = \"nockpt\"", &webhook_observer("o", "Order", &rx.url("/h"), "", ""));
-    let mut daemon = Daemon::start_with_env(&db, &cfg, &[("OBSERVER__FEATURES__CHECKPOINT", "false")]).await;
+    let cfg = db.config_listener(
+        "id = \"nockpt\"",
+        &webhook_observer("o", "Order", &rx.url("/h"), "", ""),
+    );
+    let mut daemon =
+        Daemon::start_with_env(&db, &cfg, &[("OBSERVER__FEATURES__CHECKPOINT", "false")]).await;
     db.insert_order(2, "after-start", 1.0).await;
     let reqs = rx.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(reqs[0].json()["entity_id"], "2");
@@ -20,5 +24,8 @@ async fn checkpoint_off_starts_at_tail_and_writes_nothing() {
     assert_eq!(rx.count(), 1, "a row written before start was delivered");
     assert!(daemon.stop().await.success());
     assert_eq!(rx.count(), 1);
-    assert!(db.checkpoints().await.is_empty(), "no checkpoint row with the checkpoint off");
+    assert!(
+        db.checkpoints().await.is_empty(),
+        "no checkpoint row with the checkpoint off"
+    );
 }

@@ -18,7 +18,10 @@ async fn validate_reports_observer_and_column_of_bad_condition() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("paid-orders"), "names the observer: {text}");
     assert!(text.contains("condition"), "names the field: {text}");
-    assert!(text.contains("column 24") || text.contains("column 25"), "points at the column: {text}");
+    assert!(
+        text.contains("column 24") || text.contains("column 25"),
+        "points at the column: {text}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -49,8 +52,14 @@ async fn run_with_unreachable_database_names_the_address() {
     loop {
         if let Some(status) = d.try_status() {
             let logs = d.logs();
-            assert!(!status.success(), "exit 0 with an unreachable database: {logs}");
-            assert!(logs.contains("127.0.0.1:1"), "the error names the address: {logs}");
+            assert!(
+                !status.success(),
+                "exit 0 with an unreachable database: {logs}"
+            );
+            assert!(
+                logs.contains("127.0.0.1:1"),
+                "the error names the address: {logs}"
+            );
             break;
         }
         let logs = d.logs();
@@ -62,7 +71,10 @@ async fn run_with_unreachable_database_names_the_address() {
         });
         if clear {
             let status = d.stop().await;
-            assert!(status.code().is_some(), "stops on SIGTERM while waiting for the database");
+            assert!(
+                status.code().is_some(),
+                "stops on SIGTERM while waiting for the database"
+            );
             break;
         }
         if std::time::Instant::now() >= deadline {

@@ -9,7 +9,13 @@ use serde_json::{json, Value};
 async fn insert_update_delete_arrive_as_default_envelope() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
-    let cfg = db.config(&webhook_observer("all-orders", "Order", &rx.url("/hooks/orders"), "", ""));
+    let cfg = db.config(&webhook_observer(
+        "all-orders",
+        "Order",
+        &rx.url("/hooks/orders"),
+        "",
+        "",
+    ));
     let mut daemon = Daemon::start(&db, &cfg).await;
 
     let tenant = uuid::Uuid::new_v4();
@@ -27,19 +33,43 @@ async fn insert_update_delete_arrive_as_default_envelope() {
     assert_eq!(reqs.len(), 3, "exactly three deliveries");
     let ids = db.event_ids("Order", "1").await;
     assert_eq!(ids.len(), 3);
-    let ops: Vec<String> = reqs.iter().map(|r| r.json()["operation"].as_str().unwrap().to_string()).collect();
-    assert_eq!(ops, ["INSERT", "UPDATE", "DELETE"], "one entity's changes arrive in commit order");
+    let ops: Vec<String> = reqs
+        .iter()
+        .map(|r| r.json()["operation"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ops,
+        ["INSERT", "UPDATE", "DELETE"],
+        "one entity's changes arrive in commit order"
+    );
 
     for (r, id) in reqs.iter().zip(&ids) {
         assert_eq!(r.method, "POST");
         assert_eq!(r.path, "/hooks/orders");
-        assert!(r.header("content-type").unwrap_or("").starts_with("application/json"));
+        assert!(r
+            .header("content-type")
+            .unwrap_or("")
+            .starts_with("application/json"));
         let body = r.json();
-        let keys: std::collections::BTreeSet<&str> = body.as_object().unwrap().keys().map(String::as_str).collect();
-        let expected: std::collections::BTreeSet<&str> =
-            ["event_id", "entity", "entity_id", "operation", "data", "before", "tenant_id", "created_at", "observer"]
-                .into_iter()
-                .collect();
+        let keys: std::collections::BTreeSet<&str> = body
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let expected: std::collections::BTreeSet<&str> = [
+            "event_id",
+            "entity",
+            "entity_id",
+            "operation",
+            "data",
+            "before",
+            "tenant_id",
+            "created_at",
+            "observer",
+        ]
+        .into_iter()
+        .collect();
         assert_eq!(keys, expected, "envelope keys: {body}");
         assert_eq!(body["event_id"], json!(id.to_string()));
         assert_eq!(body["entity"], "Order");
@@ -47,10 +77,19 @@ async fn insert_update_delete_arrive_as_default_envelope() {
         assert_eq!(body["observer"], "all-orders");
         assert_eq!(body["tenant_id"], json!(tenant.to_string()));
         let created = body["created_at"].as_str().unwrap();
-        chrono::DateTime::parse_from_rfc3339(created).unwrap_or_else(|e| panic!("created_at {created}: {e}"));
+        chrono::DateTime::parse_from_rfc3339(created)
+            .unwrap_or_else(|e| panic!("created_at {created}: {e}"));
         let key = r.idempotency_key();
-        assert_eq!(Some(key), r.header("webhook-id"), "Idempotency-Key == webhook-id");
-        assert_eq!(key, idempotency_key(*id, "all-orders", 0), "key derived from (event, observer, action)");
+        assert_eq!(
+            Some(key),
+            r.header("webhook-id"),
+            "Idempotency-Key == webhook-id"
+        );
+        assert_eq!(
+            key,
+            idempotency_key(*id, "all-orders", 0),
+            "key derived from (event, observer, action)"
+        );
         assert!(r.header("webhook-timestamp").is_some());
     }
     let (ins, upd, del) = (reqs[0].json(), reqs[1].json(), reqs[2].json());
@@ -73,18 +112,28 @@ async fn composite_primary_key_gives_json_array_object_id() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE order_lines (order_id BIGINT, line_no INT, sku TEXT, PRIMARY KEY (order_id, line_no))")
         .await;
-    let out = db.cli(&["capture", "add", "order_lines", "--entity", "OrderLine"]).await;
+    let out = db
+        .cli(&["capture", "add", "order_lines", "--entity", "OrderLine"])
+        .await;
     assert!(out.status.success(), "{}", output_text(&out));
     let rx = Receiver::start().await;
-    let cfg = db.config(&webhook_observer("lines", "OrderLine", &rx.url("/lines"), "", ""));
+    let cfg = db.config(&webhook_observer(
+        "lines",
+        "OrderLine",
+        &rx.url("/lines"),
+        "",
+        "",
+    ));
     let mut daemon = Daemon::start(&db, &cfg).await;
 
-    db.exec("INSERT INTO order_lines VALUES (7, 2, 'abc')").await;
+    db.exec("INSERT INTO order_lines VALUES (7, 2, 'abc')")
+        .await;
     let reqs = rx.wait_for(1, Duration::from_secs(30)).await;
     let body = reqs[0].json();
     assert_eq!(body["entity"], "OrderLine");
     let id = body["entity_id"].as_str().expect("entity_id is a string");
-    let parsed: Value = serde_json::from_str(id).unwrap_or_else(|e| panic!("entity_id {id} is not JSON: {e}"));
+    let parsed: Value =
+        serde_json::from_str(id).unwrap_or_else(|e| panic!("entity_id {id} is not JSON: {e}"));
     assert_eq!(parsed, json!([7, 2]));
     assert_eq!(body["data"]["sku"], "abc");
     assert!(daemon.stop().await.success());

@@ -37,7 +37,8 @@ async fn exhausted_retries_dead_letter_then_retry_all_resolves() {
         assert_eq!(a["attempt"], (i + 1) as u64, "{a}");
         assert_eq!(a["status"], 500, "{a}");
         assert!(a["error"].as_str().unwrap_or("").contains("500"), "{a}");
-        let at = chrono::DateTime::parse_from_rfc3339(a["at"].as_str().expect("at")).expect("at is a timestamp");
+        let at = chrono::DateTime::parse_from_rfc3339(a["at"].as_str().expect("at"))
+            .expect("at is a timestamp");
         if let Some(p) = prev {
             assert!(at > p, "attempt timestamps increase");
         }
@@ -48,8 +49,14 @@ async fn exhausted_retries_dead_letter_then_retry_all_resolves() {
     // The receiver recovers; the operator retries everything pending.
     rx.set_status(204);
     let out = db.cli_with(&cfg, &["dlq", "retry-all"]).await;
-    assert!(out.status.success(), "dlq retry-all failed: {}", output_text(&out));
-    let reqs = rx.wait_until(T, "the manual retry", |r| r.iter().any(|r| r.status == 204)).await;
+    assert!(
+        out.status.success(),
+        "dlq retry-all failed: {}",
+        output_text(&out)
+    );
+    let reqs = rx
+        .wait_until(T, "the manual retry", |r| r.iter().any(|r| r.status == 204))
+        .await;
     let ok: Vec<_> = reqs.iter().filter(|r| r.status == 204).collect();
     assert_eq!(ok.len(), 1);
     assert_eq!(ok[0].idempotency_key(), key, "manual retry keeps the key");

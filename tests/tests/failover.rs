@@ -23,7 +23,11 @@ async fn only_one_active_and_standby_takes_over() {
     let mut active = Daemon::start(&db, &cfg).await;
     let standby = Daemon::start(&db, &cfg).await;
     let mut standby = standby;
-    assert!(standby.logs().contains("standing by"), "second daemon stands by:\n{}", standby.logs());
+    assert!(
+        standby.logs().contains("standing by"),
+        "second daemon stands by:\n{}",
+        standby.logs()
+    );
 
     for i in 1..=20 {
         db.insert_order(i, "new", 1.0).await;
@@ -31,7 +35,10 @@ async fn only_one_active_and_standby_takes_over() {
     db.wait_caught_up("test", T).await;
     let m = per_event(&rx);
     assert_eq!(m.len(), 20);
-    assert!(m.values().all(|&n| n == 1), "each event delivered once: {m:?}");
+    assert!(
+        m.values().all(|&n| n == 1),
+        "each event delivered once: {m:?}"
+    );
 
     assert!(active.stop().await.success());
     let stopped = Instant::now();
@@ -40,11 +47,21 @@ async fn only_one_active_and_standby_takes_over() {
     }
     rx.wait_for(25, Duration::from_secs(10)).await;
     let took = stopped.elapsed();
-    assert!(took <= Duration::from_secs(6), "standby took over after {took:?}");
+    assert!(
+        took <= Duration::from_secs(6),
+        "standby took over after {took:?}"
+    );
     db.wait_caught_up("test", T).await;
     let m = per_event(&rx);
     assert_eq!(m.len(), 25);
-    assert!(m.values().all(|&n| n == 1), "each event delivered once: {m:?}");
-    assert!(standby.logs().contains("acquired") || standby.logs().contains("active"), "{}", standby.logs());
+    assert!(
+        m.values().all(|&n| n == 1),
+        "each event delivered once: {m:?}"
+    );
+    assert!(
+        standby.logs().contains("acquired") || standby.logs().contains("active"),
+        "{}",
+        standby.logs()
+    );
     assert!(standby.stop().await.success());
 }

@@ -35,7 +35,11 @@ async fn migrate_adopts_an_existing_fraiseql_change_log_and_is_idempotent() {
     ));
     for round in 1..=2 {
         let out = db.cli_with(&cfg, &["migrate"]).await;
-        assert!(out.status.success(), "migrate round {round}: {}", output_text(&out));
+        assert!(
+            out.status.success(),
+            "migrate round {round}: {}",
+            output_text(&out)
+        );
     }
 
     // Nothing lost: the old row and its extra columns are intact; our columns were added.
@@ -51,10 +55,18 @@ async fn migrate_adopts_an_existing_fraiseql_change_log_and_is_idempotent() {
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'core' ORDER BY 1",
         )
         .await;
-    let names: Vec<&str> = tables.iter().filter_map(|t| t["table_name"].as_str()).collect();
+    let names: Vec<&str> = tables
+        .iter()
+        .filter_map(|t| t["table_name"].as_str())
+        .collect();
     assert_eq!(
         names,
-        ["observer_action_log", "observer_checkpoints", "observer_dead_letters", "tb_entity_change_log"],
+        [
+            "observer_action_log",
+            "observer_checkpoints",
+            "observer_dead_letters",
+            "tb_entity_change_log"
+        ],
         "our tables live beside the change log"
     );
 
@@ -68,9 +80,18 @@ async fn migrate_adopts_an_existing_fraiseql_change_log_and_is_idempotent() {
     let reqs = rx.wait_for(1, Duration::from_secs(20)).await;
     let body = reqs[0].json();
     assert_eq!(body["entity"], "Contact");
-    assert_eq!(body["entity_id"], "22222222-2222-2222-2222-222222222222", "a UUID object_id is read as text");
+    assert_eq!(
+        body["entity_id"], "22222222-2222-2222-2222-222222222222",
+        "a UUID object_id is read as text"
+    );
     assert_eq!(body["data"]["name"], "Ada");
     assert!(daemon.stop().await.success());
-    let cps = db.json_rows("SELECT listener_id FROM core.observer_checkpoints").await;
-    assert_eq!(cps.len(), 1, "the checkpoint is kept in the change log's schema");
+    let cps = db
+        .json_rows("SELECT listener_id FROM core.observer_checkpoints")
+        .await;
+    assert_eq!(
+        cps.len(),
+        1,
+        "the checkpoint is kept in the change log's schema"
+    );
 }

@@ -8,19 +8,29 @@ use observer_tests::*;
 const T: Duration = Duration::from_secs(30);
 
 fn entity_ids(reqs: &[Received]) -> Vec<String> {
-    reqs.iter().map(|r| r.json()["entity_id"].as_str().unwrap().to_string()).collect()
+    reqs.iter()
+        .map(|r| r.json()["entity_id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_commit_is_not_skipped() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
-    let mut daemon = Daemon::start(&db, &db.config(&webhook_observer("o", "Order", &rx.url("/h"), "", ""))).await;
+    let mut daemon = Daemon::start(
+        &db,
+        &db.config(&webhook_observer("o", "Order", &rx.url("/h"), "", "")),
+    )
+    .await;
 
     let a = db.connect().await;
     let b = db.connect().await;
-    a.batch_execute("BEGIN; INSERT INTO orders (id) VALUES (1)").await.unwrap();
-    b.batch_execute("INSERT INTO orders (id) VALUES (2)").await.unwrap();
+    a.batch_execute("BEGIN; INSERT INTO orders (id) VALUES (1)")
+        .await
+        .unwrap();
+    b.batch_execute("INSERT INTO orders (id) VALUES (2)")
+        .await
+        .unwrap();
     let pks = db
         .json_rows("SELECT object_id, pk_entity_change_log AS pk FROM tb_entity_change_log ORDER BY pk_entity_change_log")
         .await;
@@ -30,10 +40,18 @@ async fn late_commit_is_not_skipped() {
     let reqs = rx.wait_for(1, T).await;
     assert_eq!(entity_ids(&reqs), ["2"], "B is delivered while A is open");
     a.batch_execute("COMMIT").await.unwrap();
-    let all = db.json_rows("SELECT object_id, pk_entity_change_log AS pk FROM tb_entity_change_log ORDER BY 2").await;
+    let all = db
+        .json_rows(
+            "SELECT object_id, pk_entity_change_log AS pk FROM tb_entity_change_log ORDER BY 2",
+        )
+        .await;
     assert_eq!(all[0]["object_id"], "1", "A holds the lower pk: {all:?}");
     let reqs = rx.wait_for(2, T).await;
-    assert_eq!(entity_ids(&reqs), ["2", "1"], "A is delivered after it commits");
+    assert_eq!(
+        entity_ids(&reqs),
+        ["2", "1"],
+        "A is delivered after it commits"
+    );
     db.wait_caught_up("test", T).await;
     assert_eq!(rx.count(), 2);
     assert!(daemon.stop().await.success());
@@ -44,11 +62,21 @@ async fn unrelated_open_transaction_does_not_delay_delivery() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE scratch (x INT)").await;
     let rx = Receiver::start().await;
-    let mut daemon = Daemon::start(&db, &db.config(&webhook_observer("o", "Order", &rx.url("/h"), "", ""))).await;
+    let mut daemon = Daemon::start(
+        &db,
+        &db.config(&webhook_observer("o", "Order", &rx.url("/h"), "", "")),
+    )
+    .await;
 
     let open = db.connect().await;
-    open.batch_execute("BEGIN; INSERT INTO scratch VALUES (1)").await.unwrap();
-    let xid: String = open.query_one("SELECT pg_current_xact_id()::text", &[]).await.unwrap().get(0);
+    open.batch_execute("BEGIN; INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    let xid: String = open
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(!xid.is_empty());
 
     let t0 = Instant::now();
@@ -57,7 +85,10 @@ async fn unrelated_open_transaction_does_not_delay_delivery() {
     }
     rx.wait_for(3, Duration::from_secs(3)).await;
     let took = t0.elapsed();
-    assert!(took < Duration::from_secs(3), "deliveries took {took:?} behind an unrelated open transaction");
+    assert!(
+        took < Duration::from_secs(3),
+        "deliveries took {took:?} behind an unrelated open transaction"
+    );
     // The transaction is still open.
     let open_now: i64 = db
         .client
@@ -75,19 +106,29 @@ async fn interleaved_updates_of_one_row_arrive_in_commit_order() {
     let db = TestDb::new().await;
     db.exec("CREATE TABLE scratch (x INT)").await;
     let rx = Receiver::start().await;
-    let mut daemon = Daemon::start(&db, &db.config(&webhook_observer("o", "Order", &rx.url("/h"), "", ""))).await;
+    let mut daemon = Daemon::start(
+        &db,
+        &db.config(&webhook_observer("o", "Order", &rx.url("/h"), "", "")),
+    )
+    .await;
     db.insert_order(5, "new", 1.0).await;
     rx.wait_for(1, T).await;
 
     let t1 = db.connect().await;
     let t2 = db.connect().await;
     // T2 takes its transaction id first (so ordering by xid would put it first) ...
-    t2.batch_execute("BEGIN; INSERT INTO scratch VALUES (2)").await.unwrap();
+    t2.batch_execute("BEGIN; INSERT INTO scratch VALUES (2)")
+        .await
+        .unwrap();
     // ... T1 updates the row ...
-    t1.batch_execute("BEGIN; UPDATE orders SET status = 't1' WHERE id = 5").await.unwrap();
+    t1.batch_execute("BEGIN; UPDATE orders SET status = 't1' WHERE id = 5")
+        .await
+        .unwrap();
     // ... T2 blocks on the row lock (from another task).
     let blocked = tokio::spawn(async move {
-        t2.batch_execute("UPDATE orders SET status = 't2' WHERE id = 5").await.unwrap();
+        t2.batch_execute("UPDATE orders SET status = 't2' WHERE id = 5")
+            .await
+            .unwrap();
         t2
     });
     eventually(T, "T2 to wait on T1's row lock", || async {
@@ -110,9 +151,19 @@ async fn interleaved_updates_of_one_row_arrive_in_commit_order() {
     let reqs = rx.wait_for(3, T).await;
     let statuses: Vec<String> = reqs
         .iter()
-        .map(|r| format!("{}:{}", r.json()["operation"].as_str().unwrap(), r.json()["data"]["status"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r.json()["operation"].as_str().unwrap(),
+                r.json()["data"]["status"].as_str().unwrap()
+            )
+        })
         .collect();
-    assert_eq!(statuses, ["INSERT:new", "UPDATE:t1", "UPDATE:t2"], "commit order");
+    assert_eq!(
+        statuses,
+        ["INSERT:new", "UPDATE:t1", "UPDATE:t2"],
+        "commit order"
+    );
     let upd = reqs[2].json();
     assert_eq!(upd["before"]["status"], "t1", "T2 saw T1's committed row");
     assert!(daemon.stop().await.success());

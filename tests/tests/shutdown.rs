@@ -21,13 +21,21 @@ async fn sigterm_waits_for_in_flight_request_and_checkpoints_it() {
 
     let status = daemon.stop().await;
     let stopped = Instant::now();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", daemon.logs());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        daemon.logs()
+    );
     assert!(
         stopped.duration_since(arrived) >= Duration::from_millis(1900),
         "exited {:?} after the request arrived, before it completed",
         stopped.duration_since(arrived)
     );
-    assert_eq!(db.unprocessed("test").await, 0, "the checkpoint includes the in-flight event");
+    assert_eq!(
+        db.unprocessed("test").await,
+        0,
+        "the checkpoint includes the in-flight event"
+    );
     let log = db.action_log().await;
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["outcome"], "delivered");
@@ -38,7 +46,11 @@ async fn sigterm_waits_for_in_flight_request_and_checkpoints_it() {
     rx.wait_for(2, T).await;
     db.wait_caught_up("test", T).await;
     let reqs = rx.requests();
-    assert_eq!(reqs.iter().filter(|r| r.event_id() == event).count(), 1, "not redelivered after restart");
+    assert_eq!(
+        reqs.iter().filter(|r| r.event_id() == event).count(),
+        1,
+        "not redelivered after restart"
+    );
     assert_eq!(reqs.len(), 2);
     assert!(daemon.stop().await.success());
 }

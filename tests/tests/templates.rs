@@ -11,7 +11,10 @@ async fn body_header_and_url_templates_render() {
     let rx = Receiver::start().await;
     let body = r#"body = '''{"order": {{ data.id }}, "who": "{{ data.customer.name }}", "city": {{ data.customer.address.city }}, "first_tag": "{{ data.customer.tags[0] }}", "note": {{ data.note }}, "note_in_text": "note={{ data.note }}", "event": "{{ event.id }}", "op": "{{ event.operation }}", "entity": "{{ event.entity }}", "observer": "{{ observer.name }}", "key": "{{ delivery.idempotency_key }}", "missing": {{ data.nope | default("n/a") }}}'''
   headers = { "X-Order" = "order-{{ data.id }}", "X-Status" = "{{ data.status | upper }}" }"#;
-    let url = format!("http://{}/hooks/{{{{ data.customer.name }}}}?status={{{{ data.status }}}}", rx.addr);
+    let url = format!(
+        "http://{}/hooks/{{{{ data.customer.name }}}}?status={{{{ data.status }}}}",
+        rx.addr
+    );
     let cfg = db.config(&webhook_observer("tmpl", "Order", &url, "", body));
     let mut daemon = Daemon::start(&db, &cfg).await;
 
@@ -47,8 +50,15 @@ async fn body_header_and_url_templates_render() {
     assert_eq!(r.header("x-status"), Some("PAID"));
 
     // URL: the placeholder is percent-encoded, so it stays one path segment.
-    let seg = r.path.strip_prefix("/hooks/").unwrap_or_else(|| panic!("path {}", r.path));
-    assert!(!seg.contains('/') && !seg.contains(' ') && !seg.contains('&') && !seg.contains('"'), "not encoded: {}", r.path);
+    let seg = r
+        .path
+        .strip_prefix("/hooks/")
+        .unwrap_or_else(|| panic!("path {}", r.path));
+    assert!(
+        !seg.contains('/') && !seg.contains(' ') && !seg.contains('&') && !seg.contains('"'),
+        "not encoded: {}",
+        r.path
+    );
     assert_eq!(percent_decode(seg), name);
     assert_eq!(r.query.as_deref(), Some("status=paid"));
     assert!(daemon.stop().await.success());
