@@ -233,7 +233,10 @@ impl Tracker {
 
     fn complete(&mut self, seq: u64) {
         if let Some(front) = self.slots.front().map(|s| s.0) {
-            if let Some(slot) = self.slots.get_mut((seq - front) as usize) {
+            if let Some(slot) = seq
+                .checked_sub(front)
+                .and_then(|i| self.slots.get_mut(i as usize))
+            {
                 slot.2 = true;
             }
         }
