@@ -203,7 +203,7 @@ fn compile_observer(
             Ok(action) => actions.push(ObserverAction {
                 action,
                 retry: a.retry(),
-                config: serde_json::to_value(a).unwrap_or(serde_json::Value::Null),
+                config: redacted(a),
             }),
             Err(mut e) => issues.append(&mut e),
         }
@@ -234,5 +234,83 @@ fn check_retry(r: &RetryConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// The action's config as stored with dead letters and shown by `dlq show`: `${env:…}` and
+/// `${file:…}` references are kept (they name where the secret lives), but a literal signing
+/// secret, a literal value of a credential-like header and a password in the URL are replaced,
+/// so no secret written into a config file ever reaches the database or the terminal.
+pub fn redacted(action: &ActionConfig) -> serde_json::Value {
+    const HIDDEN: &str = "<redacted>";
+    let is_reference = |v: &str| v.trim_start().starts_with("${") && v.trim_end().ends_with('}');
+    let mut v = serde_json::to_value(action).unwrap_or(serde_json::Value::Null);
+    if let ActionConfig::Webhook(w) = action {
+        if let Some(secret) = &w.secret {
+            if !is_reference(secret) {
+                v["secret"] = HIDDEN.into();
+            }
+        }
+        for (name, value) in &w.headers {
+            let n = name.to_ascii_lowercase();
+            let sensitive = [
+                "authorization",
+                "cookie",
+                "token",
+                "secret",
+                "key",
+                "password",
+                "signature",
+            ]
+            .iter()
+            .any(|s| n.contains(s));
+            if sensitive && !value.contains("${") {
+                v["headers"][name] = HIDDEN.into();
+            }
+        }
+        if let Ok(mut url) = reqwest::Url::parse(&w.url) {
+            if url.password().is_some() && url.set_password(Some(HIDDEN)).is_ok() {
+                v["url"] = url.to_string().into();
+            }
+        }
+    }
+    v
+}
+
 /// Re-exported so callers can name the config type next to the compiled one.
 pub type ActionSpec = ActionConfig;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WebhookConfig;
+
+    #[test]
+    fn stored_action_configs_carry_no_literal_secret() {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert("Authorization".to_string(), "Bearer abc123".to_string());
+        headers.insert("X-Api-Key".to_string(), "${env:API_KEY}".to_string());
+        headers.insert("X-Team".to_string(), "billing".to_string());
+        let a = ActionConfig::Webhook(WebhookConfig {
+            url: "https://user:hunter2@example.com/hook".into(),
+            method: "POST".into(),
+            headers,
+            body: None,
+            timeout_ms: 1000,
+            secret: Some("whsec_c2VjcmV0".into()),
+            retry: RetryConfig::default(),
+        });
+        let v = redacted(&a);
+        let text = v.to_string();
+        for leaked in ["abc123", "hunter2", "whsec_c2VjcmV0"] {
+            assert!(!text.contains(leaked), "{leaked} leaked: {text}");
+        }
+        assert_eq!(
+            v["headers"]["X-Api-Key"], "${env:API_KEY}",
+            "references are kept"
+        );
+        assert_eq!(v["headers"]["X-Team"], "billing");
+        let mut with_ref = a.clone();
+        if let ActionConfig::Webhook(w) = &mut with_ref {
+            w.secret = Some("${env:ORDERS_SECRET}".into());
+        }
+        assert_eq!(redacted(&with_ref)["secret"], "${env:ORDERS_SECRET}");
+    }
+}
