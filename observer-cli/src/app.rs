@@ -27,6 +27,12 @@ impl App {
         let url = config::resolve_secret(&config.database.url, "database.url")?;
         let mut pg_config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| anyhow!("database.url is not a valid Postgres URL: {e}"))?;
+        if pg_config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+            anyhow::bail!(
+                "database.url asks for TLS (sslmode=require), but this build connects to Postgres without TLS; \
+                 use a loopback or private-network connection (sslmode=disable or prefer) until Postgres TLS lands"
+            );
+        }
         pg_config.connect_timeout(Duration::from_millis(
             config.database.connect_timeout_ms.max(1),
         ));
