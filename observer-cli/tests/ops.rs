@@ -397,12 +397,24 @@ async fn scenario(dir: &Path, name: &str) {
     let d = ok(cfg, &["debug-event", &id_a, "--json"]);
     assert_eq!(d["observers"][1]["actions"][0]["status"], "delivered");
 
-    // checkpoint show / set --beginning: refused while alive, then re-delivers with the same keys.
-    let c = ok(cfg, &["checkpoint", "show", "--json"]);
-    let epoch = c["epoch"].as_i64().unwrap();
+    // checkpoint set: refused while a daemon is active (it holds the listener lock), allowed
+    // once it stopped; --beginning then re-delivers with the same keys.
+    let daemon = start_daemon(cfg, &dir.join("run-active.log"));
+    wait_for("the daemon to hold the listener", 20, || {
+        let o = cli(cfg, &["status", "--json"]);
+        o.code == 0 && o.json()["alive"] == true
+    });
     let o = cli(cfg, &["checkpoint", "set", "--beginning", "--yes"]);
     assert_ne!(o.code, 0);
-    assert!(o.stderr.contains("looks alive"), "{}", o.stderr);
+    assert!(o.stderr.contains("is active"), "{}", o.stderr);
+    stop_daemon(daemon);
+    let st = ok(cfg, &["status", "--json"]);
+    assert_eq!(
+        st["alive"], false,
+        "a stopped daemon is not reported as running: {st}"
+    );
+    let c = ok(cfg, &["checkpoint", "show", "--json"]);
+    let epoch = c["epoch"].as_i64().unwrap();
     let o = cli(cfg, &["checkpoint", "set", "--beginning", "--force"]);
     assert_ne!(o.code, 0, "without --yes nothing is applied");
     assert_eq!(ok(cfg, &["checkpoint", "show", "--json"])["epoch"], epoch);

@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use observer_core::change_log::{ChangeLog, ChangeRow, Position, Snapshot};
 use uuid::Uuid;
 
-use super::{checkpoints, db_err, or_dash, print_json, require_migrated, ALIVE_SECS};
+use super::{checkpoints, db_err, or_dash, print_json, require_migrated};
 use crate::app::App;
 
 #[derive(Debug, Subcommand)]
@@ -44,7 +44,7 @@ pub struct SetArgs {
     /// Apply the change (without it, only show what would be written).
     #[arg(long)]
     yes: bool,
-    /// Set it even though the listener looks alive (its daemon is then fenced and stops).
+    /// Set it even though a daemon is active on the listener (it is then fenced and stops).
     #[arg(long)]
     force: bool,
     #[arg(long)]
@@ -107,10 +107,9 @@ async fn set(app: &App, client: &tokio_postgres::Client, a: SetArgs) -> Result<E
     if let Some(c) = &current {
         if c.alive() && !a.force {
             bail!(
-                "listener {listener} looks alive (owner {}, heartbeat {:.0}s ago, under {ALIVE_SECS}s): the running daemon \
+                "listener {listener} is active (owner {}, holding the listener lock): the running daemon \
                  would overwrite the checkpoint. Stop it first, or pass --force to fence it",
-                or_dash(&c.owner),
-                c.heartbeat_age_secs.unwrap_or(0.0)
+                or_dash(&c.owner)
             );
         }
     }

@@ -25,9 +25,6 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::stack;
 
-/// A listener is considered alive when it saved a heartbeat this recently.
-pub const ALIVE_SECS: f64 = 15.0;
-
 /// A database error, with "run `migrate`" when our tables are missing.
 pub fn db_err(e: tokio_postgres::Error) -> anyhow::Error {
     anyhow::Error::new(explain_missing(e))
@@ -53,12 +50,15 @@ pub struct CheckpointRow {
     pub last_error_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Whether a process holds the listener's advisory lock right now: an active daemon does,
+    /// for its whole life; a stopped or crashed one cannot (the lock dies with its session).
+    pub active: bool,
 }
 
 impl CheckpointRow {
-    /// Whether a daemon saved a heartbeat within [`ALIVE_SECS`].
+    /// Whether a daemon is active on this listener (it holds the listener lock).
     pub fn alive(&self) -> bool {
-        self.heartbeat_age_secs.is_some_and(|a| a < ALIVE_SECS)
+        self.active
     }
 
     /// The stored position.
@@ -81,7 +81,7 @@ impl CheckpointRow {
     /// "running" or "stopped (last heartbeat Ns ago)".
     pub fn state(&self) -> String {
         match self.heartbeat_age_secs {
-            Some(_) if self.alive() => "running".into(),
+            _ if self.alive() => "running".into(),
             Some(a) => format!(
                 "stopped (last heartbeat {}s ago)",
                 a.max(0.0).round() as i64
@@ -100,7 +100,12 @@ pub async fn checkpoints(
     let sql = format!(
         "SELECT listener_id, owner, epoch, window_lo::text, window_hi::text, after_pk, last_event_id,
                 last_event_pk, last_event_at, events_processed, heartbeat_at,
-                EXTRACT(EPOCH FROM now() - heartbeat_at)::float8, last_error, last_error_at, created_at, updated_at
+                EXTRACT(EPOCH FROM now() - heartbeat_at)::float8, last_error, last_error_at, created_at, updated_at,
+                EXISTS (SELECT 1 FROM pg_locks l
+                        WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
+                          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                          AND ((l.classid::int8 << 32) | l.objid::int8)
+                              = hashtextextended('fraiseql_observers:' || listener_id, 0))
          FROM {} WHERE $1::text IS NULL OR listener_id = $1 ORDER BY listener_id",
         objects.checkpoints.sql()
     );
@@ -124,6 +129,7 @@ pub async fn checkpoints(
             last_error_at: r.get(13),
             created_at: r.get(14),
             updated_at: r.get(15),
+            active: r.get(16),
         })
         .collect())
 }
