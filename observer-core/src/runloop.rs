@@ -837,47 +837,44 @@ async fn read_loop(
     stop: CancellationToken,
 ) {
     let mut pos = start;
+    let read_err =
+        |e: tokio_postgres::Error| format!("reading the change log: {}", crate::error_chain(&e));
+    let snapshot_err =
+        |e: tokio_postgres::Error| format!("taking a snapshot: {}", crate::error_chain(&e));
     let outcome: Result<(), String> = async {
+        // Items to hand over with the next send (a window end travels with the rows after it).
+        let mut items: Vec<Item> = Vec::new();
         loop {
-            let rows = reader
-                .read(&pos.lo, &pos.hi, pos.after_pk, batch)
-                .await
-                .map_err(|e| format!("reading the change log: {}", crate::error_chain(&e)))?;
-            let full = rows.len() as i64 >= batch;
-            let mut items = Vec::with_capacity(rows.len() + 1);
-            for row in rows {
-                pos.after_pk = row.pk();
-                items.push(Item::Row(row, pos.clone()));
-            }
-            if !full {
-                // Window drained: move to the next one, waiting for news if nothing changed.
-                let snapshot_err = |e: tokio_postgres::Error| {
-                    format!("taking a snapshot: {}", crate::error_chain(&e))
-                };
-                let mut next = reader.snapshot().await.map_err(snapshot_err)?;
-                if next == pos.hi && items.is_empty() {
+            // Read the current window to its end, a page at a time.
+            loop {
+                let rows = reader.read(&pos.lo, &pos.hi, pos.after_pk, batch).await.map_err(read_err)?;
+                let full = rows.len() as i64 >= batch;
+                for row in rows {
+                    pos.after_pk = row.pk();
+                    items.push(Item::Row(row, pos.clone()));
+                }
+                if !items.is_empty() {
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
-                        _ = wake.notified() => {}
-                        _ = tokio::time::sleep(poll) => {}
+                        sent = tx.send(Ok(std::mem::take(&mut items))) => if sent.is_err() { return Ok(()) },
                     }
-                    next = reader.snapshot().await.map_err(snapshot_err)?;
                 }
-                if next != pos.hi {
-                    pos = Position {
-                        lo: pos.hi.clone(),
-                        hi: next,
-                        after_pk: 0,
-                    };
-                    items.push(Item::WindowEnd(Position::at(pos.lo.clone())));
+                if !full {
+                    break;
                 }
             }
-            if !items.is_empty() {
+            // Drained: the next window starts when the snapshot moves; wait for news until it does.
+            let mut next = reader.snapshot().await.map_err(snapshot_err)?;
+            while next == pos.hi {
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
-                    sent = tx.send(Ok(items)) => if sent.is_err() { return Ok(()) },
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
                 }
+                next = reader.snapshot().await.map_err(snapshot_err)?;
             }
+            pos = Position { lo: pos.hi.clone(), hi: next, after_pk: 0 };
+            items.push(Item::WindowEnd(Position::at(pos.lo.clone())));
         }
     }
     .await;
