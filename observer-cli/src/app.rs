@@ -16,6 +16,9 @@ pub struct App {
     pub config_path: Option<PathBuf>,
     pub objects: Arc<Objects>,
     pub pg_config: tokio_postgres::Config,
+    /// The connector of every connection; TLS (verified) only with `sslmode=require`.
+    pub tls: observer_core::tls::PgTls,
+    pub tls_on: bool,
 }
 
 impl App {
@@ -27,12 +30,11 @@ impl App {
         let url = config::resolve_secret(&config.database.url, "database.url")?;
         let mut pg_config = tokio_postgres::Config::from_str(&url)
             .map_err(|e| anyhow!("database.url is not a valid Postgres URL: {e}"))?;
-        if pg_config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            anyhow::bail!(
-                "database.url asks for TLS (sslmode=require), but this build connects to Postgres without TLS; \
-                 use a loopback or private-network connection (sslmode=disable or prefer) until Postgres TLS lands"
-            );
-        }
+        let ca_file = match &config.database.ca_file {
+            Some(f) => Some(config::resolve_secret(f, "database.ca_file")?),
+            None => None,
+        };
+        let (tls, tls_on) = observer_core::tls::configure(&mut pg_config, ca_file.as_deref())?;
         pg_config.connect_timeout(Duration::from_millis(
             config.database.connect_timeout_ms.max(1),
         ));
@@ -42,6 +44,8 @@ impl App {
             config_path: path.map(Path::to_path_buf),
             objects,
             pg_config,
+            tls,
+            tls_on,
         })
     }
 
@@ -69,7 +73,7 @@ impl App {
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         let (client, conn) = self
             .pg_config
-            .connect(tokio_postgres::NoTls)
+            .connect(self.tls.clone())
             .await
             .with_context(|| format!("cannot connect to the database at {}", self.where_db()))?;
         tokio::spawn(async move {
@@ -84,7 +88,7 @@ impl App {
     pub fn pool(&self) -> Result<deadpool_postgres::Pool> {
         let mgr = deadpool_postgres::Manager::from_config(
             self.pg_config.clone(),
-            tokio_postgres::NoTls,
+            self.tls.clone(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },

@@ -60,12 +60,14 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         observers: Arc::new(observers),
         objects: app.objects.clone(),
         pg_config: app.pg_config.clone(),
+        tls: app.tls.clone(),
         checkpoint,
         owner,
     };
     tracing::info!(
         listener = %cfg.listener.id,
         database = %app.where_db(),
+        tls = app.tls_on,
         change_log = %app.objects.change_log,
         observers = ctx.observers.list.len(),
         checkpoint = cfg.features.checkpoint,

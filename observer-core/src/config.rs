@@ -35,6 +35,8 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     /// How long one connection attempt may take.
     pub connect_timeout_ms: u64,
+    /// Extra trusted CA certificates (PEM) for `sslmode=require`, e.g. a cloud provider's bundle.
+    pub ca_file: Option<String>,
 }
 
 impl Default for DatabaseConfig {
@@ -43,6 +45,7 @@ impl Default for DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/postgres".into(),
             pool_size: 8,
             connect_timeout_ms: 5_000,
+            ca_file: None,
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod schema;
 pub mod signing;
 pub mod store;
 pub mod template;
+pub mod tls;
 
 /// An error and its causes, joined with `: ` (`tokio_postgres::Error` and `reqwest::Error` keep
 /// the useful part, such as "connection refused", in their sources).

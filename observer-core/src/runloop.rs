@@ -72,6 +72,8 @@ pub struct RunContext {
     pub observers: Arc<Observers>,
     pub objects: Arc<Objects>,
     pub pg_config: tokio_postgres::Config,
+    /// The connector for every connection (TLS only when `sslmode=require`).
+    pub tls: crate::tls::PgTls,
     pub checkpoint: Option<Arc<dyn CheckpointStore>>,
     /// Identifies this process in the checkpoint row (`host:pid`).
     pub owner: String,
@@ -133,7 +135,7 @@ async fn listen_connection(
     ctx: &RunContext,
     wake: Arc<Notify>,
 ) -> Result<ListenConnection, RunError> {
-    let (client, mut connection) = ctx.pg_config.connect(tokio_postgres::NoTls).await?;
+    let (client, mut connection) = ctx.pg_config.connect(ctx.tls.clone()).await?;
     let lost = CancellationToken::new();
     let lost2 = lost.clone();
     let task = tokio::spawn(async move {
@@ -281,7 +283,7 @@ pub async fn run(
 
     let book = ctx
         .pg_config
-        .connect(tokio_postgres::NoTls)
+        .connect(ctx.tls.clone())
         .await
         .map(|(client, conn)| {
             tokio::spawn(async move {
@@ -328,7 +330,7 @@ pub async fn run(
     // Reader: prefetches at most two batches ahead.
     let (tx, mut rx) = mpsc::channel::<Result<Vec<Item>, String>>(2);
     let reader_stop = CancellationToken::new();
-    let (reader_client, reader_conn) = ctx.pg_config.connect(tokio_postgres::NoTls).await?;
+    let (reader_client, reader_conn) = ctx.pg_config.connect(ctx.tls.clone()).await?;
     let reader_conn = tokio::spawn(async move {
         if let Err(e) = reader_conn.await {
             tracing::warn!(error = %e, "reader connection failed");
