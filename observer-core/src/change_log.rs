@@ -304,21 +304,13 @@ impl ChangeLog {
             .collect())
     }
 
-    /// The row with event id `id`.
+    /// The row with event id `id` (the first, should an application have written it twice).
     pub async fn read_event(
         &self,
         client: &impl GenericClient,
         id: Uuid,
     ) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
-        let sql = format!(
-            "SELECT {COLUMNS} FROM {t} WHERE id = $1 ORDER BY pk_entity_change_log LIMIT 1",
-            t = self.table.sql()
-        );
-        Ok(client
-            .query_opt(&sql, &[&id])
-            .await?
-            .as_ref()
-            .map(decode_row))
+        self.read_one(client, "id = $1", &id).await
     }
 
     /// The row with change-log pk `pk`.
@@ -327,12 +319,22 @@ impl ChangeLog {
         client: &impl GenericClient,
         pk: i64,
     ) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
+        self.read_one(client, "pk_entity_change_log = $1", &pk)
+            .await
+    }
+
+    async fn read_one(
+        &self,
+        client: &impl GenericClient,
+        condition: &str,
+        param: &(dyn tokio_postgres::types::ToSql + Sync),
+    ) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM {t} WHERE pk_entity_change_log = $1",
+            "SELECT {COLUMNS} FROM {t} WHERE {condition} ORDER BY pk_entity_change_log LIMIT 1",
             t = self.table.sql()
         );
         Ok(client
-            .query_opt(&sql, &[&pk])
+            .query_opt(&sql, &[param])
             .await?
             .as_ref()
             .map(decode_row))
