@@ -18,11 +18,13 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     let app = App::load(config)?;
     let cfg = app.config.clone();
     stack::check_features(&cfg)?;
-    if cfg.listener.batch_size < 1 || cfg.listener.batch_size > 100_000 {
-        anyhow::bail!(
-            "listener.batch_size must be 1..=100000, got {}",
-            cfg.listener.batch_size
-        );
+    let problems = cfg.check();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems
+            .iter()
+            .map(|(k, m)| format!("  {k}: {m}"))
+            .collect();
+        anyhow::bail!("invalid settings:\n{}", list.join("\n"));
     }
     let observers = Observers::compile(&cfg).map_err(|issues| {
         let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();

@@ -42,11 +42,8 @@ pub async fn run(args: ValidateArgs) -> Result<ExitCode> {
                     message: e.to_string(),
                 });
             }
-            if cfg.listener.batch_size < 1 || cfg.listener.batch_size > 100_000 {
-                issues.push(ConfigIssue {
-                    location: "listener.batch_size".into(),
-                    message: "expected 1..=100000".into(),
-                });
+            for (location, message) in cfg.check() {
+                issues.push(ConfigIssue { location, message });
             }
             if cfg.observers.is_empty() {
                 issues.push(ConfigIssue {

@@ -405,6 +405,97 @@ impl Default for RetryConfig {
     }
 }
 
+impl Config {
+    /// Values that parse but cannot work (a zero poll interval would spin, a zero batch would
+    /// never finish): each problem with its key and the accepted range. `validate` and `run` both
+    /// refuse a config with any.
+    pub fn check(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut range = |key: &str, v: i128, lo: i128, hi: i128, unit: &str| {
+            if v < lo || v > hi {
+                out.push((
+                    key.to_string(),
+                    format!("{v} is out of range: expected {lo}..={hi}{unit}"),
+                ));
+            }
+        };
+        let l = &self.listener;
+        range(
+            "database.pool_size",
+            self.database.pool_size as i128,
+            1,
+            1000,
+            "",
+        );
+        range(
+            "database.connect_timeout_ms",
+            self.database.connect_timeout_ms as i128,
+            1,
+            600_000,
+            " ms",
+        );
+        range("listener.batch_size", l.batch_size as i128, 1, 100_000, "");
+        range(
+            "listener.poll_interval_ms",
+            l.poll_interval_ms as i128,
+            10,
+            3_600_000,
+            " ms",
+        );
+        range(
+            "listener.max_pending_events",
+            l.max_pending_events as i128,
+            1,
+            10_000_000,
+            "",
+        );
+        range(
+            "listener.shutdown_timeout_ms",
+            l.shutdown_timeout_ms as i128,
+            0,
+            3_600_000,
+            " ms",
+        );
+        range(
+            "listener.flush_interval_ms",
+            l.flush_interval_ms as i128,
+            1,
+            60_000,
+            " ms",
+        );
+        range(
+            "retention.batch_size",
+            self.retention.batch_size as i128,
+            1,
+            1_000_000,
+            "",
+        );
+        let id_ok = !l.id.is_empty()
+            && l.id.len() <= 128
+            && l.id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !id_ok {
+            out.push((
+                "listener.id".into(),
+                format!(
+                    "`{}`: expected 1-128 letters, digits, `-`, `_` or `.`",
+                    l.id
+                ),
+            ));
+        }
+        let channel_ok =
+            !l.channel.is_empty() && l.channel.len() <= 63 && !l.channel.contains('\0');
+        if !channel_ok {
+            out.push((
+                "listener.channel".into(),
+                "expected 1-63 bytes (a Postgres channel name)".into(),
+            ));
+        }
+        out
+    }
+}
+
 /// A configuration that could not be loaded: the file, the key and what was expected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -621,6 +712,27 @@ url = "http://127.0.0.1:1/x"
         .to_string();
         assert!(e.contains("nope"), "{e}");
         assert!(e.contains("OBSERVER__FEATURES__NOPE"), "{e}");
+    }
+
+    #[test]
+    fn ranges_are_checked_with_their_keys() {
+        assert!(
+            Config::default().check().is_empty(),
+            "the defaults are valid"
+        );
+        let mut c = Config::default();
+        c.listener.poll_interval_ms = 0;
+        c.retention.batch_size = 0;
+        c.listener.id = String::new();
+        let keys: Vec<String> = c.check().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "listener.poll_interval_ms",
+                "retention.batch_size",
+                "listener.id"
+            ]
+        );
     }
 
     #[test]
