@@ -51,6 +51,9 @@ pub enum RunError {
     ListenLost,
     #[error("change-log reader stopped: {0}")]
     Reader(String),
+    /// A task of the run (writer, dispatch, executor) failed in a way that ends the run.
+    #[error("{0}")]
+    Task(String),
 }
 
 impl RunError {
@@ -391,12 +394,12 @@ pub async fn run(
             _ = listen.lost.cancelled() => break Err(RunError::ListenLost),
             failed = &mut writer_failed => match failed {
                 Ok(e) => break Err(e.into()),
-                Err(_) => break Err(RunError::Reader("the writer task ended".into())),
+                Err(_) => break Err(RunError::Task("the writer task ended unexpectedly".into())),
             },
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                 let (seq, states, result) = match done {
                     Ok(v) => v,
-                    Err(e) => break Err(RunError::Reader(format!("dispatch task failed: {e}"))),
+                    Err(e) => break Err(RunError::Task(format!("dispatch task failed: {e}"))),
                 };
                 if on_result(seq, states, result, &mut events, &mut retries, &mut recorder, &mut progress) {
                     finish(seq, &mut events, &mut busy, &mut waiting, &mut ready, &mut tracker);
@@ -408,7 +411,7 @@ pub async fn run(
             }
             r = executor.ready(), if !ready.is_empty() => {
                 if let Err(e) = r {
-                    break Err(RunError::Reader(format!("executor failed: {e}")));
+                    break Err(RunError::Task(format!("executor failed: {e}")));
                 }
                 if let Some((seq, states)) = ready.pop_front() {
                     let Some(ev) = events.get(&seq) else { continue };
