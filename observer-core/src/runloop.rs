@@ -494,7 +494,7 @@ pub async fn run(
         ),
     }
     if let Some(p) = &tracker.watermark {
-        tracing::info!(listener, position = %describe(p), "stopped");
+        tracing::info!(listener, reached = %describe(p), "stopped");
     }
     *resume = tracker.watermark.clone();
     result
@@ -582,6 +582,12 @@ async fn write_loop(
                 failures = 0;
             }
             Err(e @ StoreError::Fenced { .. }) => {
+                let _ = failed.send(e);
+                return;
+            }
+            Err(e) if client.is_closed() => {
+                // The connection is gone: retrying on it cannot succeed; the run restarts and
+                // the work after the checkpoint is redelivered.
                 let _ = failed.send(e);
                 return;
             }
