@@ -103,4 +103,20 @@ impl App {
             .build()
             .map_err(|e| anyhow!("database pool: {e}"))
     }
+
+    /// The `[redis]` handle, when a URL is configured (`REDIS_URL` or `[redis] url`). It
+    /// connects on first use.
+    pub fn redis(&self) -> Result<Option<observer_core::action::RedisHandle>> {
+        let Some(url) = &self.config.redis.url else {
+            return Ok(None);
+        };
+        let url = observer_core::config::resolve_secret(url, "redis.url")?;
+        observer_core::action::RedisHandle::new(
+            &url,
+            &self.config.redis.key_prefix,
+            std::time::Duration::from_millis(self.config.redis.timeout_ms),
+        )
+        .map(Some)
+        .map_err(anyhow::Error::msg)
+    }
 }

@@ -44,10 +44,19 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     }
     let pool = app.pool()?;
     let http = ActionContext::http_client().context("building the HTTP client")?;
+    let metrics = observer_core::metrics::Metrics::new();
+    for o in &observers.list {
+        let kinds: Vec<&str> = o.actions.iter().map(|a| a.action.kind()).collect();
+        metrics.init_observer(&o.name, &kinds);
+    }
+    let redis = app.redis()?;
     let actions = ActionContext {
         http,
         pool: pool.clone(),
+        redis,
+        metrics: metrics.clone(),
     };
+    let layers = Arc::new(stack::LayerState::new(&cfg, metrics.clone()));
     let checkpoint: Option<Arc<dyn CheckpointStore>> = checkpoint_store(&app);
     let owner = format!(
         "{}:{}",
@@ -56,29 +65,32 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
             .unwrap_or_else(|_| "host".into()),
         std::process::id()
     );
+    let (observers_tx, observers_rx) = tokio::sync::watch::channel(Arc::new(observers));
     let ctx = RunContext {
         database: app.where_db(),
         config: cfg.clone(),
-        observers: Arc::new(observers),
+        observers: observers_rx,
         objects: app.objects.clone(),
         pg_config: app.pg_config.clone(),
         tls: app.tls.clone(),
         checkpoint,
         owner,
+        metrics: metrics.clone(),
     };
     tracing::info!(
         listener = %cfg.listener.id,
         database = %app.where_db(),
         tls = app.tls_on,
         change_log = %app.objects.change_log,
-        observers = ctx.observers.list.len(),
+        observers = ctx.observers.borrow().list.len(),
         checkpoint = cfg.features.checkpoint,
         "starting"
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     let cfg2 = cfg.clone();
-    let make = move || stack::build(&cfg2, actions.clone());
+    let _reload = observers_tx;
+    let make = move || stack::build(&cfg2, actions.clone(), &layers);
     // Owned: stopped by the same token and awaited before we return.
     let retention = tokio::spawn(retention_pass(
         pool.clone(),

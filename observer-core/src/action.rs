@@ -20,6 +20,67 @@ use crate::template::{Target, Template};
 pub struct ActionContext {
     pub http: reqwest::Client,
     pub pool: deadpool_postgres::Pool,
+    /// The `[redis]` connection, when one is configured (multiplexed and reconnecting).
+    pub redis: Option<RedisHandle>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// A shared Redis connection and the key prefix of this deployment. The connection is made on
+/// first use (so the daemon starts while Redis is down) and then multiplexed and re-established
+/// by `ConnectionManager`.
+#[derive(Clone)]
+pub struct RedisHandle {
+    client: redis::Client,
+    conn: std::sync::Arc<tokio::sync::OnceCell<redis::aio::ConnectionManager>>,
+    /// `[redis] key_prefix`; every key this process writes starts with it and `:`.
+    pub prefix: std::sync::Arc<str>,
+    /// `[redis] timeout_ms`, applied to connecting and to each command.
+    pub timeout: Duration,
+    /// `host:port` of the server, for messages (never the password).
+    pub server: std::sync::Arc<str>,
+}
+
+impl RedisHandle {
+    /// Parses `url` (already resolved). Fails with a message that never repeats the URL (it may
+    /// hold a password). Does not connect.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisHandle, String> {
+        let client = redis::Client::open(url)
+            .map_err(|e| format!("[redis] url is not a valid Redis URL ({:?})", e.kind()))?;
+        let server = client.get_connection_info().addr().to_string();
+        Ok(RedisHandle {
+            client,
+            conn: Default::default(),
+            prefix: prefix.into(),
+            timeout,
+            server: server.into(),
+        })
+    }
+
+    /// The connection, connecting first if this is the first use.
+    pub async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
+        let timeout = self.timeout;
+        self.conn
+            .get_or_try_init(|| async {
+                let cfg = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1);
+                tokio::time::timeout(
+                    timeout * 2,
+                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), cfg),
+                )
+                .await
+                .map_err(|_| format!("cannot connect to Redis at {}: timed out", self.server))?
+                .map_err(|e| format!("cannot connect to Redis at {}: {e}", self.server))
+            })
+            .await
+            .cloned()
+    }
+
+    /// `prefix:part`.
+    pub fn key(&self, part: &str) -> String {
+        format!("{}:{part}", self.prefix)
+    }
 }
 
 impl ActionContext {
@@ -44,6 +105,17 @@ pub enum CompiledAction {
 }
 
 impl CompiledAction {
+    /// Where this action sends to, for per-destination layers (breaker, rate limit): the
+    /// `host:port` of a webhook whose authority holds no placeholder, else `None` (the layer
+    /// then uses the action target `observer/index`).
+    pub fn destination(&self) -> Option<String> {
+        match self {
+            CompiledAction::Webhook(w) => static_authority(w.url.source()),
+            CompiledAction::Sql(_) => Some("postgres".into()),
+            CompiledAction::Log(_) => Some("log".into()),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             CompiledAction::Webhook(_) => "webhook",
@@ -74,6 +146,23 @@ pub struct Sql {
     statement: String,
 }
 
+/// `host:port` of a URL template whose scheme and authority hold no placeholder.
+pub fn static_authority(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("https://")
+        .map(|r| (r, 443))
+        .or_else(|| url.strip_prefix("http://").map(|r| (r, 80)));
+    let (rest, default_port) = rest?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() || authority.contains("{{") || authority.contains('@') {
+        return None;
+    }
+    let parsed = reqwest::Url::parse(&format!("http://{authority}/")).ok()?;
+    let host = parsed.host_str()?;
+    Some(format!("{host}:{}", parsed.port().unwrap_or(default_port)))
+}
+
 /// How one attempt ended.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
@@ -84,6 +173,27 @@ pub enum AttemptResult {
     Retry { after_ms: Option<u64> },
     /// Failed in a way retrying cannot fix (4xx, a bad template result, a missing function).
     Permanent,
+    /// Not attempted: a layer put it back (breaker open, rate limit, dedup claim held
+    /// elsewhere). It is tried again after `after_ms` and does not count as an attempt.
+    Deferred { after_ms: u64, reason: &'static str },
+    /// Not attempted because it already ran within the dedup window.
+    Duplicate,
+    /// Not attempted: the observer's condition over its enrichment results was false.
+    ConditionFalse,
+}
+
+impl Attempt {
+    /// An attempt a layer answered without running the action.
+    pub fn answered(attempt: u32, result: AttemptResult, note: Option<String>) -> Attempt {
+        Attempt {
+            attempt,
+            at: Utc::now(),
+            duration_ms: 0,
+            status: None,
+            error: note,
+            result,
+        }
+    }
 }
 
 /// One attempt, as recorded in the action log and the dead-letter queue.

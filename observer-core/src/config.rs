@@ -22,6 +22,13 @@ pub struct Config {
     pub features: FeaturesConfig,
     pub action_log: ActionLogConfig,
     pub retention: RetentionConfig,
+    pub redis: RedisConfig,
+    pub concurrent: ConcurrentConfig,
+    pub dedup: DedupConfig,
+    pub caching: CachingConfig,
+    pub circuit_breaker: CircuitBreakerConfig,
+    pub rate_limit: RateLimitConfig,
+    pub metrics: MetricsConfig,
     pub observers: Vec<ObserverConfig>,
 }
 
@@ -174,6 +181,202 @@ impl FeaturesConfig {
     }
 }
 
+/// `[redis]`: the Redis server the `dedup`, `caching` and shared `rate_limit` layers and the
+/// `redis_publish`/`cache` actions use. `REDIS_URL` overrides `url`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://…`; unset means no Redis. May be `${env:NAME}`.
+    pub url: Option<String>,
+    /// Prefix of every key this process writes, so several deployments can share one server.
+    pub key_prefix: String,
+    /// How long one connection attempt or one command may take.
+    pub timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            key_prefix: "fraiseql_observers".into(),
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+/// `[concurrent]`: settings of the `concurrent` layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConcurrentConfig {
+    /// Dispatches (an event's due actions) in flight at once.
+    pub max_in_flight: usize,
+    /// A dispatch still running after this is abandoned and its actions retried (as a timeout).
+    pub action_timeout_ms: u64,
+}
+
+impl Default for ConcurrentConfig {
+    fn default() -> Self {
+        ConcurrentConfig {
+            max_in_flight: 64,
+            action_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Which store the `dedup` layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DedupBackend {
+    /// Redis when `[redis] url` (or `REDIS_URL`) is set, else memory.
+    Auto,
+    Redis,
+    /// This process only: survives no restart and is not shared between instances.
+    Memory,
+}
+
+/// What `dedup` does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    /// Run the actions anyway (receivers still get the idempotency key): availability first.
+    Process,
+    /// Defer the actions until Redis answers again: no duplicate, but delivery waits.
+    Wait,
+}
+
+/// `[dedup]`: settings of the `dedup` layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DedupConfig {
+    /// How long a delivered action is remembered.
+    pub window_secs: u64,
+    pub backend: DedupBackend,
+    pub on_unavailable: OnUnavailable,
+    /// Keys the memory backend keeps at most (oldest dropped first).
+    pub memory_max_keys: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            window_secs: 300,
+            backend: DedupBackend::Auto,
+            on_unavailable: OnUnavailable::Process,
+            memory_max_keys: 1_000_000,
+        }
+    }
+}
+
+/// `[caching]`: settings of the `caching` layer (the enrichment lookup cache).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CachingConfig {
+    /// TTL of a cached lookup result when its `enrich` entry sets none.
+    pub default_ttl_secs: u64,
+    /// Cache lookups that found nothing (HTTP 404, no SQL row) too.
+    pub cache_misses: bool,
+}
+
+impl Default for CachingConfig {
+    fn default() -> Self {
+        CachingConfig {
+            default_ttl_secs: 60,
+            cache_misses: true,
+        }
+    }
+}
+
+/// `[circuit_breaker]`: settings of the `circuit_breaker` layer, per destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Failure rate (0..1] over the window that opens the breaker.
+    pub failure_rate: f64,
+    /// The sliding window the rate is measured over.
+    pub window_secs: u64,
+    /// Attempts in the window before the rate counts.
+    pub min_requests: u32,
+    /// How long the breaker stays open before letting a probe through (half-open).
+    pub open_ms: u64,
+    /// The longest open period, as repeated failed probes back off.
+    pub max_open_ms: u64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            failure_rate: 0.5,
+            window_secs: 30,
+            min_requests: 10,
+            open_ms: 5_000,
+            max_open_ms: 60_000,
+        }
+    }
+}
+
+/// A limit for one destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DestinationLimit {
+    /// Requests per second; 0 = no rate limit.
+    pub per_second: f64,
+    /// Requests in flight at once; 0 = no cap.
+    pub max_concurrent: u32,
+}
+
+impl Default for DestinationLimit {
+    fn default() -> Self {
+        DestinationLimit {
+            per_second: 0.0,
+            max_concurrent: 0,
+        }
+    }
+}
+
+/// `[rate_limit]`: settings of the `rate_limit` layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// The limit of every destination not listed below.
+    pub default: DestinationLimit,
+    /// Per destination (`host:port`, or `observer/index` for non-HTTP actions).
+    pub destinations: BTreeMap<String, DestinationLimit>,
+    /// Share the per-second limits across every instance through Redis (a cluster-wide cap).
+    pub shared: bool,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            default: DestinationLimit {
+                per_second: 100.0,
+                max_concurrent: 16,
+            },
+            destinations: BTreeMap::new(),
+            shared: false,
+        }
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint of the `metrics` layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/health` and `/ready`.
+    pub listen: String,
+    /// `/ready` fails while the oldest unprocessed event is older than this.
+    pub ready_max_lag_secs: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9464".into(),
+            ready_max_lag_secs: 300,
+        }
+    }
+}
+
 /// What the action log records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,7 +449,53 @@ pub struct ObserverConfig {
     /// Switch an observer off without deleting it.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// `entity`: this observer's actions for one (entity, entity id) start in commit order and a
+    /// retrying event holds back later ones of the same entity; `none`: no ordering at all.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Lookups whose results conditions and templates read as `enrich.<name>` (cached by the
+    /// `caching` layer).
+    #[serde(default)]
+    pub enrich: Vec<EnrichConfig>,
     pub actions: Vec<ActionConfig>,
+}
+
+/// Per-observer ordering.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    #[default]
+    Entity,
+    None,
+}
+
+/// One enrichment lookup: exactly one of `http` or `sql`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichConfig {
+    /// Read as `enrich.<name>`; letters, digits and `_`.
+    pub name: String,
+    /// Cache key template, e.g. `user:{{ data.user_id }}`.
+    pub key: String,
+    /// Cache TTL; default `[caching] default_ttl_secs`.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    /// GET this URL (a template); a JSON response body is the result, 404 is null.
+    #[serde(default)]
+    pub http: Option<String>,
+    /// Run this query; its first row as a JSON object is the result, no row is null.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// Parameters of `sql` (`$1`, `$2`, …) as text templates.
+    #[serde(default)]
+    pub params: Vec<String>,
+    /// Per-lookup timeout.
+    #[serde(default = "enrich_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn enrich_timeout() -> u64 {
+    5_000
 }
 
 fn yes() -> bool {
@@ -411,6 +660,7 @@ impl Config {
     /// refuse a config with any.
     pub fn check(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        let mut extra: Vec<(String, String)> = Vec::new();
         let mut range = |key: &str, v: i128, lo: i128, hi: i128, unit: &str| {
             if v < lo || v > hi {
                 out.push((
@@ -470,6 +720,112 @@ impl Config {
             1_000_000,
             "",
         );
+        range(
+            "redis.timeout_ms",
+            self.redis.timeout_ms as i128,
+            1,
+            600_000,
+            " ms",
+        );
+        range(
+            "concurrent.max_in_flight",
+            self.concurrent.max_in_flight as i128,
+            1,
+            100_000,
+            "",
+        );
+        range(
+            "concurrent.action_timeout_ms",
+            self.concurrent.action_timeout_ms as i128,
+            1,
+            3_600_000,
+            " ms",
+        );
+        range(
+            "dedup.window_secs",
+            self.dedup.window_secs as i128,
+            1,
+            30 * 86_400,
+            " s",
+        );
+        range(
+            "dedup.memory_max_keys",
+            self.dedup.memory_max_keys as i128,
+            1,
+            100_000_000,
+            "",
+        );
+        range(
+            "caching.default_ttl_secs",
+            self.caching.default_ttl_secs as i128,
+            1,
+            30 * 86_400,
+            " s",
+        );
+        let cb = &self.circuit_breaker;
+        if !(cb.failure_rate > 0.0 && cb.failure_rate <= 1.0) {
+            extra.push((
+                "circuit_breaker.failure_rate".into(),
+                format!(
+                    "{} is out of range: expected a rate in (0, 1]",
+                    cb.failure_rate
+                ),
+            ));
+        }
+        range(
+            "circuit_breaker.window_secs",
+            cb.window_secs as i128,
+            1,
+            3_600,
+            " s",
+        );
+        range(
+            "circuit_breaker.min_requests",
+            cb.min_requests as i128,
+            1,
+            1_000_000,
+            "",
+        );
+        range(
+            "circuit_breaker.open_ms",
+            cb.open_ms as i128,
+            1,
+            3_600_000,
+            " ms",
+        );
+        range(
+            "circuit_breaker.max_open_ms",
+            cb.max_open_ms as i128,
+            cb.open_ms as i128,
+            3_600_000,
+            " ms",
+        );
+        let rl = &self.rate_limit;
+        for (key, lim) in std::iter::once(("rate_limit.default".to_string(), &rl.default)).chain(
+            rl.destinations
+                .iter()
+                .map(|(d, l)| (format!("rate_limit.destinations.\"{d}\""), l)),
+        ) {
+            if !(lim.per_second >= 0.0 && lim.per_second <= 1_000_000.0) {
+                extra.push((
+                    format!("{key}.per_second"),
+                    format!(
+                        "{} is out of range: expected 0..=1000000 (0 = no limit)",
+                        lim.per_second
+                    ),
+                ));
+            }
+        }
+        if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            extra.push((
+                "metrics.listen".into(),
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9464",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        out.append(&mut extra);
         let id_ok = !l.id.is_empty()
             && l.id.len() <= 128
             && l.id
@@ -538,6 +894,7 @@ pub fn load_with_env(
     }
     let mut overrides: Vec<(String, String)> = Vec::new();
     let mut database_url = None;
+    let mut redis_url = None;
     for (k, v) in env {
         if let Some(rest) = k.strip_prefix("OBSERVER__") {
             let key = rest
@@ -548,6 +905,8 @@ pub fn load_with_env(
             overrides.push((key, v));
         } else if k == "DATABASE_URL" {
             database_url = Some(v);
+        } else if k == "REDIS_URL" {
+            redis_url = Some(v);
         }
     }
     overrides.sort();
@@ -562,6 +921,14 @@ pub fn load_with_env(
     if let Some(url) = database_url {
         builder = builder
             .set_override("database.url", url)
+            .map_err(|e| ConfigError::Invalid {
+                path: origin.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    if let Some(url) = redis_url {
+        builder = builder
+            .set_override("redis.url", url)
             .map_err(|e| ConfigError::Invalid {
                 path: origin.clone(),
                 message: e.to_string(),

@@ -109,6 +109,53 @@ impl tower::Service<Dispatch> for CoreExecutor {
     }
 }
 
+/// For layers that answer some deliveries themselves (a breaker, a rate limit, dedup): calls
+/// `inner` (already ready) with the deliveries `decided` leaves open (`None`) and merges its
+/// answers back into delivery order. When every delivery is decided, `inner` is not called.
+pub async fn call_rest<S>(
+    mut inner: S,
+    dispatch: Dispatch,
+    decided: Vec<Option<Attempt>>,
+) -> Result<DispatchResult, BoxError>
+where
+    S: tower::Service<Dispatch, Response = DispatchResult, Error = BoxError>,
+{
+    if decided.len() != dispatch.deliveries.len() {
+        return Err("layer decided a different number of deliveries than it was given".into());
+    }
+    let open: Vec<Delivery> = dispatch
+        .deliveries
+        .iter()
+        .zip(&decided)
+        .filter(|(_, d)| d.is_none())
+        .map(|(d, _)| d.clone())
+        .collect();
+    let mut answers = if open.is_empty() {
+        Vec::new().into_iter()
+    } else {
+        let n = open.len();
+        let out = inner
+            .call(Dispatch {
+                event: dispatch.event,
+                deliveries: open,
+            })
+            .await?;
+        if out.len() != n {
+            return Err("executor returned the wrong number of results".into());
+        }
+        out.into_iter()
+    };
+    decided
+        .into_iter()
+        .map(|d| match d {
+            Some(a) => Ok(a),
+            None => answers
+                .next()
+                .ok_or_else(|| BoxError::from("executor returned too few results")),
+        })
+        .collect()
+}
+
 /// The boxed executor stack the run loop drives.
 pub type BoxExecutor = tower::util::BoxService<Dispatch, DispatchResult, BoxError>;
 

@@ -9,6 +9,7 @@ pub mod condition;
 pub mod config;
 pub mod event;
 pub mod executor;
+pub mod metrics;
 pub mod observer;
 pub mod path;
 pub mod redeliver;

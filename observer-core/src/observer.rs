@@ -34,6 +34,8 @@ pub struct Observer {
     pub entity: Option<String>,
     pub events: HashSet<Operation>,
     pub condition: Option<Condition>,
+    /// `ordering = "entity"` (the default): actions for one (entity, id) start in commit order.
+    pub ordered: bool,
     pub actions: Vec<ObserverAction>,
 }
 
@@ -44,6 +46,9 @@ pub struct ObserverAction {
     pub retry: RetryConfig,
     /// The action as written in config (secrets still as references): shown by `dlq show`.
     pub config: serde_json::Value,
+    /// What per-destination layers (breaker, rate limit) key on: the webhook's `host:port`,
+    /// or `observer/index` when the action has no fixed destination.
+    pub destination: Arc<str>,
 }
 
 /// Why an observer did or did not match an event (for `debug-event`).
@@ -201,6 +206,10 @@ fn compile_observer(
         }
         match action::compile(a, &loc, secrets) {
             Ok(action) => actions.push(ObserverAction {
+                destination: action
+                    .destination()
+                    .unwrap_or_else(|| format!("{}/{j}", o.name))
+                    .into(),
                 action,
                 retry: a.retry(),
                 config: redacted(a),
@@ -214,6 +223,7 @@ fn compile_observer(
             entity,
             events: o.events.iter().map(|e| e.0).collect(),
             condition,
+            ordered: o.ordering == crate::config::Ordering::Entity,
             actions,
         })
     } else {

@@ -8,6 +8,7 @@
 //! (`executor::idempotency_key`), so a receiver that saw the original delivery can deduplicate.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_postgres::GenericClient;
 use tower::{Service, ServiceExt};
@@ -164,9 +165,18 @@ pub async fn deliver(
             return Err("executor returned no result".into());
         };
         let result = attempt.result.clone();
+        if let AttemptResult::Deferred { after_ms, .. } = result {
+            // Not an attempt (breaker open, rate limit): wait and ask again.
+            tokio::time::sleep(Duration::from_millis(after_ms.clamp(1, 60_000))).await;
+            continue;
+        }
         attempts.push(attempt);
         match result {
-            AttemptResult::Delivered => break Outcome::Delivered,
+            // Already delivered within the dedup window, or not wanted: nothing left to do.
+            AttemptResult::Delivered | AttemptResult::Duplicate | AttemptResult::ConditionFalse => {
+                break Outcome::Delivered
+            }
+            AttemptResult::Deferred { .. } => continue,
             AttemptResult::Permanent => break Outcome::PermanentFailure,
             AttemptResult::Retry { after_ms } if n < policy.max_attempts => {
                 tokio::time::sleep(next_delay(&policy, n, after_ms)).await;

@@ -72,7 +72,8 @@ pub struct RunContext {
     /// `host:port/dbname`, for messages.
     pub database: String,
     pub config: Arc<Config>,
-    pub observers: Arc<Observers>,
+    /// The observers; a reload (SIGHUP) sends new ones, taken for events read after it.
+    pub observers: tokio::sync::watch::Receiver<Arc<Observers>>,
     pub objects: Arc<Objects>,
     pub pg_config: tokio_postgres::Config,
     /// The connector for every connection (TLS only when `sslmode=require`).
@@ -80,6 +81,7 @@ pub struct RunContext {
     pub checkpoint: Option<Arc<dyn CheckpointStore>>,
     /// Identifies this process in the checkpoint row (`host:pid`).
     pub owner: String,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs until `shutdown`, restarting a failed run from the checkpoint with capped backoff.
@@ -94,7 +96,7 @@ pub async fn supervise(
     let mut resume: Option<Position> = None;
     loop {
         let started = Instant::now();
-        match run(ctx, make_executor(), shutdown.clone(), &mut resume).await {
+        match run(ctx, make_executor, shutdown.clone(), &mut resume).await {
             Ok(()) => return Ok(()),
             Err(RunError::Store(e @ StoreError::NotMigrated(_))) => return Err(e.into()),
             Err(e) => {
@@ -208,11 +210,77 @@ struct DeliveryState {
     attempts: Vec<Attempt>,
 }
 
+/// One observer's part of an event: the unit that per-entity ordering schedules.
+struct Unit {
+    /// `(observer, entity, entity id)` for `ordering = "entity"` observers, else `None`.
+    key: Option<UnitKey>,
+    remaining: usize,
+}
+
+type UnitKey = (Arc<str>, String, Option<String>);
+
 /// An event being worked on.
 struct EventState {
     event: Arc<ChangeEvent>,
-    key: (String, Option<String>),
+    units: Vec<Unit>,
     remaining: usize,
+}
+
+/// Deliveries of one unit that are due now.
+struct Work {
+    seq: u64,
+    unit: usize,
+    states: Vec<DeliveryState>,
+}
+
+/// The loop's scheduling state: events in progress, per-key queues, work due now.
+#[derive(Default)]
+struct Sched {
+    events: HashMap<u64, EventState>,
+    /// Keys with a unit in progress → units of that key waiting their turn.
+    busy: HashMap<UnitKey, VecDeque<(u64, usize)>>,
+    waiting: HashMap<(u64, usize), Vec<DeliveryState>>,
+    ready: VecDeque<Work>,
+}
+
+impl Sched {
+    /// Queues a unit: due now unless an earlier unit of its key is still in progress.
+    fn admit(&mut self, seq: u64, unit: usize, key: Option<UnitKey>, states: Vec<DeliveryState>) {
+        if let Some(key) = key {
+            match self.busy.get_mut(&key) {
+                Some(queue) => {
+                    queue.push_back((seq, unit));
+                    self.waiting.insert((seq, unit), states);
+                    return;
+                }
+                None => {
+                    self.busy.insert(key, VecDeque::new());
+                }
+            }
+        }
+        self.ready.push_back(Work { seq, unit, states });
+    }
+
+    /// A unit is done: the next unit of its key becomes due. True when its event is complete.
+    fn unit_done(&mut self, seq: u64, unit: usize) -> bool {
+        let Some(ev) = self.events.get_mut(&seq) else {
+            return false;
+        };
+        if let Some(key) = ev.units.get(unit).and_then(|u| u.key.clone()) {
+            let next = self.busy.get_mut(&key).and_then(|q| q.pop_front());
+            match next.and_then(|n| self.waiting.remove(&n).map(|s| (n, s))) {
+                Some(((n, u), states)) => self.ready.push_back(Work {
+                    seq: n,
+                    unit: u,
+                    states,
+                }),
+                None => {
+                    self.busy.remove(&key);
+                }
+            }
+        }
+        ev.remaining == 0
+    }
 }
 
 /// The completion watermark: items in read order; the front ones that are done advance it.
@@ -265,11 +333,15 @@ impl Tracker {
 /// or the first infrastructure failure. On return, `resume` holds the completion watermark.
 pub async fn run(
     ctx: &RunContext,
-    mut executor: BoxExecutor,
+    make_executor: &(dyn Fn() -> BoxExecutor + Send + Sync),
     shutdown: CancellationToken,
     resume: &mut Option<Position>,
 ) -> Result<(), RunError> {
     let cfg = &ctx.config;
+    let metrics = ctx.metrics.clone();
+    let mut live = ctx.observers.clone();
+    let mut observers = live.borrow_and_update().clone();
+    let mut executor = make_executor();
     let listener = cfg.listener.id.as_str();
     let wake = Arc::new(Notify::new());
     let listen = listen_connection(ctx, wake.clone()).await?;
@@ -373,19 +445,15 @@ pub async fn run(
         job_rx,
         writer_failed_tx,
     ));
-    let mut events: HashMap<u64, EventState> = HashMap::new();
-    // Keys with an event in progress → events of that key waiting their turn.
-    let mut busy: HashMap<(String, Option<String>), VecDeque<u64>> = HashMap::new();
-    let mut waiting: HashMap<u64, Vec<DeliveryState>> = HashMap::new();
-    let mut ready: VecDeque<(u64, Vec<DeliveryState>)> = VecDeque::new();
-    let mut retries: DelayQueue<(u64, DeliveryState)> = DelayQueue::new();
-    let mut inflight: JoinSet<(u64, Vec<DeliveryState>, Result<DispatchResult, BoxError>)> =
-        JoinSet::new();
+    let mut sched = Sched::default();
+    let mut retries: DelayQueue<(u64, usize, DeliveryState)> = DelayQueue::new();
+    let mut inflight: JoinSet<(Work, Result<DispatchResult, BoxError>)> = JoinSet::new();
     let flush_every = Duration::from_millis(cfg.listener.flush_interval_ms.max(1));
     let mut flush_tick = tokio::time::interval(flush_every);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sent = Instant::now();
     let max_pending = cfg.listener.max_pending_events.max(1);
+    metrics.listener_active.set(1);
 
     let result: Result<(), RunError> = loop {
         tokio::select! {
@@ -397,27 +465,34 @@ pub async fn run(
                 Err(_) => break Err(RunError::Task("the writer task ended unexpectedly".into())),
             },
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                let (seq, states, result) = match done {
+                let (work, result) = match done {
                     Ok(v) => v,
                     Err(e) => break Err(RunError::Task(format!("dispatch task failed: {e}"))),
                 };
-                if on_result(seq, states, result, &mut events, &mut retries, &mut recorder, &mut progress) {
-                    finish(seq, &mut events, &mut busy, &mut waiting, &mut ready, &mut tracker);
-                }
+                on_result(work, result, &mut sched, &mut retries, &mut recorder, &mut progress, &mut tracker, &metrics);
             }
             Some(expired) = retries.next(), if !retries.is_empty() => {
-                let (seq, state) = expired.into_inner();
-                ready.push_back((seq, vec![state]));
+                let (seq, unit, state) = expired.into_inner();
+                sched.ready.push_back(Work { seq, unit, states: vec![state] });
             }
-            r = executor.ready(), if !ready.is_empty() => {
+            changed = live.changed() => {
+                if changed.is_ok() {
+                    // Events read from now on match the new observers; work in progress keeps the
+                    // observers it started with. Layers keep their state across the rebuild.
+                    observers = live.borrow_and_update().clone();
+                    executor = make_executor();
+                    tracing::info!(observers = observers.list.len(), "configuration reloaded");
+                }
+            }
+            r = executor.ready(), if !sched.ready.is_empty() => {
                 if let Err(e) = r {
                     break Err(RunError::Task(format!("executor failed: {e}")));
                 }
-                if let Some((seq, states)) = ready.pop_front() {
-                    let Some(ev) = events.get(&seq) else { continue };
-                    let dispatch = Dispatch { event: ev.event.clone(), deliveries: states.iter().map(|s| s.delivery.clone()).collect() };
+                if let Some(work) = sched.ready.pop_front() {
+                    let Some(ev) = sched.events.get(&work.seq) else { continue };
+                    let dispatch = Dispatch { event: ev.event.clone(), deliveries: work.states.iter().map(|s| s.delivery.clone()).collect() };
                     let fut = executor.call(dispatch);
-                    inflight.spawn(async move { (seq, states, fut.await) });
+                    inflight.spawn(async move { (work, fut.await) });
                 }
             }
             batch = rx.recv(), if tracker.pending() < max_pending => {
@@ -427,10 +502,12 @@ pub async fn run(
                     None => break Err(RunError::Reader("reader ended".into())),
                 };
                 for item in items {
-                    accept(item, &ctx.observers, &mut tracker, &mut events, &mut busy, &mut waiting, &mut ready, &mut recorder, &mut progress);
+                    accept(item, &observers, &mut tracker, &mut sched, &mut recorder, &mut progress, &metrics);
                 }
             }
             _ = flush_tick.tick() => {
+                metrics.in_flight.set(inflight.len() as i64);
+                observe_lag(&tracker, &metrics);
                 let moved = tracker.watermark != sent_watermark;
                 if recorder.is_empty() && !moved && last_sent.elapsed() < Duration::from_secs(5) {
                     continue;
@@ -444,6 +521,7 @@ pub async fn run(
             }
         }
     };
+    metrics.listener_active.set(0);
 
     // Shutdown (or failure): stop reading, let in-flight dispatches finish within the deadline.
     reader_stop.cancel();
@@ -459,10 +537,8 @@ pub async fn run(
                 break;
             }
             Some(done) = inflight.join_next() => {
-                if let Ok((seq, states, result)) = done {
-                    if on_result(seq, states, result, &mut events, &mut retries, &mut recorder, &mut progress) {
-                    finish(seq, &mut events, &mut busy, &mut waiting, &mut ready, &mut tracker);
-                }
+                if let Ok((work, result)) = done {
+                    on_result(work, result, &mut sched, &mut retries, &mut recorder, &mut progress, &mut tracker, &metrics);
                 }
             }
         }
@@ -604,18 +680,29 @@ async fn write_loop(
     }
 }
 
+/// Lag gauges: events read but not completed, and the age of the oldest of them.
+fn observe_lag(tracker: &Tracker, metrics: &crate::metrics::Metrics) {
+    metrics.lag_events.set(tracker.pending() as i64);
+    let oldest = tracker.slots.iter().find_map(|s| s.3.map(|(_, _, at)| at));
+    let age = oldest
+        .map(|at| (Utc::now() - at).num_milliseconds().max(0) as f64 / 1000.0)
+        .unwrap_or(0.0);
+    metrics.lag_seconds.set(age);
+    if let Some((_, pk, _)) = tracker.last_event {
+        metrics.checkpoint_pk.set(pk);
+    }
+    metrics.checkpoint_events.set(tracker.completed_events);
+}
+
 /// Takes one item from the reader into the loop's state.
-#[allow(clippy::too_many_arguments)]
 fn accept(
     item: Item,
     observers: &Observers,
     tracker: &mut Tracker,
-    events: &mut HashMap<u64, EventState>,
-    busy: &mut HashMap<(String, Option<String>), VecDeque<u64>>,
-    waiting: &mut HashMap<u64, Vec<DeliveryState>>,
-    ready: &mut VecDeque<(u64, Vec<DeliveryState>)>,
+    sched: &mut Sched,
     recorder: &mut Recorder,
     progress: &mut Progress,
+    metrics: &crate::metrics::Metrics,
 ) {
     let (row, pos) = match item {
         Item::WindowEnd(pos) => {
@@ -625,6 +712,7 @@ fn accept(
         }
         Item::Row(row, pos) => (row, pos),
     };
+    metrics.events_read.inc();
     let event = match row {
         ChangeRow::Poison {
             pk,
@@ -634,6 +722,7 @@ fn accept(
         } => {
             tracing::warn!(pk, %reason, "change-log row cannot be processed; dead-lettered");
             progress.last_error = Some((format!("change-log row {pk}: {reason}"), Utc::now()));
+            metrics.dead_letters.inc();
             recorder.dead_letter(NewDeadLetter {
                 event_id,
                 change_log_pk: pk,
@@ -654,10 +743,12 @@ fn accept(
         ChangeRow::Event(e) => Arc::new(e),
     };
     let seq = tracker.push(pos, Some((event.id, event.pk, event.created_at)));
-    let mut states = Vec::new();
+    let mut units = Vec::new();
+    let mut work = Vec::new();
+    let mut total = 0;
     for observer in observers.matching(&event) {
-        for i in 0..observer.actions.len() {
-            states.push(DeliveryState {
+        let states: Vec<DeliveryState> = (0..observer.actions.len())
+            .map(|i| DeliveryState {
                 delivery: Delivery {
                     observer: observer.clone(),
                     action_index: i,
@@ -665,67 +756,55 @@ fn accept(
                     attempt: 1,
                 },
                 attempts: Vec::new(),
-            });
-        }
+            })
+            .collect();
+        let key = observer.ordered.then(|| {
+            (
+                Arc::<str>::from(observer.name.as_str()),
+                event.entity.clone(),
+                event.entity_id.clone(),
+            )
+        });
+        total += states.len();
+        units.push(Unit {
+            key: key.clone(),
+            remaining: states.len(),
+        });
+        work.push((key, states));
     }
-    if states.is_empty() {
+    if total == 0 {
+        metrics.events_processed.inc();
         tracker.complete(seq);
         return;
     }
-    let key = event.ordering_key();
-    events.insert(
+    metrics.events_matched.inc();
+    sched.events.insert(
         seq,
         EventState {
             event,
-            key: key.clone(),
-            remaining: states.len(),
+            units,
+            remaining: total,
         },
     );
-    match busy.get_mut(&key) {
-        Some(queue) => {
-            queue.push_back(seq);
-            waiting.insert(seq, states);
-        }
-        None => {
-            busy.insert(key, VecDeque::new());
-            ready.push_back((seq, states));
-        }
+    for (unit, (key, states)) in work.into_iter().enumerate() {
+        sched.admit(seq, unit, key, states);
     }
 }
 
-/// Marks an event complete: releases the next event of its key and advances the watermark.
-fn finish(
-    seq: u64,
-    events: &mut HashMap<u64, EventState>,
-    busy: &mut HashMap<(String, Option<String>), VecDeque<u64>>,
-    waiting: &mut HashMap<u64, Vec<DeliveryState>>,
-    ready: &mut VecDeque<(u64, Vec<DeliveryState>)>,
-    tracker: &mut Tracker,
-) {
-    if let Some(state) = events.remove(&seq) {
-        let next = busy.get_mut(&state.key).and_then(|q| q.pop_front());
-        match next.and_then(|n| waiting.remove(&n).map(|s| (n, s))) {
-            Some((n, states)) => ready.push_back((n, states)),
-            None => {
-                busy.remove(&state.key);
-            }
-        }
-    }
-    tracker.complete(seq);
-}
-
-/// Handles the attempts of one dispatch: done, retry later, or dead letter. True when the
-/// event has no delivery left.
+/// Handles the attempts of one dispatch: done, deferred, retry later, or dead letter; releases
+/// the unit's key and completes the event when nothing of it is left.
 #[allow(clippy::too_many_arguments)]
 fn on_result(
-    seq: u64,
-    states: Vec<DeliveryState>,
+    work: Work,
     result: Result<DispatchResult, BoxError>,
-    events: &mut HashMap<u64, EventState>,
-    retries: &mut DelayQueue<(u64, DeliveryState)>,
+    sched: &mut Sched,
+    retries: &mut DelayQueue<(u64, usize, DeliveryState)>,
     recorder: &mut Recorder,
     progress: &mut Progress,
-) -> bool {
+    tracker: &mut Tracker,
+    metrics: &crate::metrics::Metrics,
+) {
+    let Work { seq, unit, states } = work;
     let attempts = match result {
         Ok(a) if a.len() == states.len() => a,
         Ok(_) | Err(_) => {
@@ -736,13 +815,13 @@ fn on_result(
             tracing::warn!(error = %why, "dispatch failed before attempting; retrying shortly");
             progress.last_error = Some((why, Utc::now()));
             for s in states {
-                retries.insert((seq, s), Duration::from_secs(1));
+                retries.insert((seq, unit, s), Duration::from_secs(1));
             }
-            return false;
+            return;
         }
     };
-    let Some(ev) = events.get_mut(&seq) else {
-        return false;
+    let Some(ev) = sched.events.get_mut(&seq) else {
+        return;
     };
     let event = ev.event.clone();
     let mut finished = 0usize;
@@ -750,26 +829,66 @@ fn on_result(
         let observer = state.delivery.observer.clone();
         let index = state.delivery.action_index;
         let policy = &observer.actions[index].retry;
+        let kind = observer.actions[index].action.kind();
         let result = attempt.result.clone();
+        if let AttemptResult::Deferred { after_ms, reason } = result {
+            // Not an attempt: put back on its schedule without counting it.
+            metrics.deferred.with_label_values(&[reason]).inc();
+            retries.insert(
+                (seq, unit, state),
+                Duration::from_millis(after_ms.clamp(1, 3_600_000)),
+            );
+            continue;
+        }
+        let attempted = matches!(
+            result,
+            AttemptResult::Delivered | AttemptResult::Retry { .. } | AttemptResult::Permanent
+        );
+        if attempted {
+            metrics
+                .action_duration
+                .with_label_values(&[observer.name.as_str(), kind])
+                .observe(attempt.duration_ms as f64 / 1000.0);
+        }
+        if matches!(
+            result,
+            AttemptResult::Retry { .. } | AttemptResult::Permanent
+        ) {
+            metrics
+                .actions_failed
+                .with_label_values(&[observer.name.as_str(), kind])
+                .inc();
+        }
         let error = attempt.error.clone();
         state.attempts.push(attempt);
-        let n = state.attempts.len() as u32;
+        let n = state
+            .attempts
+            .iter()
+            .filter(|a| !matches!(a.result, AttemptResult::Deferred { .. }))
+            .count() as u32;
         let outcome = match result {
             AttemptResult::Delivered => Some("delivered"),
+            AttemptResult::Duplicate => Some("duplicate"),
+            AttemptResult::ConditionFalse => Some("condition_false"),
             AttemptResult::Retry { after_ms } if n < policy.max_attempts => {
                 let wait = next_delay(policy, n, after_ms);
                 tracing::debug!(observer = %observer.name, event_id = %event.id, attempt = n, wait_ms = wait.as_millis() as u64, error = error.as_deref().unwrap_or(""), "attempt failed; retry scheduled");
                 progress.last_error = error
                     .clone()
                     .map(|e| (format!("{}: {e}", observer.name), Utc::now()));
+                metrics
+                    .retries
+                    .with_label_values(&[observer.name.as_str()])
+                    .inc();
                 state.delivery.attempt = n + 1;
-                retries.insert((seq, state), wait);
+                retries.insert((seq, unit, state), wait);
                 continue;
             }
-            AttemptResult::Retry { .. } | AttemptResult::Permanent => None,
+            AttemptResult::Retry { .. }
+            | AttemptResult::Permanent
+            | AttemptResult::Deferred { .. } => None,
         };
         let key = state.delivery.idempotency_key.to_string();
-        let kind = observer.actions[index].action.kind();
         if outcome.is_none() {
             let reason = if matches!(result, AttemptResult::Permanent) {
                 "permanent_failure"
@@ -779,6 +898,7 @@ fn on_result(
             let last_error = error.unwrap_or_else(|| "failed".into());
             tracing::warn!(observer = %observer.name, event_id = %event.id, action = index, attempts = n, %reason, error = %last_error, "dead-lettered");
             progress.last_error = Some((format!("{}: {last_error}", observer.name), Utc::now()));
+            metrics.dead_letters.inc();
             recorder.dead_letter(NewDeadLetter {
                 event_id: Some(event.id),
                 change_log_pk: event.pk,
@@ -793,6 +913,11 @@ fn on_result(
                 attempts: state.attempts.clone(),
             });
         }
+        let outcome = outcome.unwrap_or("dead_lettered");
+        metrics
+            .actions
+            .with_label_values(&[observer.name.as_str(), kind, outcome])
+            .inc();
         recorder.action(NewActionLog {
             event_id: event.id,
             change_log_pk: event.pk,
@@ -800,13 +925,32 @@ fn on_result(
             action_index: index as i32,
             action_type: kind,
             idempotency_key: key,
-            outcome: outcome.unwrap_or("dead_lettered"),
+            outcome,
             attempts: state.attempts,
         });
         finished += 1;
     }
+    if finished == 0 {
+        return;
+    }
     ev.remaining -= finished.min(ev.remaining);
-    ev.remaining == 0
+    let unit_left = match ev.units.get_mut(unit) {
+        Some(u) => {
+            u.remaining -= finished.min(u.remaining);
+            u.remaining
+        }
+        None => 0,
+    };
+    if unit_left == 0 && sched.unit_done(seq, unit) {
+        if let Some(done) = sched.events.remove(&seq) {
+            metrics.events_processed.inc();
+            let age = (Utc::now() - done.event.created_at)
+                .num_milliseconds()
+                .max(0);
+            metrics.commit_to_done.observe(age as f64 / 1000.0);
+        }
+        tracker.complete(seq);
+    }
 }
 
 /// The wait before attempt `n + 1`, honouring a receiver's `Retry-After` as a floor.

@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 
 use observer_core::config::{
-    ActionConfig, Config, LogConfig, ObserverConfig, RetryConfig, SqlConfig, WebhookConfig,
+    ActionConfig, Config, EnrichConfig, LogConfig, ObserverConfig, RetryConfig, SqlConfig,
+    WebhookConfig,
 };
 use serde_json::Value;
 
@@ -16,7 +17,7 @@ fn doc() -> String {
 }
 
 /// Maps whose keys are user data (header names), not configuration keys.
-const USER_MAPS: &[&str] = &["headers"];
+const USER_MAPS: &[&str] = &["headers", "destinations"];
 
 fn sample() -> Config {
     let mut cfg = Config::default();
@@ -26,6 +27,16 @@ fn sample() -> Config {
         events: Vec::new(),
         condition: Some("data.status == 'paid'".into()),
         enabled: true,
+        ordering: Default::default(),
+        enrich: vec![EnrichConfig {
+            name: "user".into(),
+            key: "user:{{ data.user_id }}".into(),
+            ttl_secs: Some(60),
+            http: Some("https://example.com/users/{{ data.user_id }}".into()),
+            sql: Some("SELECT 1".into()),
+            params: vec!["{{ data.user_id }}".into()],
+            timeout_ms: 5_000,
+        }],
         actions: vec![
             ActionConfig::Webhook(WebhookConfig {
                 url: "https://example.com/hook".into(),

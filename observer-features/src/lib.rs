@@ -3,3 +3,6 @@
 
 #[cfg(feature = "checkpoint")]
 pub mod checkpoint;
+
+#[cfg(feature = "concurrent")]
+pub mod concurrent;

@@ -186,7 +186,15 @@ pub fn executor(app: &App) -> Result<BoxExecutor> {
     let pool = app.pool()?;
     let http =
         ActionContext::http_client().map_err(|e| anyhow!("building the HTTP client: {e}"))?;
-    Ok(stack::build(&app.config, ActionContext { http, pool }))
+    let metrics = observer_core::metrics::Metrics::new();
+    let state = stack::LayerState::new(&app.config, metrics.clone());
+    let ctx = ActionContext {
+        http,
+        pool,
+        redis: app.redis()?,
+        metrics,
+    };
+    Ok(stack::build(&app.config, ctx, &state))
 }
 
 /// Prints one JSON document.
