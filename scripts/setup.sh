@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Brings up what fraiseql-observers needs on this machine, idempotently:
-#   Postgres on 127.0.0.1:5432 reachable as user `postgres` (installed from Debian's packages
-#   and started on loopback when missing; a running server is reused).
+#   Postgres on 127.0.0.1:5432 reachable as user `postgres`, Redis on 127.0.0.1:6379 and NATS
+#   with JetStream on 127.0.0.1:4222 (each installed from Debian's packages and started on
+#   loopback when missing; a running server is reused). Redis is needed by the dedup, caching
+#   and shared rate-limit layers and their tests; NATS by nothing in this build yet, so it is
+#   only brought up when SETUP_NATS=1.
 # Safe to run any number of times. Prints what it did.
 set -euo pipefail
 
@@ -51,4 +54,39 @@ ensure_postgres() {
   log "postgres: ready"
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+apt_install() {
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_redis() {
+  if port_open 6379; then log "redis: reachable on 127.0.0.1:6379"; return; fi
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "redis: not installed; installing Debian's redis-server package"
+    apt_install redis-server
+  fi
+  log "redis: starting on 127.0.0.1:6379 (no persistence)"
+  redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes >/dev/null
+  for _ in $(seq 1 50); do port_open 6379 && break; sleep 0.1; done
+  port_open 6379 || { log "redis: still unreachable on 127.0.0.1:6379"; exit 1; }
+  log "redis: ready"
+}
+
+ensure_nats() {
+  if port_open 4222; then log "nats: reachable on 127.0.0.1:4222"; return; fi
+  if ! command -v nats-server >/dev/null 2>&1; then
+    log "nats: not installed; installing Debian's nats-server package"
+    apt_install nats-server
+  fi
+  log "nats: starting with JetStream on 127.0.0.1:4222"
+  nohup nats-server -a 127.0.0.1 -p 4222 -js >/tmp/fraiseql-observers-nats.log 2>&1 &
+  for _ in $(seq 1 50); do port_open 4222 && break; sleep 0.1; done
+  port_open 4222 || { log "nats: still unreachable on 127.0.0.1:4222"; exit 1; }
+  log "nats: ready"
+}
+
 ensure_postgres
+ensure_redis
+if [ "${SETUP_NATS:-0}" = 1 ]; then ensure_nats; fi

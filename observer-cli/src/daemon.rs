@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 use observer_core::action::ActionContext;
+use observer_core::config::Config;
 use observer_core::observer::Observers;
 use observer_core::runloop::{self, RunContext};
 use observer_core::store::CheckpointStore;
@@ -88,9 +89,22 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    let cfg2 = cfg.clone();
-    let _reload = observers_tx;
-    let make = move || stack::build(&cfg2, actions.clone(), &layers);
+    // The stack is rebuilt from the current config whenever a reload is accepted.
+    let current = Arc::new(std::sync::RwLock::new(cfg.clone()));
+    tokio::spawn(reload_on_hup(
+        app.config_path.clone(),
+        current.clone(),
+        observers_tx,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let make = move || {
+        let cfg = current
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+        stack::build(&cfg, actions.clone(), &layers)
+    };
     // Owned: stopped by the same token and awaited before we return.
     let retention = tokio::spawn(retention_pass(
         pool.clone(),
@@ -158,6 +172,101 @@ fn checkpoint_store(app: &App) -> Option<Arc<dyn CheckpointStore>> {
 #[cfg(not(feature = "checkpoint"))]
 fn checkpoint_store(_app: &App) -> Option<Arc<dyn CheckpointStore>> {
     None
+}
+
+/// Sections a running daemon cannot change (its connections, its position, its endpoints): a
+/// reload keeps their running values and says which ones need a restart.
+fn restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut kept = Vec::new();
+    macro_rules! keep {
+        ($($field:ident).+, $name:expr) => {
+            if serde_json::to_value(&old.$($field).+).ok() != serde_json::to_value(&new.$($field).+).ok() {
+                new.$($field).+ = old.$($field).+.clone();
+                kept.push($name);
+            }
+        };
+    }
+    keep!(database, "database");
+    keep!(change_log, "change_log");
+    keep!(listener, "listener");
+    keep!(action_log, "action_log");
+    keep!(retention, "retention");
+    keep!(redis, "redis");
+    keep!(metrics, "metrics");
+    keep!(features.checkpoint, "features.checkpoint");
+    keep!(features.metrics, "features.metrics");
+    keep!(features.caching, "features.caching");
+    keep!(caching, "caching");
+    kept
+}
+
+/// Loads, checks and compiles a configuration the way `run` does before starting.
+fn load_checked(path: Option<&Path>) -> Result<(Config, Observers)> {
+    let cfg = observer_core::config::load(path)?;
+    stack::check_features(&cfg)?;
+    let problems = cfg.check();
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+        anyhow::bail!("invalid settings: {}", list.join("; "));
+    }
+    let observers = Observers::compile(&cfg).map_err(|issues| {
+        let list: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
+        anyhow!("invalid observers: {}", list.join("; "))
+    })?;
+    Ok((cfg, observers))
+}
+
+/// SIGHUP: reload the file, validate it completely, and only then swap observers and the
+/// executor stack (layer toggles and their settings); on any error keep running as before.
+async fn reload_on_hup(
+    path: Option<std::path::PathBuf>,
+    current: Arc<std::sync::RwLock<Arc<Config>>>,
+    observers: tokio::sync::watch::Sender<Arc<Observers>>,
+    metrics: Arc<observer_core::metrics::Metrics>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload is unavailable");
+        return;
+    };
+    let file = path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(defaults and environment)".into());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hup.recv() => {}
+        }
+        tracing::info!(file = %file, "SIGHUP: reloading the configuration");
+        let old = current
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
+        match load_checked(path.as_deref()) {
+            Ok((mut cfg, compiled)) => {
+                let kept = restart_only(&old, &mut cfg);
+                if !kept.is_empty() {
+                    tracing::warn!(sections = %kept.join(", "), "these settings changed but take effect only after a restart; keeping the running values");
+                }
+                for o in &compiled.list {
+                    let kinds: Vec<&str> = o.actions.iter().map(|a| a.action.kind()).collect();
+                    metrics.init_observer(&o.name, &kinds);
+                }
+                let n = compiled.list.len();
+                match current.write() {
+                    Ok(mut c) => *c = Arc::new(cfg),
+                    Err(p) => *p.into_inner() = Arc::new(cfg),
+                }
+                let _ = observers.send(Arc::new(compiled));
+                tracing::info!(file = %file, observers = n, "reload accepted");
+            }
+            Err(e) => {
+                tracing::error!(file = %file, error = %format!("{e:#}"), "reload refused; the running configuration is unchanged");
+            }
+        }
+    }
 }
 
 async fn signals(shutdown: CancellationToken) {

@@ -341,6 +341,7 @@ pub async fn run(
     let metrics = ctx.metrics.clone();
     let mut live = ctx.observers.clone();
     let mut observers = live.borrow_and_update().clone();
+    let mut live_open = true;
     let mut executor = make_executor();
     let listener = cfg.listener.id.as_str();
     let wake = Arc::new(Notify::new());
@@ -475,8 +476,10 @@ pub async fn run(
                 let (seq, unit, state) = expired.into_inner();
                 sched.ready.push_back(Work { seq, unit, states: vec![state] });
             }
-            changed = live.changed() => {
-                if changed.is_ok() {
+            changed = live.changed(), if live_open => {
+                if changed.is_err() {
+                    live_open = false;
+                } else {
                     // Events read from now on match the new observers; work in progress keeps the
                     // observers it started with. Layers keep their state across the rebuild.
                     observers = live.borrow_and_update().clone();

@@ -500,6 +500,8 @@ pub struct Behaviour {
     pub fail_status: u16,
     /// Waited before answering.
     pub delay: Duration,
+    /// Waited before answering requests to a path (instead of `delay`).
+    pub path_delay: HashMap<String, Duration>,
     /// `Retry-After` header added to every non-2xx answer.
     pub retry_after: Option<String>,
 }
@@ -513,6 +515,7 @@ impl Default for Behaviour {
             fail_first: 0,
             fail_status: 503,
             delay: Duration::ZERO,
+            path_delay: HashMap::new(),
             retry_after: None,
         }
     }
@@ -564,7 +567,8 @@ async fn handle(
         } else {
             b.status
         };
-        let (delay, retry_after) = (b.delay, b.retry_after.clone());
+        let delay = b.path_delay.get(&path).copied().unwrap_or(b.delay);
+        let retry_after = b.retry_after.clone();
         let rec = Received {
             method: method.to_string(),
             path: path.clone(),
@@ -669,6 +673,25 @@ impl Receiver {
 
     pub fn set_delay(&self, d: Duration) {
         self.behave(|b| b.delay = d);
+    }
+
+    pub fn set_path_delay(&self, path: &str, d: Duration) {
+        self.behave(|b| {
+            b.path_delay.insert(path.to_string(), d);
+        });
+    }
+
+    /// The most requests that were being answered at once, given that each took `delay`.
+    pub fn max_overlap(&self, delay: Duration) -> usize {
+        let reqs = self.requests();
+        reqs.iter()
+            .map(|r| {
+                reqs.iter()
+                    .filter(|o| o.at <= r.at && r.at < o.at + delay)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn set_retry_after(&self, v: Option<&str>) {
