@@ -162,7 +162,12 @@ impl BreakerState {
         let map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         let mut v: Vec<(String, &'static str)> = map
             .iter()
-            .map(|(d, b)| (d.to_string(), state_name(b.info.state.load(Ordering::Relaxed))))
+            .map(|(d, b)| {
+                (
+                    d.to_string(),
+                    state_name(b.info.state.load(Ordering::Relaxed)),
+                )
+            })
             .collect();
         v.sort();
         v
@@ -182,7 +187,10 @@ impl BreakerState {
             last_delay: Mutex::new(Duration::from_millis(c.open_ms.max(1))),
             probe: AtomicBool::new(false),
             gauge: self.metrics.breaker_state.with_label_values(&[destination]),
-            opened: self.metrics.breaker_opened.with_label_values(&[destination]),
+            opened: self
+                .metrics
+                .breaker_opened
+                .with_label_values(&[destination]),
         });
         let backoff = Backoff {
             next: Duration::from_millis(c.open_ms.max(1)),
@@ -288,8 +296,7 @@ where
                 continue;
             }
             if b.info.state.load(Ordering::Relaxed) == BREAKER_HALF_OPEN {
-                if b
-                    .info
+                if b.info
                     .probe
                     .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
                     .is_err()

@@ -8,7 +8,8 @@
 //! * claim: `<prefix>:dedup:<key>` is set to `claim:<instance token>` with a lease (the
 //!   dispatch's action timeouts plus a margin) only if absent (one Lua script, atomic). A key
 //!   holding `done` answers [`AttemptResult::Duplicate`]; a key claimed by another instance
-//!   answers `Deferred{reason: "claimed_elsewhere"}` until its lease ends; a key claimed with our
+//!   answers `Deferred{reason: "claimed_elsewhere"}` (asking again every second until it is
+//!   `done` or its lease ends); a key claimed with our
 //!   own token (a retry of ours whose release was lost) is ours.
 //! * confirm: `Delivered` (and `ConditionFalse`, also final) sets the key to `done` for the
 //!   window. Anything else — a retryable failure, a deferral by an inner layer, a permanent
@@ -45,6 +46,8 @@ const LEASE_MARGIN_MS: u64 = 5_000;
 const DEFAULT_ACTION_TIMEOUT_MS: u64 = 30_000;
 /// How long a delivery waits when another dispatch of this process holds its key.
 const LOCAL_BUSY_MS: u64 = 100;
+/// Longest wait before asking again about a key another instance holds.
+const HELD_RECHECK_MS: u64 = 1_000;
 /// How long `on_unavailable = "wait"` defers before asking Redis again.
 const WAIT_RETRY_MS: u64 = 1_000;
 /// Most operations sent in one pipeline.
@@ -123,13 +126,19 @@ impl DedupState {
     }
 
     /// Runs `ops` against the chosen store; one verdict per op (`Claimed` for non-claims).
-    async fn store(&self, redis: Option<&RedisHandle>, ops: Vec<Op>) -> Result<Vec<Verdict>, String> {
+    async fn store(
+        &self,
+        redis: Option<&RedisHandle>,
+        ops: Vec<Op>,
+    ) -> Result<Vec<Verdict>, String> {
         let Some(redis) = redis else {
             return Ok(self.memory_ops(ops));
         };
         let tx = self
             .batcher
-            .get_or_init(|| async { spawn_batcher(redis.clone(), self.token.clone(), self.cfg.window_secs) })
+            .get_or_init(|| async {
+                spawn_batcher(redis.clone(), self.token.clone(), self.cfg.window_secs)
+            })
             .await;
         let (reply, rx) = oneshot::channel();
         tx.send(Request { ops, reply })
@@ -269,10 +278,17 @@ async fn run_pipeline(
         }
     }
     let mut conn = redis.conn().await?;
-    let values: Vec<redis::Value> = tokio::time::timeout(redis.timeout, pipe.query_async(&mut conn))
-        .await
-        .map_err(|_| format!("Redis at {} did not answer within {} ms", redis.server, redis.timeout.as_millis()))?
-        .map_err(|e| format!("Redis at {}: {e}", redis.server))?;
+    let values: Vec<redis::Value> =
+        tokio::time::timeout(redis.timeout, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| {
+                format!(
+                    "Redis at {} did not answer within {} ms",
+                    redis.server,
+                    redis.timeout.as_millis()
+                )
+            })?
+            .map_err(|e| format!("Redis at {}: {e}", redis.server))?;
     if values.len() != kinds.len() {
         return Err(format!(
             "Redis at {} answered {} replies to {} commands",
@@ -287,7 +303,9 @@ async fn run_pipeline(
         .map(|(v, claim)| {
             if !claim {
                 return match v {
-                    redis::Value::ServerError(e) => Err(format!("Redis at {}: {e:?}", redis.server)),
+                    redis::Value::ServerError(e) => {
+                        Err(format!("Redis at {}: {e:?}", redis.server))
+                    }
                     _ => Ok(Verdict::Claimed),
                 };
             }
@@ -295,7 +313,9 @@ async fn run_pipeline(
                 redis::Value::Int(-1) => Ok(Verdict::Claimed),
                 redis::Value::Int(-2) => Ok(Verdict::Done),
                 redis::Value::Int(t) if t >= 0 => Ok(Verdict::Held(t as u64)),
-                other => Err(format!("unexpected dedup claim reply from Redis: {other:?}")),
+                other => Err(format!(
+                    "unexpected dedup claim reply from Redis: {other:?}"
+                )),
             }
         })
         .collect()
@@ -342,7 +362,9 @@ impl MemoryStore {
         self.map.insert(key.clone(), (e, self.seq));
         self.order.push_back((key, self.seq));
         while self.map.len() > self.max {
-            let Some((k, s)) = self.order.pop_front() else { break };
+            let Some((k, s)) = self.order.pop_front() else {
+                break;
+            };
             if self.map.get(&k).is_some_and(|(_, cur)| *cur == s) {
                 self.map.remove(&k);
             }
@@ -475,7 +497,9 @@ where
                             after_ms: LOCAL_BUSY_MS,
                             reason: "claimed_elsewhere",
                         },
-                        Some("another dispatch of this process is running the same delivery".into()),
+                        Some(
+                            "another dispatch of this process is running the same delivery".into(),
+                        ),
                     ));
                 }
             }
@@ -512,7 +536,9 @@ where
                                     decided[*i] = Some(Attempt::answered(
                                         d.attempt,
                                         AttemptResult::Deferred {
-                                            after_ms: ms.clamp(50, lease),
+                                            // Look again within a second: the holder usually
+                                            // finishes long before its lease ends.
+                                            after_ms: ms.clamp(50, HELD_RECHECK_MS),
                                             reason: "claimed_elsewhere",
                                         },
                                         Some("another instance is running this delivery".into()),
@@ -555,7 +581,11 @@ where
                 .map(|i| {
                     let key = keys[i].to_string();
                     let fin = matches!(
-                        result.as_ref().ok().and_then(|r| r.get(i)).map(|a| &a.result),
+                        result
+                            .as_ref()
+                            .ok()
+                            .and_then(|r| r.get(i))
+                            .map(|a| &a.result),
                         Some(AttemptResult::Delivered | AttemptResult::ConditionFalse)
                     );
                     if fin {
@@ -609,14 +639,8 @@ mod tests {
     fn released_claim_can_be_claimed_again() {
         let mut m = MemoryStore::new(10);
         let now = Instant::now();
-        assert_eq!(
-            m.claim("k".into(), now),
-            Verdict::Claimed
-        );
+        assert_eq!(m.claim("k".into(), now), Verdict::Claimed);
         m.remove("k");
-        assert_eq!(
-            m.claim("k".into(), now),
-            Verdict::Claimed
-        );
+        assert_eq!(m.claim("k".into(), now), Verdict::Claimed);
     }
 }

@@ -89,8 +89,7 @@ impl RateState {
             tokens: burst,
             last: now,
         });
-        b.tokens =
-            (b.tokens + now.duration_since(b.last).as_secs_f64() * per_second).min(burst);
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * per_second).min(burst);
         b.last = now;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -131,7 +130,10 @@ impl Drop for Slot {
 }
 
 /// Asks Redis for one GCRA verdict per `(destination, per_second)`, in one pipeline.
-async fn take_shared(redis: &RedisHandle, asks: &[(Arc<str>, f64)]) -> Result<Vec<Option<u64>>, String> {
+async fn take_shared(
+    redis: &RedisHandle,
+    asks: &[(Arc<str>, f64)],
+) -> Result<Vec<Option<u64>>, String> {
     let mut pipe = redis::pipe();
     for (dest, per_second) in asks {
         let interval = 1000.0 / per_second;
@@ -155,7 +157,10 @@ async fn take_shared(redis: &RedisHandle, asks: &[(Arc<str>, f64)]) -> Result<Ve
         })?
         .map_err(|e| format!("Redis at {}: {e}", redis.server))?;
     if values.len() != asks.len() {
-        return Err(format!("Redis at {} answered the wrong number of replies", redis.server));
+        return Err(format!(
+            "Redis at {} answered the wrong number of replies",
+            redis.server
+        ));
     }
     Ok(values
         .into_iter()
@@ -271,10 +276,7 @@ where
                 }
             }
             if waits.len() != need.len() {
-                waits = need
-                    .iter()
-                    .map(|(_, d, r)| st.take_local(d, *r))
-                    .collect();
+                waits = need.iter().map(|(_, d, r)| st.take_local(d, *r)).collect();
             }
             for ((i, dest, per_second), wait) in need.iter().zip(waits) {
                 if let Some(ms) = wait {
