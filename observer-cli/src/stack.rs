@@ -17,6 +17,9 @@ use tower::ServiceBuilder;
 pub const BUILT: &[(&str, bool)] = &[
     ("checkpoint", cfg!(feature = "checkpoint")),
     ("concurrent", cfg!(feature = "concurrent")),
+    ("dedup", cfg!(feature = "dedup")),
+    ("circuit_breaker", cfg!(feature = "circuit_breaker")),
+    ("rate_limit", cfg!(feature = "rate_limit")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.
@@ -31,28 +34,75 @@ pub fn check_features(cfg: &Config) -> Result<()> {
             );
         }
     }
+    let f = &cfg.features;
+    if f.dedup
+        && cfg.dedup.backend == observer_core::config::DedupBackend::Redis
+        && cfg.redis.url.is_none()
+    {
+        bail!("dedup.backend is `redis` but no Redis is configured: set [redis] url (or REDIS_URL), or use backend = \"auto\" / \"memory\"");
+    }
+    if f.rate_limit && cfg.rate_limit.shared && cfg.redis.url.is_none() {
+        bail!("rate_limit.shared is on but no Redis is configured: set [redis] url (or REDIS_URL), or set rate_limit.shared = false");
+    }
     Ok(())
 }
 
 /// Process-wide state of the layers (see the module comment).
 pub struct LayerState {
+    /// For layers and endpoints that report on the stack (the metrics endpoint).
+    #[allow(dead_code)]
     pub metrics: Arc<Metrics>,
+    #[cfg(feature = "dedup")]
+    pub dedup: Arc<observer_features::dedup::DedupState>,
+    #[cfg(feature = "circuit_breaker")]
+    pub breakers: Arc<observer_features::circuit_breaker::BreakerState>,
+    #[cfg(feature = "rate_limit")]
+    pub rate: Arc<observer_features::rate_limit::RateState>,
 }
 
 impl LayerState {
-    pub fn new(_cfg: &Config, metrics: Arc<Metrics>) -> LayerState {
-        LayerState { metrics }
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> LayerState {
+        let _ = cfg;
+        LayerState {
+            #[cfg(feature = "dedup")]
+            dedup: observer_features::dedup::DedupState::new(&cfg.dedup, metrics.clone()),
+            #[cfg(feature = "circuit_breaker")]
+            breakers: observer_features::circuit_breaker::BreakerState::new(
+                &cfg.circuit_breaker,
+                metrics.clone(),
+            ),
+            #[cfg(feature = "rate_limit")]
+            rate: observer_features::rate_limit::RateState::new(&cfg.rate_limit),
+            metrics,
+        }
+    }
+
+    /// Each destination's breaker state (`closed`, `half_open`, `open`) as this process sees
+    /// it; empty when the layer is off or not built. Other processes read the same through the
+    /// `observer_breaker_state` series of the metrics endpoint.
+    #[allow(dead_code)] // for the metrics endpoint and `status`, which live in other branches
+    pub fn breaker_states(&self) -> Vec<(String, &'static str)> {
+        #[cfg(feature = "circuit_breaker")]
+        return self.breakers.states();
+        #[cfg(not(feature = "circuit_breaker"))]
+        Vec::new()
     }
 }
 
 /// The executor every dispatch goes through.
-pub fn build(cfg: &Config, ctx: ActionContext, _state: &LayerState) -> BoxExecutor {
+pub fn build(cfg: &Config, ctx: ActionContext, state: &LayerState) -> BoxExecutor {
     let f = &cfg.features;
     // Without `concurrent`, one dispatch at a time. Retries wait on timers outside the stack,
     // so a failing destination never holds a slot either way.
     let (limit, timeout) = concurrent(cfg);
     let stack = ServiceBuilder::new()
         .concurrency_limit(limit)
+        // A destination whose breaker is open is answered before anything else is spent on it.
+        .option_layer(circuit_breaker(cfg, state))
+        // Then its rate and in-flight cap, so excess waits without touching the dedup store.
+        .option_layer(rate_limit(cfg, &ctx, state))
+        // Claims only what is about to run; confirms or releases after the result.
+        .option_layer(dedup(cfg, &ctx, state))
         .option_layer(timeout.filter(|_| f.concurrent))
         .service(CoreExecutor::new(ctx));
     BoxExecutor::new(stack)
@@ -76,4 +126,65 @@ fn concurrent(
 fn concurrent(cfg: &Config) -> (usize, Option<tower::layer::util::Identity>) {
     let _ = cfg;
     (1, None)
+}
+
+#[cfg(feature = "dedup")]
+fn dedup(
+    cfg: &Config,
+    ctx: &ActionContext,
+    state: &LayerState,
+) -> Option<observer_features::dedup::DedupLayer> {
+    cfg.features.dedup.then(|| {
+        observer_features::dedup::DedupLayer::new(
+            state.dedup.clone(),
+            ctx.redis.clone(),
+            cfg.features
+                .concurrent
+                .then_some(cfg.concurrent.action_timeout_ms),
+        )
+    })
+}
+
+#[cfg(not(feature = "dedup"))]
+fn dedup(
+    _cfg: &Config,
+    _ctx: &ActionContext,
+    _state: &LayerState,
+) -> Option<tower::layer::util::Identity> {
+    None
+}
+
+#[cfg(feature = "circuit_breaker")]
+fn circuit_breaker(
+    cfg: &Config,
+    state: &LayerState,
+) -> Option<observer_features::circuit_breaker::CircuitBreakerLayer> {
+    cfg.features.circuit_breaker.then(|| {
+        observer_features::circuit_breaker::CircuitBreakerLayer::new(state.breakers.clone())
+    })
+}
+
+#[cfg(not(feature = "circuit_breaker"))]
+fn circuit_breaker(_cfg: &Config, _state: &LayerState) -> Option<tower::layer::util::Identity> {
+    None
+}
+
+#[cfg(feature = "rate_limit")]
+fn rate_limit(
+    cfg: &Config,
+    ctx: &ActionContext,
+    state: &LayerState,
+) -> Option<observer_features::rate_limit::RateLimitLayer> {
+    cfg.features.rate_limit.then(|| {
+        observer_features::rate_limit::RateLimitLayer::new(state.rate.clone(), ctx.redis.clone())
+    })
+}
+
+#[cfg(not(feature = "rate_limit"))]
+fn rate_limit(
+    _cfg: &Config,
+    _ctx: &ActionContext,
+    _state: &LayerState,
+) -> Option<tower::layer::util::Identity> {
+    None
 }

@@ -6,3 +6,12 @@ pub mod checkpoint;
 
 #[cfg(feature = "concurrent")]
 pub mod concurrent;
+
+#[cfg(feature = "dedup")]
+pub mod dedup;
+
+#[cfg(feature = "circuit_breaker")]
+pub mod circuit_breaker;
+
+#[cfg(feature = "rate_limit")]
+pub mod rate_limit;

@@ -1,0 +1,646 @@
+//! `dedup` (cargo feature `dedup`): the same delivery — keyed on its idempotency key, a UUIDv5
+//! of (event id, observer, action index), so duplicate change-log rows carrying one event id
+//! share it — never runs twice within `[dedup] window_secs`, across restarts and instances
+//! (Redis backend) or within this process (memory backend).
+//!
+//! It must never *lose* a delivery, so it claims before running and confirms after:
+//!
+//! * claim: `<prefix>:dedup:<key>` is set to `claim:<instance token>` with a lease (the
+//!   dispatch's action timeouts plus a margin) only if absent (one Lua script, atomic). A key
+//!   holding `done` answers [`AttemptResult::Duplicate`]; a key claimed by another instance
+//!   answers `Deferred{reason: "claimed_elsewhere"}` (asking again every second until it is
+//!   `done` or its lease ends); a key claimed with our
+//!   own token (a retry of ours whose release was lost) is ours.
+//! * confirm: `Delivered` (and `ConditionFalse`, also final) sets the key to `done` for the
+//!   window. Anything else — a retryable failure, a deferral by an inner layer, a permanent
+//!   failure (it becomes a dead letter that `dlq retry` must be able to run again through this
+//!   same stack) — deletes the claim if it is still ours, so the next attempt can claim again.
+//! * every claim and confirmation of one dispatch, and of dispatches arriving in the same
+//!   scheduler tick, go to Redis in one pipelined round trip (a small batching task).
+//! * Redis unreachable: `on_unavailable = "process"` runs the actions anyway (counted in
+//!   `observer_dedup_unavailable_total{action="processed"}`), `"wait"` defers them
+//!   (`reason = "dedup_wait"`, counted as `waited`). Logged once per outage.
+//!
+//! Within one process a key is also held in a local in-flight set, so two dispatches of one key
+//! (two change-log rows with one event id) never run side by side even though they share the
+//! instance token.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use observer_core::action::{Attempt, AttemptResult, RedisHandle};
+use observer_core::config::{DedupBackend, DedupConfig, OnUnavailable};
+use observer_core::executor::{call_rest, BoxError, Dispatch, DispatchResult};
+use observer_core::metrics::Metrics;
+use tokio::sync::{mpsc, oneshot};
+use tower::Layer;
+
+/// Added to the action timeouts to form a claim's lease.
+const LEASE_MARGIN_MS: u64 = 5_000;
+/// The timeout assumed for an action that states none (sql, log).
+const DEFAULT_ACTION_TIMEOUT_MS: u64 = 30_000;
+/// How long a delivery waits when another dispatch of this process holds its key.
+const LOCAL_BUSY_MS: u64 = 100;
+/// Longest wait before asking again about a key another instance holds.
+const HELD_RECHECK_MS: u64 = 1_000;
+/// How long `on_unavailable = "wait"` defers before asking Redis again.
+const WAIT_RETRY_MS: u64 = 1_000;
+/// Most operations sent in one pipeline.
+const MAX_BATCH_OPS: usize = 2_048;
+
+/// Claims the key unless it is `done` or claimed by someone else. Returns -1 claimed (or
+/// re-claimed with our token), -2 done, else the remaining lease of the foreign claim in ms.
+const CLAIM_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return -1
+end
+if v == 'done' then return -2 end
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return -1
+end
+local t = redis.call('PTTL', KEYS[1])
+if t < 0 then t = 0 end
+return t
+";
+
+/// Deletes the key only while it still holds our claim.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// What the store said about one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Claimed,
+    Done,
+    /// Claimed elsewhere for this many more ms.
+    Held(u64),
+}
+
+#[derive(Debug)]
+enum Op {
+    Claim { key: String, lease_ms: u64 },
+    Done { key: String },
+    Release { key: String },
+}
+
+struct Request {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<Vec<Verdict>, String>>,
+}
+
+/// Process-wide dedup state (lives in the daemon's `LayerState`, so a reload keeps it).
+pub struct DedupState {
+    cfg: DedupConfig,
+    /// `claim:<random uuid>`: this process's claims.
+    token: Arc<str>,
+    metrics: Arc<Metrics>,
+    memory: Mutex<MemoryStore>,
+    /// Keys some dispatch of this process is running now.
+    local: Mutex<HashSet<Arc<str>>>,
+    batcher: tokio::sync::OnceCell<mpsc::Sender<Request>>,
+    /// Redis is failing (logged once per outage).
+    down: AtomicBool,
+}
+
+impl DedupState {
+    pub fn new(cfg: &DedupConfig, metrics: Arc<Metrics>) -> Arc<DedupState> {
+        Arc::new(DedupState {
+            cfg: cfg.clone(),
+            token: format!("claim:{}", uuid::Uuid::new_v4()).into(),
+            metrics,
+            memory: Mutex::new(MemoryStore::new(cfg.memory_max_keys.max(1))),
+            local: Mutex::new(HashSet::new()),
+            batcher: tokio::sync::OnceCell::new(),
+            down: AtomicBool::new(false),
+        })
+    }
+
+    /// Runs `ops` against the chosen store; one verdict per op (`Claimed` for non-claims).
+    async fn store(
+        &self,
+        redis: Option<&RedisHandle>,
+        ops: Vec<Op>,
+    ) -> Result<Vec<Verdict>, String> {
+        let Some(redis) = redis else {
+            return Ok(self.memory_ops(ops));
+        };
+        let tx = self
+            .batcher
+            .get_or_init(|| async {
+                spawn_batcher(redis.clone(), self.token.clone(), self.cfg.window_secs)
+            })
+            .await;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Request { ops, reply })
+            .await
+            .map_err(|_| "the dedup batching task stopped".to_string())?;
+        let r = rx
+            .await
+            .map_err(|_| "the dedup batching task dropped a request".to_string())?;
+        match &r {
+            Ok(_) => {
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(server = %redis.server, "dedup: Redis answers again");
+                }
+            }
+            Err(e) => {
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    let doing = match self.cfg.on_unavailable {
+                        OnUnavailable::Process => "running actions without dedup",
+                        OnUnavailable::Wait => "deferring actions until it answers",
+                    };
+                    tracing::warn!(error = %e, "dedup: Redis unreachable; {doing} (logged once per outage)");
+                }
+            }
+        }
+        r
+    }
+
+    fn memory_ops(&self, ops: Vec<Op>) -> Vec<Verdict> {
+        let mut m = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let window = Duration::from_secs(self.cfg.window_secs);
+        ops.into_iter()
+            .map(|op| match op {
+                Op::Claim { key, .. } => m.claim(key, now),
+                Op::Done { key } => {
+                    m.put(key, Entry::Done(now + window));
+                    Verdict::Claimed
+                }
+                Op::Release { key } => {
+                    m.remove(&key);
+                    Verdict::Claimed
+                }
+            })
+            .collect()
+    }
+
+    /// Takes the keys this process is not already running; `false` where another dispatch is.
+    fn take_local(&self, keys: &[Arc<str>]) -> Vec<bool> {
+        let mut l = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        keys.iter().map(|k| l.insert(k.clone())).collect()
+    }
+
+    fn release_local(&self, keys: &[Arc<str>], taken: &[bool]) {
+        let mut l = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, t) in keys.iter().zip(taken) {
+            if *t {
+                l.remove(k);
+            }
+        }
+    }
+}
+
+/// Starts the task that batches store operations into pipelines.
+fn spawn_batcher(redis: RedisHandle, token: Arc<str>, window_secs: u64) -> mpsc::Sender<Request> {
+    let (tx, mut rx) = mpsc::channel::<Request>(4_096);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            // Let the dispatches started in this tick enqueue theirs, then take them all.
+            tokio::task::yield_now().await;
+            let mut reqs = vec![first];
+            let mut n = reqs[0].ops.len();
+            while n < MAX_BATCH_OPS {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        n += r.ops.len();
+                        reqs.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            match run_pipeline(&redis, &token, window_secs, &reqs).await {
+                Ok(mut values) => {
+                    for r in reqs {
+                        let rest = values.split_off(r.ops.len().min(values.len()));
+                        let mine = std::mem::replace(&mut values, rest);
+                        let _ = r.reply.send(Ok(mine));
+                    }
+                }
+                Err(e) => {
+                    for r in reqs {
+                        let _ = r.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+async fn run_pipeline(
+    redis: &RedisHandle,
+    token: &str,
+    window_secs: u64,
+    reqs: &[Request],
+) -> Result<Vec<Verdict>, String> {
+    let mut pipe = redis::pipe();
+    let mut kinds = Vec::new();
+    for r in reqs {
+        for op in &r.ops {
+            match op {
+                Op::Claim { key, lease_ms } => {
+                    pipe.cmd("EVAL")
+                        .arg(CLAIM_LUA)
+                        .arg(1)
+                        .arg(redis.key(&format!("dedup:{key}")))
+                        .arg(token)
+                        .arg(*lease_ms);
+                    kinds.push(true);
+                }
+                Op::Done { key } => {
+                    pipe.cmd("SET")
+                        .arg(redis.key(&format!("dedup:{key}")))
+                        .arg("done")
+                        .arg("EX")
+                        .arg(window_secs);
+                    kinds.push(false);
+                }
+                Op::Release { key } => {
+                    pipe.cmd("EVAL")
+                        .arg(RELEASE_LUA)
+                        .arg(1)
+                        .arg(redis.key(&format!("dedup:{key}")))
+                        .arg(token);
+                    kinds.push(false);
+                }
+            }
+        }
+    }
+    let mut conn = redis.conn().await?;
+    let values: Vec<redis::Value> =
+        tokio::time::timeout(redis.timeout, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| {
+                format!(
+                    "Redis at {} did not answer within {} ms",
+                    redis.server,
+                    redis.timeout.as_millis()
+                )
+            })?
+            .map_err(|e| format!("Redis at {}: {e}", redis.server))?;
+    if values.len() != kinds.len() {
+        return Err(format!(
+            "Redis at {} answered {} replies to {} commands",
+            redis.server,
+            values.len(),
+            kinds.len()
+        ));
+    }
+    values
+        .into_iter()
+        .zip(kinds)
+        .map(|(v, claim)| {
+            if !claim {
+                return match v {
+                    redis::Value::ServerError(e) => {
+                        Err(format!("Redis at {}: {e:?}", redis.server))
+                    }
+                    _ => Ok(Verdict::Claimed),
+                };
+            }
+            match v {
+                redis::Value::Int(-1) => Ok(Verdict::Claimed),
+                redis::Value::Int(-2) => Ok(Verdict::Done),
+                redis::Value::Int(t) if t >= 0 => Ok(Verdict::Held(t as u64)),
+                other => Err(format!(
+                    "unexpected dedup claim reply from Redis: {other:?}"
+                )),
+            }
+        })
+        .collect()
+}
+
+/// The memory backend: claims and `done` marks with expiry, at most `max` keys (oldest first out).
+struct MemoryStore {
+    max: usize,
+    map: HashMap<String, (Entry, u64)>,
+    order: VecDeque<(String, u64)>,
+    seq: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Entry {
+    Claimed,
+    Done(Instant),
+}
+
+impl MemoryStore {
+    fn new(max: usize) -> MemoryStore {
+        MemoryStore {
+            max,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            seq: 0,
+        }
+    }
+
+    fn claim(&mut self, key: String, now: Instant) -> Verdict {
+        match self.map.get(&key).map(|(e, _)| *e) {
+            Some(Entry::Done(until)) if until > now => Verdict::Done,
+            // The memory store is this process only: a live claim is ours (the local in-flight
+            // set already keeps two dispatches of one key apart).
+            _ => {
+                self.put(key, Entry::Claimed);
+                Verdict::Claimed
+            }
+        }
+    }
+
+    fn put(&mut self, key: String, e: Entry) {
+        self.seq += 1;
+        self.map.insert(key.clone(), (e, self.seq));
+        self.order.push_back((key, self.seq));
+        while self.map.len() > self.max {
+            let Some((k, s)) = self.order.pop_front() else {
+                break;
+            };
+            if self.map.get(&k).is_some_and(|(_, cur)| *cur == s) {
+                self.map.remove(&k);
+            }
+        }
+        // Superseded order entries are skipped lazily; keep the queue from growing without bound.
+        if self.order.len() > self.max.saturating_mul(2).max(64) {
+            let map = &self.map;
+            self.order
+                .retain(|(k, s)| map.get(k).is_some_and(|(_, cur)| cur == s));
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.map.remove(key);
+    }
+}
+
+/// The `dedup` layer. `redis` is the store when the backend resolves to Redis, else memory.
+#[derive(Clone)]
+pub struct DedupLayer {
+    state: Arc<DedupState>,
+    redis: Option<RedisHandle>,
+    /// `[concurrent] action_timeout_ms` when that layer is on: it bounds a whole dispatch.
+    dispatch_timeout_ms: Option<u64>,
+}
+
+impl DedupLayer {
+    /// `redis` is `[redis]` (if configured); `backend` decides whether it is used.
+    pub fn new(
+        state: Arc<DedupState>,
+        redis: Option<RedisHandle>,
+        dispatch_timeout_ms: Option<u64>,
+    ) -> DedupLayer {
+        let redis = match state.cfg.backend {
+            DedupBackend::Memory => None,
+            DedupBackend::Auto | DedupBackend::Redis => redis,
+        };
+        DedupLayer {
+            state,
+            redis,
+            dispatch_timeout_ms,
+        }
+    }
+
+    /// `redis` or `memory`, for the start-up log.
+    pub fn backend(&self) -> &'static str {
+        if self.redis.is_some() {
+            "redis"
+        } else {
+            "memory"
+        }
+    }
+}
+
+impl<S> Layer<S> for DedupLayer {
+    type Service = Dedup<S>;
+    fn layer(&self, inner: S) -> Dedup<S> {
+        Dedup {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Dedup<S> {
+    inner: S,
+    layer: DedupLayer,
+}
+
+/// How long a claim of this dispatch is leased: its actions' timeouts (run one after another)
+/// capped by the dispatch timeout, plus a margin.
+fn lease_ms(dispatch: &Dispatch, cap: Option<u64>) -> u64 {
+    let sum: u64 = dispatch
+        .deliveries
+        .iter()
+        .map(|d| {
+            d.observer
+                .actions
+                .get(d.action_index)
+                .and_then(|a| a.config.get("timeout_ms"))
+                .and_then(|v| v.as_u64())
+                .unwrap_or(DEFAULT_ACTION_TIMEOUT_MS)
+        })
+        .fold(0u64, |a, b| a.saturating_add(b));
+    let run = match cap {
+        Some(c) => sum.min(c),
+        None => sum,
+    };
+    run.saturating_add(LEASE_MARGIN_MS)
+}
+
+impl<S> tower::Service<Dispatch> for Dedup<S>
+where
+    S: tower::Service<Dispatch, Response = DispatchResult, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = DispatchResult;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<DispatchResult, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dispatch: Dispatch) -> Self::Future {
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let layer = self.layer.clone();
+        Box::pin(async move {
+            let st = &layer.state;
+            let redis = layer.redis.as_ref();
+            let n = dispatch.deliveries.len();
+            let keys: Vec<Arc<str>> = dispatch
+                .deliveries
+                .iter()
+                .map(|d| d.idempotency_key.clone())
+                .collect();
+            let lease = lease_ms(&dispatch, layer.dispatch_timeout_ms);
+            let mut decided: Vec<Option<Attempt>> = vec![None; n];
+            let local = st.take_local(&keys);
+            for (i, d) in dispatch.deliveries.iter().enumerate() {
+                if !local[i] {
+                    decided[i] = Some(Attempt::answered(
+                        d.attempt,
+                        AttemptResult::Deferred {
+                            after_ms: LOCAL_BUSY_MS,
+                            reason: "claimed_elsewhere",
+                        },
+                        Some(
+                            "another dispatch of this process is running the same delivery".into(),
+                        ),
+                    ));
+                }
+            }
+            let to_claim: Vec<usize> = (0..n).filter(|i| local[*i]).collect();
+            // Which deliveries hold a store claim we must confirm or release afterwards.
+            let mut claimed = vec![false; n];
+            if !to_claim.is_empty() {
+                let ops = to_claim
+                    .iter()
+                    .map(|i| Op::Claim {
+                        key: keys[*i].to_string(),
+                        lease_ms: lease,
+                    })
+                    .collect();
+                let mut skipped = 0u64;
+                match st.store(redis, ops).await {
+                    Ok(verdicts) => {
+                        for (i, v) in to_claim.iter().zip(verdicts) {
+                            let d = &dispatch.deliveries[*i];
+                            match v {
+                                Verdict::Claimed => claimed[*i] = true,
+                                Verdict::Done => {
+                                    skipped += 1;
+                                    decided[*i] = Some(Attempt::answered(
+                                        d.attempt,
+                                        AttemptResult::Duplicate,
+                                        Some(format!(
+                                            "already delivered within the dedup window ({} s)",
+                                            st.cfg.window_secs
+                                        )),
+                                    ));
+                                }
+                                Verdict::Held(ms) => {
+                                    decided[*i] = Some(Attempt::answered(
+                                        d.attempt,
+                                        AttemptResult::Deferred {
+                                            // Look again within a second: the holder usually
+                                            // finishes long before its lease ends.
+                                            after_ms: ms.clamp(50, HELD_RECHECK_MS),
+                                            reason: "claimed_elsewhere",
+                                        },
+                                        Some("another instance is running this delivery".into()),
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    Err(_) => match st.cfg.on_unavailable {
+                        OnUnavailable::Process => {
+                            st.metrics
+                                .dedup_unavailable
+                                .with_label_values(&["processed"])
+                                .inc_by(to_claim.len() as u64);
+                        }
+                        OnUnavailable::Wait => {
+                            st.metrics
+                                .dedup_unavailable
+                                .with_label_values(&["waited"])
+                                .inc_by(to_claim.len() as u64);
+                            for i in &to_claim {
+                                decided[*i] = Some(Attempt::answered(
+                                    dispatch.deliveries[*i].attempt,
+                                    AttemptResult::Deferred {
+                                        after_ms: WAIT_RETRY_MS,
+                                        reason: "dedup_wait",
+                                    },
+                                    Some("dedup store unreachable".into()),
+                                ));
+                            }
+                        }
+                    },
+                }
+                st.metrics.record_dedup(skipped, to_claim.len() as u64);
+            }
+            let result = call_rest(inner, dispatch, decided).await;
+            // Confirm or release every claim we hold, whatever happened below us.
+            let ops: Vec<Op> = (0..n)
+                .filter(|i| claimed[*i])
+                .map(|i| {
+                    let key = keys[i].to_string();
+                    let fin = matches!(
+                        result
+                            .as_ref()
+                            .ok()
+                            .and_then(|r| r.get(i))
+                            .map(|a| &a.result),
+                        Some(AttemptResult::Delivered | AttemptResult::ConditionFalse)
+                    );
+                    if fin {
+                        Op::Done { key }
+                    } else {
+                        Op::Release { key }
+                    }
+                })
+                .collect();
+            if !ops.is_empty() {
+                // A failure here is logged by `store` (once per outage); the claim then ends
+                // with its lease.
+                let _ = st.store(redis, ops).await;
+            }
+            st.release_local(&keys, &local);
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_store_claims_confirms_and_evicts_oldest() {
+        let mut m = MemoryStore::new(2);
+        let now = Instant::now();
+        assert_eq!(m.claim("a".into(), now), Verdict::Claimed);
+        m.put("a".into(), Entry::Done(now + Duration::from_secs(60)));
+        assert_eq!(m.claim("a".into(), now), Verdict::Done);
+        // Past the window it runs again.
+        assert_eq!(
+            m.claim("a".into(), now + Duration::from_secs(61)),
+            Verdict::Claimed
+        );
+        m.put("a".into(), Entry::Done(now + Duration::from_secs(60)));
+        m.put("b".into(), Entry::Done(now + Duration::from_secs(60)));
+        m.put("c".into(), Entry::Done(now + Duration::from_secs(60)));
+        assert_eq!(m.map.len(), 2);
+        // `a` was the oldest and is gone; `b` and `c` remain.
+        assert_eq!(m.claim("a".into(), now), Verdict::Claimed);
+        assert_eq!(m.claim("c".into(), now), Verdict::Done);
+        for i in 0..1000 {
+            m.put(format!("k{i}"), Entry::Done(now));
+        }
+        assert!(m.order.len() <= 128, "order queue stays bounded");
+    }
+
+    #[test]
+    fn released_claim_can_be_claimed_again() {
+        let mut m = MemoryStore::new(10);
+        let now = Instant::now();
+        assert_eq!(m.claim("k".into(), now), Verdict::Claimed);
+        m.remove("k");
+        assert_eq!(m.claim("k".into(), now), Verdict::Claimed);
+    }
+}
