@@ -83,6 +83,24 @@ struct Args {
     /// Give up on a phase when no delivery arrives for this many seconds.
     #[arg(long, default_value_t = 60)]
     stall_secs: u64,
+    /// The sink waits this long before answering each request (a slow receiver).
+    #[arg(long, default_value_t = 0)]
+    sink_delay_ms: u64,
+    /// Switch on a layer (`OBSERVER__FEATURES__<NAME>=true`); repeatable.
+    #[arg(long = "feature")]
+    features: Vec<String>,
+    /// Extra environment for the daemon, `KEY=VALUE`; repeatable.
+    #[arg(long = "env")]
+    envs: Vec<String>,
+    /// `[action_log] record` of the daemon (`all`, `failures`, `none`).
+    #[arg(long, default_value = "all")]
+    record: String,
+    /// Skip the fixed-rate latency phase.
+    #[arg(long)]
+    skip_latency: bool,
+    /// Skip the idle probe.
+    #[arg(long)]
+    skip_idle: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -99,6 +117,7 @@ struct Rec {
 
 #[derive(Default)]
 struct SinkState {
+    delay_ms: u64,
     recs: Mutex<Vec<Rec>>,
     total: AtomicU64,
     unparsed: AtomicU64,
@@ -168,6 +187,9 @@ fn parse_envelope(b: &[u8]) -> Option<(u128, i64)> {
 
 async fn hook(State(s): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
     let at = Instant::now();
+    if s.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(s.delay_ms)).await;
+    }
     match parse_envelope(&body) {
         Some((event, order)) => s.recs.lock().unwrap().push(Rec { at, event, order }),
         None => {
@@ -883,7 +905,10 @@ async fn run_all(
     started_at: chrono::DateTime<chrono::Utc>,
     clock: Instant,
 ) -> Result<Value> {
-    let sink = Arc::new(SinkState::default());
+    let sink = Arc::new(SinkState {
+        delay_ms: args.sink_delay_ms,
+        ..SinkState::default()
+    });
     let port = start_sink(sink.clone())?;
     let config = workdir.join("bench.toml");
     std::fs::write(
@@ -900,7 +925,7 @@ id = "bench"
 checkpoint = true
 
 [action_log]
-record = "all"
+record = "{record}"
 
 [[observers]]
 name = "bench-sink"
@@ -910,7 +935,8 @@ events = ["INSERT"]
   [[observers.actions]]
   type = "webhook"
   url = "http://127.0.0.1:{port}/hook"
-"#
+"#,
+            record = args.record
         ),
     )?;
     let config_text = std::fs::read_to_string(&config)?;
@@ -933,7 +959,17 @@ events = ["INSERT"]
 
     let log_path = workdir.join("daemon.log");
     let log = std::fs::File::create(&log_path)?;
-    let child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    for f in &args.features {
+        cmd.env(format!("OBSERVER__FEATURES__{}", f.to_ascii_uppercase()), "true");
+    }
+    for kv in &args.envs {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env {kv}: expected KEY=VALUE"))?;
+        cmd.env(k, v);
+    }
+    let child = cmd
         .arg("--config")
         .arg(&config)
         .arg("run")
@@ -991,13 +1027,17 @@ events = ["INSERT"]
     phases.insert("throughput".into(), throughput);
     // Let the daemon flush and settle between phases.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let latency = bench
-        .paced("latency", args.rate as f64, args.rate * args.latency_secs)
-        .await?;
-    phases.insert("latency".into(), latency);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle = bench.paced("idle", 10.0, args.idle_probes).await?;
-    phases.insert("idle".into(), idle);
+    if !args.skip_latency {
+        let latency = bench
+            .paced("latency", args.rate as f64, args.rate * args.latency_secs)
+            .await?;
+        phases.insert("latency".into(), latency);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    if !args.skip_idle {
+        let idle = bench.paced("idle", 10.0, args.idle_probes).await?;
+        phases.insert("idle".into(), idle);
+    }
     if args.soak_secs > 0 {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let soak = bench.soak().await?;
@@ -1035,6 +1075,9 @@ events = ["INSERT"]
         "machine": machine(),
         "daemon_binary": bin.display().to_string(),
         "daemon_config": config_text,
+        "features": args.features,
+        "daemon_env": args.envs,
+        "sink_delay_ms": args.sink_delay_ms,
         "warmup_seconds": r3(warmup_s),
         "orders_rows_total": change_log_rows,
         "sink_unparsed_requests": sink.unparsed.load(Ordering::Relaxed),
