@@ -17,6 +17,7 @@ use tower::ServiceBuilder;
 pub const BUILT: &[(&str, bool)] = &[
     ("checkpoint", cfg!(feature = "checkpoint")),
     ("concurrent", cfg!(feature = "concurrent")),
+    ("metrics", cfg!(feature = "metrics")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.
