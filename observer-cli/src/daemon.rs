@@ -59,8 +59,13 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     let layers = Arc::new(stack::LayerState::new(&cfg, metrics.clone()));
     let checkpoint: Option<Arc<dyn CheckpointStore>> = checkpoint_store(&app);
     // Bound before anything runs, so a taken address is a start-up error naming it.
-    let endpoint =
-        metrics_endpoint(&app, metrics.clone(), pool.clone(), checkpoint.clone()).await?;
+    let endpoint = metrics_endpoint(
+        &app,
+        layers.metrics.clone(),
+        pool.clone(),
+        checkpoint.clone(),
+    )
+    .await?;
     let owner = format!(
         "{}:{}",
         std::fs::read_to_string("/etc/hostname")
