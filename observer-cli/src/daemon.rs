@@ -59,6 +59,14 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     };
     let layers = Arc::new(stack::LayerState::new(&cfg, metrics.clone()));
     let checkpoint: Option<Arc<dyn CheckpointStore>> = checkpoint_store(&app);
+    // Bound before anything runs, so a taken address is a start-up error naming it.
+    let endpoint = metrics_endpoint(
+        &app,
+        layers.metrics.clone(),
+        pool.clone(),
+        checkpoint.clone(),
+    )
+    .await?;
     let owner = format!(
         "{}:{}",
         std::fs::read_to_string("/etc/hostname")
@@ -114,6 +122,9 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     ));
     let result = runloop::supervise(&ctx, &make, shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(endpoint) = endpoint {
+        endpoint.stop().await;
+    }
     if let Err(e) = retention.await {
         tracing::warn!(error = %e, "retention task ended abnormally");
     }
@@ -158,6 +169,56 @@ async fn retention_pass(
             }
         }
     }
+}
+
+/// The `metrics` layer's endpoint, when `features.metrics` is on.
+#[cfg(feature = "metrics")]
+async fn metrics_endpoint(
+    app: &App,
+    metrics: Arc<observer_core::metrics::Metrics>,
+    pool: deadpool_postgres::Pool,
+    checkpoint: Option<Arc<dyn CheckpointStore>>,
+) -> Result<Option<observer_features::metrics::MetricsServer>> {
+    let cfg = &app.config;
+    if !cfg.features.metrics {
+        return Ok(None);
+    }
+    let sources = observer_features::metrics::Sources {
+        metrics,
+        pool,
+        objects: app.objects.clone(),
+        listener: cfg.listener.id.clone(),
+        checkpoint,
+        ready_max_lag_secs: cfg.metrics.ready_max_lag_secs,
+        refresh: std::time::Duration::from_secs(cfg.metrics.refresh_secs.max(1)),
+    };
+    let server =
+        observer_features::metrics::MetricsServer::start(&cfg.metrics.listen, sources).await?;
+    tracing::info!(
+        url = %server.url(),
+        "metrics endpoint: {} (also /health and /ready)",
+        server.url()
+    );
+    Ok(Some(server))
+}
+
+/// Without the cargo feature `check_features` has already refused `features.metrics = true`.
+#[cfg(not(feature = "metrics"))]
+async fn metrics_endpoint(
+    _app: &App,
+    _metrics: Arc<observer_core::metrics::Metrics>,
+    _pool: deadpool_postgres::Pool,
+    _checkpoint: Option<Arc<dyn CheckpointStore>>,
+) -> Result<Option<NoEndpoint>> {
+    Ok(None)
+}
+
+#[cfg(not(feature = "metrics"))]
+struct NoEndpoint;
+
+#[cfg(not(feature = "metrics"))]
+impl NoEndpoint {
+    async fn stop(self) {}
 }
 
 #[cfg(feature = "checkpoint")]

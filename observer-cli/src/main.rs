@@ -44,6 +44,8 @@ enum Command {
     /// A local webhook sink that prints each delivery and verifies its signature.
     Listen(listen::ListenArgs),
     // @ops-commands (operator commands are declared below this line)
+    /// A running daemon's Prometheus metrics, readably (needs features.metrics on the daemon).
+    Metrics(ops::metrics::MetricsArgs),
     /// Where a listener is, whether it runs, how far behind it is, and its dead letters.
     Status(ops::status::StatusArgs),
     /// Why an event did or did not trigger each observer, and what became of its actions.
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
             Command::Validate(a) => validate::run(a).await,
             Command::Listen(a) => listen::run(a).await.map(|_| ExitCode::SUCCESS),
             // @ops-dispatch (operator commands are dispatched below this line)
+            Command::Metrics(a) => ops::metrics::run(config, a).await,
             Command::Status(a) => ops::status::run(config, a).await,
             Command::DebugEvent(a) => ops::debug_event::run(config, a).await,
             Command::Dlq(c) => ops::dlq::run(config, c).await,

@@ -20,6 +20,7 @@ pub const BUILT: &[(&str, bool)] = &[
     ("dedup", cfg!(feature = "dedup")),
     ("circuit_breaker", cfg!(feature = "circuit_breaker")),
     ("rate_limit", cfg!(feature = "rate_limit")),
+    ("metrics", cfg!(feature = "metrics")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.

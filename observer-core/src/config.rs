@@ -366,6 +366,8 @@ pub struct MetricsConfig {
     pub listen: String,
     /// `/ready` fails while the oldest unprocessed event is older than this.
     pub ready_max_lag_secs: u64,
+    /// How often the DLQ size and backlog gauges are refreshed from the database.
+    pub refresh_secs: u64,
 }
 
 impl Default for MetricsConfig {
@@ -373,6 +375,7 @@ impl Default for MetricsConfig {
         MetricsConfig {
             listen: "127.0.0.1:9464".into(),
             ready_max_lag_secs: 300,
+            refresh_secs: 5,
         }
     }
 }
@@ -822,6 +825,15 @@ impl Config {
                 format!(
                     "`{}` is not an address like 127.0.0.1:9464",
                     self.metrics.listen
+                ),
+            ));
+        }
+        if !(1..=3600).contains(&self.metrics.refresh_secs) {
+            extra.push((
+                "metrics.refresh_secs".into(),
+                format!(
+                    "{} is out of range: expected 1..=3600 seconds",
+                    self.metrics.refresh_secs
                 ),
             ));
         }

@@ -15,3 +15,5 @@ pub mod circuit_breaker;
 
 #[cfg(feature = "rate_limit")]
 pub mod rate_limit;
+#[cfg(feature = "metrics")]
+pub mod metrics;

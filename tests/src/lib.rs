@@ -5,6 +5,8 @@
 //! Postgres: `TEST_DATABASE_ADMIN_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! The binary is built once per test process with `cargo build -p observer-cli`.
 
+pub mod metrics;
+
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};

@@ -1,4 +1,4 @@
-//! The operator commands: `status`, `debug-event`, `dlq …`, `checkpoint …`, `replay`, `cleanup`.
+//! The operator commands: `status`, `metrics`, `debug-event`, `dlq …`, `checkpoint …`, `replay`, `cleanup`.
 //!
 //! Each command is one file. They share what is here: reading a checkpoint row, turning
 //! "relation does not exist" into "run `migrate`", compiling the observers and building the
@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod cleanup;
 pub mod debug_event;
 pub mod dlq;
+pub mod metrics;
 pub mod replay;
 pub mod status;
 

@@ -8,7 +8,7 @@ use chrono::Utc;
 use clap::Args;
 use observer_core::change_log::ChangeLog;
 
-use super::{checkpoints, db_err, or_dash, print_json, require_migrated, CheckpointRow};
+use super::{checkpoints, db_err, metrics, or_dash, print_json, require_migrated, CheckpointRow};
 use crate::app::App;
 
 #[derive(Debug, Args)]
@@ -39,6 +39,11 @@ struct ListenerStatus {
     dead_letters: DeadLetterCounts,
     last_error: Option<String>,
     last_error_at: Option<chrono::DateTime<Utc>>,
+    /// The live in-process figures of the daemon's metrics endpoint (`[metrics] listen`), for
+    /// the listener that endpoint serves; `reachable: false` with the reason when it does not
+    /// answer. Absent for other listeners.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    live: Option<serde_json::Value>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -85,6 +90,21 @@ pub async fn run(config: Option<&Path>, args: StatusArgs) -> Result<ExitCode> {
     let mut out = Vec::new();
     for row in rows {
         out.push(status_of(&client, &app, &log, row).await?);
+    }
+    let (serves, live) = live_status(&app).await;
+    let target = serves.unwrap_or_else(|| app.config.listener.id.clone());
+    if let Some(s) = out.iter_mut().find(|s| s.listener == target) {
+        s.live = Some(live);
+    } else if let Some(s) = out
+        .iter_mut()
+        .find(|s| s.listener == app.config.listener.id)
+    {
+        let url = live["url"].clone();
+        s.live = Some(serde_json::json!({
+            "url": url,
+            "reachable": true,
+            "error": format!("the metrics endpoint at {} serves listener `{target}`, not this one", url.as_str().unwrap_or("?")),
+        }));
     }
     if args.json {
         if args.all {
@@ -148,7 +168,47 @@ async fn status_of(
         epoch: row.epoch,
         last_error: row.last_error,
         last_error_at: row.last_error_at,
+        live: None,
     })
+}
+
+/// Scrapes the configured metrics endpoint: (the listener it serves, per `/health`; the live
+/// figures or why there are none). Never fails: `status` works without the endpoint.
+async fn live_status(app: &App) -> (Option<String>, serde_json::Value) {
+    use serde_json::json;
+    let url = match metrics::default_url(&app.config.metrics.listen) {
+        Ok(u) => u,
+        Err(e) => return (None, json!({"reachable": false, "error": format!("{e:#}")})),
+    };
+    let timeout = std::time::Duration::from_secs(2);
+    let text = match metrics::fetch(&url, timeout).await {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                None,
+                json!({"url": url, "reachable": false, "error": format!("metrics endpoint not reachable at {url}"), "detail": format!("{e:#}")}),
+            )
+        }
+    };
+    let families = match metrics::parse(&text) {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                None,
+                json!({"url": url, "reachable": true, "error": format!("{url} served an unreadable exposition: {e}")}),
+            )
+        }
+    };
+    let health_url = format!("{}/health", url.trim_end_matches("/metrics"));
+    let serves = metrics::fetch(&health_url, timeout)
+        .await
+        .ok()
+        .and_then(|h| serde_json::from_str::<serde_json::Value>(&h).ok())
+        .and_then(|h| h["listener"].as_str().map(str::to_string));
+    let mut live = metrics::live_figures(&families);
+    live["url"] = json!(url);
+    live["reachable"] = json!(true);
+    (serves, live)
 }
 
 fn print_text(s: &ListenerStatus) {
@@ -182,4 +242,54 @@ fn print_text(s: &ListenerStatus) {
         ),
         (None, _) => println!("last error    -"),
     }
+    if let Some(live) = &s.live {
+        print_live(live);
+    }
+}
+
+fn print_live(live: &serde_json::Value) {
+    let url = live["url"].as_str().unwrap_or("?");
+    if let Some(e) = live["error"].as_str() {
+        println!("live          {e}");
+        return;
+    }
+    let num = |k: &str| match &live[k] {
+        serde_json::Value::Number(n) => metrics::fmt_value(n.as_f64().unwrap_or(f64::NAN)),
+        _ => "-".into(),
+    };
+    let active = match live["listener_active"].as_bool() {
+        Some(true) => "active",
+        Some(false) => "standing by",
+        None => "-",
+    };
+    println!("live          from {url}: {active}");
+    println!(
+        "in flight     {} dispatches, lag {}s ({} events read, not done), dlq {}",
+        num("in_flight"),
+        num("lag_seconds"),
+        num("lag_events"),
+        num("dlq_size")
+    );
+    let breakers: Vec<String> = live["breakers"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(d, st)| format!("{d} {}", st.as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "breakers      {}",
+        if breakers.is_empty() {
+            "-".to_string()
+        } else {
+            breakers.join(", ")
+        }
+    );
+    println!(
+        "dedup         {} skipped (rate {})",
+        num("dedup_skips"),
+        num("dedup_rate")
+    );
+    println!("cache         hit rate {}", num("cache_hit_rate"));
 }
