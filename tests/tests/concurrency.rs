@@ -73,7 +73,7 @@ async fn per_entity_order_holds_under_concurrency() {
     for id in 1..=5 {
         let statuses: Vec<String> = reqs
             .iter()
-            .filter(|r| r.json()["entity_id"] == id.to_string())
+            .filter(|r| r.json()["entity_id"] == serde_json::json!(id.to_string()))
             .map(|r| r.json()["data"]["status"].as_str().unwrap().to_string())
             .collect();
         let expected: Vec<String> = (0..=9).map(|s| format!("s{s}")).collect();
