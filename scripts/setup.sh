@@ -87,6 +87,27 @@ ensure_nats() {
   log "nats: ready"
 }
 
+# The SMTP server of the email-action tests: aiosmtpd in a venv under target/ (the tests also
+# make it themselves when it is missing).
+ensure_aiosmtpd() {
+  local venv
+  venv="$(cd "$(dirname "$0")/.." && pwd)/target/aiosmtpd-venv"
+  if "$venv/bin/python" -c 'import aiosmtpd' >/dev/null 2>&1; then
+    log "aiosmtpd: present in $venv"; return
+  fi
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    log "aiosmtpd: python3 venv missing; installing Debian's python3-venv"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+  fi
+  log "aiosmtpd: installing into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet aiosmtpd==1.4.6
+  log "aiosmtpd: ready"
+}
+
 ensure_postgres
 ensure_redis
+ensure_aiosmtpd
 if [ "${SETUP_NATS:-0}" = 1 ]; then ensure_nats; fi

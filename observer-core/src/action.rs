@@ -102,6 +102,10 @@ pub enum CompiledAction {
     Webhook(Webhook),
     Log(Log),
     Sql(Sql),
+    Slack(crate::actions::slack::Slack),
+    Email(crate::actions::email::Email),
+    RedisPublish(crate::actions::redis_publish::RedisPublish),
+    Cache(crate::actions::cache::Cache),
 }
 
 impl CompiledAction {
@@ -113,6 +117,9 @@ impl CompiledAction {
             CompiledAction::Webhook(w) => static_authority(w.url.source()),
             CompiledAction::Sql(_) => Some("postgres".into()),
             CompiledAction::Log(_) => Some("log".into()),
+            CompiledAction::Slack(s) => s.destination(),
+            CompiledAction::Email(e) => Some(e.destination()),
+            CompiledAction::RedisPublish(_) | CompiledAction::Cache(_) => Some("redis".into()),
         }
     }
 
@@ -121,6 +128,10 @@ impl CompiledAction {
             CompiledAction::Webhook(_) => "webhook",
             CompiledAction::Log(_) => "log",
             CompiledAction::Sql(_) => "sql",
+            CompiledAction::Slack(_) => "slack",
+            CompiledAction::Email(_) => "email",
+            CompiledAction::RedisPublish(_) => "redis_publish",
+            CompiledAction::Cache(_) => "cache",
         }
     }
 }
@@ -133,6 +144,8 @@ pub struct Webhook {
     body: Option<Template>,
     timeout: Duration,
     keys: Vec<SigningKey>,
+    policy: crate::actions::http_policy::HttpPolicy,
+    batcher: Option<crate::actions::webhook_batch::Batcher>,
 }
 
 #[derive(Debug)]
@@ -220,7 +233,7 @@ pub enum Secrets {
     Unresolved,
 }
 
-fn secret(
+pub(crate) fn secret(
     value: &str,
     location: &str,
     mode: Secrets,
@@ -248,6 +261,10 @@ pub fn compile(
         ActionConfig::Webhook(w) => compile_webhook(w, &mut issue, mode),
         ActionConfig::Log(l) => compile_log(l, &mut issue),
         ActionConfig::Sql(s) => compile_sql(s, &mut issue),
+        ActionConfig::Slack(s) => crate::actions::slack::compile(s, &mut issue, mode),
+        ActionConfig::Email(e) => crate::actions::email::compile(e, &mut issue, mode),
+        ActionConfig::RedisPublish(r) => crate::actions::redis_publish::compile(r, &mut issue),
+        ActionConfig::Cache(c) => crate::actions::cache::compile(c, &mut issue),
     };
     match action {
         Some(a) if issues.is_empty() => Ok(a),
@@ -352,6 +369,12 @@ fn compile_webhook(
             Err(e) => issue("secret", e.to_string()),
         }
     }
+    // Problems of `retry` are reported by the observer (with the `retry` location).
+    let policy = crate::actions::http_policy::HttpPolicy::compile(&w.retry).ok();
+    let batcher = match &w.batch {
+        Some(b) => crate::actions::webhook_batch::Batcher::compile(b, w, issue),
+        None => None,
+    };
     Some(CompiledAction::Webhook(Webhook {
         method: method?,
         url: url?,
@@ -359,6 +382,12 @@ fn compile_webhook(
         body: if w.body.is_some() { Some(body?) } else { None },
         timeout: Duration::from_millis(w.timeout_ms),
         keys,
+        policy: policy?,
+        batcher: if w.batch.is_some() {
+            Some(batcher?)
+        } else {
+            None
+        },
     }))
 }
 
@@ -426,6 +455,10 @@ impl CompiledAction {
             CompiledAction::Webhook(w) => w.send(ctx, scope).await,
             CompiledAction::Log(l) => l.write(scope),
             CompiledAction::Sql(s) => s.call(ctx, scope).await,
+            CompiledAction::Slack(s) => s.send(ctx, scope).await,
+            CompiledAction::Email(e) => e.send(scope).await,
+            CompiledAction::RedisPublish(r) => r.publish(ctx, scope).await,
+            CompiledAction::Cache(c) => c.invalidate(ctx, scope).await,
         };
         Attempt {
             attempt,
@@ -438,9 +471,9 @@ impl CompiledAction {
     }
 }
 
-type Outcome = (AttemptResult, Option<u16>, Option<String>);
+pub(crate) type Outcome = (AttemptResult, Option<u16>, Option<String>);
 
-fn permanent(e: impl std::fmt::Display) -> Outcome {
+pub(crate) fn permanent(e: impl std::fmt::Display) -> Outcome {
     (AttemptResult::Permanent, None, Some(e.to_string()))
 }
 
@@ -461,6 +494,25 @@ impl Webhook {
                 .to_string(),
         };
         let key = scope.idempotency_key.unwrap_or_default();
+        let mut rendered = Vec::with_capacity(self.headers.len());
+        for (name, t) in &self.headers {
+            match t.render(scope).map_err(|e| e.to_string()).and_then(|v| {
+                HeaderValue::from_str(&v).map_err(|_| "invalid header value".to_string())
+            }) {
+                Ok(v) => rendered.push((name.clone(), v)),
+                Err(e) => return permanent(format!("header `{name}`: {e}")),
+            }
+        }
+        if let Some(b) = &self.batcher {
+            let send = || crate::actions::webhook_batch::BatchSend {
+                http: ctx.http.clone(),
+                method: self.method.clone(),
+                timeout: self.timeout,
+                keys: self.keys.clone(),
+                policy: self.policy.clone(),
+            };
+            return b.submit(send, url, rendered, &body, key).await;
+        }
         let mut req = ctx
             .http
             .request(self.method.clone(), &url)
@@ -473,13 +525,8 @@ impl Webhook {
         {
             req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
         }
-        for (name, t) in &self.headers {
-            match t.render(scope).map_err(|e| e.to_string()).and_then(|v| {
-                HeaderValue::from_str(&v).map_err(|_| "invalid header value".to_string())
-            }) {
-                Ok(v) => req = req.header(name.clone(), v),
-                Err(e) => return permanent(format!("header `{name}`: {e}")),
-            }
+        for (name, v) in rendered {
+            req = req.header(name, v);
         }
         let sig = signature_headers(&self.keys, key, Utc::now().timestamp(), body.as_bytes());
         req = req
@@ -504,45 +551,12 @@ impl Webhook {
                 return (AttemptResult::Retry { after_ms: None }, None, Some(what));
             }
         };
-        let status = resp.status();
-        let code = status.as_u16();
-        if status.is_success() {
-            drain(resp).await;
-            return (AttemptResult::Delivered, Some(code), None);
-        }
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
-        let location = resp
-            .headers()
-            .get(reqwest::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let excerpt = drain(resp).await;
-        let mut error = format!("HTTP {code}");
-        if let Some(l) = location.filter(|_| status.is_redirection()) {
-            error.push_str(&format!(" redirect to `{l}` (redirects are not followed)"));
-        }
-        if !excerpt.is_empty() {
-            error.push_str(": ");
-            error.push_str(&excerpt);
-        }
-        let retryable = code == 408 || code == 429 || status.is_server_error();
-        let result = if retryable {
-            AttemptResult::Retry {
-                after_ms: retry_after.map(|d| d.as_millis() as u64),
-            }
-        } else {
-            AttemptResult::Permanent
-        };
-        (result, Some(code), Some(error))
+        self.policy.outcome(resp, "").await
     }
 }
 
 /// Reads at most a short excerpt of the body (for the error message) and drops the rest.
-async fn drain(mut resp: reqwest::Response) -> String {
+pub(crate) async fn drain(mut resp: reqwest::Response) -> String {
     let mut buf = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
         if buf.len() < EXCERPT {

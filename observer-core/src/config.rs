@@ -539,7 +539,18 @@ pub enum ActionConfig {
     Webhook(WebhookConfig),
     Log(LogConfig),
     Sql(SqlConfig),
+    Slack(SlackConfig),
+    Email(EmailConfig),
+    #[serde(rename = "redis_publish")]
+    RedisPublish(RedisPublishConfig),
+    Cache(CacheConfig),
 }
+
+pub use crate::actions::cache::CacheConfig;
+pub use crate::actions::email::{EmailConfig, EmailTls};
+pub use crate::actions::redis_publish::{RedisPublishConfig, RedisPublishMode};
+pub use crate::actions::slack::SlackConfig;
+pub use crate::actions::webhook_batch::BatchConfig;
 
 impl ActionConfig {
     /// The `type` name.
@@ -548,6 +559,10 @@ impl ActionConfig {
             ActionConfig::Webhook(_) => "webhook",
             ActionConfig::Log(_) => "log",
             ActionConfig::Sql(_) => "sql",
+            ActionConfig::Slack(_) => "slack",
+            ActionConfig::Email(_) => "email",
+            ActionConfig::RedisPublish(_) => "redis_publish",
+            ActionConfig::Cache(_) => "cache",
         }
     }
 
@@ -556,6 +571,10 @@ impl ActionConfig {
         match self {
             ActionConfig::Webhook(w) => w.retry.clone(),
             ActionConfig::Sql(s) => s.retry.clone(),
+            ActionConfig::Slack(s) => s.retry.clone(),
+            ActionConfig::Email(e) => e.retry.clone(),
+            ActionConfig::RedisPublish(r) => r.retry.clone(),
+            ActionConfig::Cache(c) => c.retry.clone(),
             ActionConfig::Log(_) => RetryConfig {
                 max_attempts: 1,
                 ..RetryConfig::default()
@@ -587,6 +606,9 @@ pub struct WebhookConfig {
     pub secret: Option<String>,
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Send deliveries of this action that are in flight together as one request (a JSON array).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchConfig>,
 }
 
 fn post() -> String {
@@ -644,6 +666,14 @@ pub struct RetryConfig {
     pub backoff: Backoff,
     pub initial_ms: u64,
     pub max_ms: u64,
+    /// HTTP statuses that are retried: codes (`503`) or classes (`"5xx"`).
+    pub retry_on: Vec<StatusSpec>,
+    /// HTTP statuses dead-lettered at once, even when `retry_on` lists them.
+    pub dead_letter_on: Vec<StatusSpec>,
+    /// Longest `Retry-After` honoured; a longer one is cut to this.
+    pub retry_after_max_ms: u64,
+    /// A response header which, when `true`, dead-letters the delivery at once; empty = off.
+    pub abort_header: String,
 }
 
 impl Default for RetryConfig {
@@ -653,7 +683,45 @@ impl Default for RetryConfig {
             backoff: Backoff::Exponential,
             initial_ms: 200,
             max_ms: 30_000,
+            retry_on: ["408", "429", "5xx"].map(StatusSpec::from).to_vec(),
+            dead_letter_on: Vec::new(),
+            retry_after_max_ms: 3_600_000,
+            abort_header: "X-Observer-Abort".into(),
         }
+    }
+}
+
+/// An HTTP status code or class in `retry_on` / `dead_letter_on`, as written: `503` or `"5xx"`.
+/// Checked when observers are compiled (`crate::actions::http_policy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct StatusSpec(pub String);
+
+impl From<&str> for StatusSpec {
+    fn from(s: &str) -> Self {
+        StatusSpec(s.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = StatusSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an HTTP status code like 503 or a class like \"5xx\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<StatusSpec, E> {
+                Ok(StatusSpec(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StatusSpec, E> {
+                Ok(StatusSpec(v.to_string()))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StatusSpec, E> {
+                Ok(StatusSpec(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

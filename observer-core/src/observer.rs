@@ -109,6 +109,17 @@ impl Observers {
                     message: "duplicate observer name".into(),
                 });
             }
+            // Actions that talk to Redis need a server: say so at load, not at the first event.
+            for (j, a) in o.actions.iter().enumerate() {
+                if matches!(a, ActionConfig::RedisPublish(_) | ActionConfig::Cache(_))
+                    && config.redis.url.is_none()
+                {
+                    issues.push(ConfigIssue {
+                        location: format!("{at}.actions[{j}] ({})", a.kind()),
+                        message: "needs a Redis server: set [redis] url (or REDIS_URL)".into(),
+                    });
+                }
+            }
             match compile_observer(o, &at, secrets) {
                 Ok(obs) if o.enabled => list.push(Arc::new(obs)),
                 Ok(_) => {}
@@ -241,6 +252,7 @@ fn check_retry(r: &RetryConfig) -> Result<(), String> {
     if r.initial_ms == 0 || r.max_ms < r.initial_ms {
         return Err("expected 0 < initial_ms <= max_ms".into());
     }
+    crate::actions::http_policy::HttpPolicy::compile(r).map_err(|e| e.join("; "))?;
     Ok(())
 }
 
@@ -281,6 +293,23 @@ pub fn redacted(action: &ActionConfig) -> serde_json::Value {
             }
         }
     }
+    match action {
+        // The incoming-webhook URL is the credential itself.
+        ActionConfig::Slack(s) if !is_reference(&s.webhook_url) => {
+            v["webhook_url"] = HIDDEN.into();
+        }
+        ActionConfig::Email(e) => {
+            if e.password.as_deref().is_some_and(|p| !is_reference(p)) {
+                v["password"] = HIDDEN.into();
+            }
+            if let Some(Ok(mut url)) = e.smtp_url.as_deref().map(reqwest::Url::parse) {
+                if url.password().is_some() && url.set_password(Some(HIDDEN)).is_ok() {
+                    v["smtp_url"] = url.to_string().into();
+                }
+            }
+        }
+        _ => {}
+    }
     v
 }
 
@@ -306,6 +335,7 @@ mod tests {
             timeout_ms: 1000,
             secret: Some("whsec_c2VjcmV0".into()),
             retry: RetryConfig::default(),
+            batch: None,
         });
         let v = redacted(&a);
         let text = v.to_string();

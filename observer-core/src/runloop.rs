@@ -1052,6 +1052,7 @@ mod tests {
             backoff: Backoff::Fixed,
             initial_ms: 100,
             max_ms: 1000,
+            ..RetryConfig::default()
         };
         assert_eq!(next_delay(&p, 3, None), Duration::from_millis(100));
         assert_eq!(next_delay(&p, 3, Some(700)), Duration::from_millis(700));

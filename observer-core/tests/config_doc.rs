@@ -5,7 +5,8 @@
 use std::collections::BTreeSet;
 
 use observer_core::config::{
-    ActionConfig, Config, EnrichConfig, LogConfig, ObserverConfig, RetryConfig, SqlConfig,
+    ActionConfig, BatchConfig, CacheConfig, Config, EmailConfig, EmailTls, EnrichConfig, LogConfig,
+    ObserverConfig, RedisPublishConfig, RedisPublishMode, RetryConfig, SlackConfig, SqlConfig,
     WebhookConfig,
 };
 use serde_json::Value;
@@ -45,6 +46,49 @@ fn sample() -> Config {
                 body: Some("{}".into()),
                 timeout_ms: 10_000,
                 secret: Some("${env:SECRET}".into()),
+                retry: RetryConfig {
+                    dead_letter_on: vec!["501".into()],
+                    ..RetryConfig::default()
+                },
+                batch: Some(BatchConfig::default()),
+            }),
+            ActionConfig::Slack(SlackConfig {
+                webhook_url: "${env:SLACK_URL}".into(),
+                text: Some("t".into()),
+                blocks: Some("[]".into()),
+                channel: Some("#c".into()),
+                username: Some("u".into()),
+                timeout_ms: 10_000,
+                retry: RetryConfig::default(),
+            }),
+            ActionConfig::Email(EmailConfig {
+                smtp_url: Some("smtp://127.0.0.1:25".into()),
+                host: Some("127.0.0.1".into()),
+                port: Some(25),
+                tls: Some(EmailTls::None),
+                allow_plaintext: false,
+                username: Some("u".into()),
+                password: Some("${env:P}".into()),
+                from: "a@example.com".into(),
+                to: vec!["b@example.com".into()],
+                subject: "s".into(),
+                body: "b".into(),
+                html: Some("<p>b</p>".into()),
+                timeout_ms: 10_000,
+                retry: RetryConfig::default(),
+            }),
+            ActionConfig::RedisPublish(RedisPublishConfig {
+                mode: RedisPublishMode::Xadd,
+                channel: Some("c".into()),
+                stream: Some("s".into()),
+                body: Some("{}".into()),
+                maxlen: Some(1000),
+                retry: RetryConfig::default(),
+            }),
+            ActionConfig::Cache(CacheConfig {
+                keys: vec!["user:1".into()],
+                patterns: vec!["user:*".into()],
+                scan_count: 500,
                 retry: RetryConfig::default(),
             }),
             ActionConfig::Log(LogConfig {
@@ -127,7 +171,15 @@ fn every_config_key_is_documented() {
 #[test]
 fn action_types_are_documented() {
     let doc = doc();
-    for kind in ["webhook", "log", "sql"] {
+    for kind in [
+        "webhook",
+        "log",
+        "sql",
+        "slack",
+        "email",
+        "redis_publish",
+        "cache",
+    ] {
         assert!(
             doc.contains(&format!("type = \"{kind}\"")),
             "no `type = \"{kind}\"` section in the doc"

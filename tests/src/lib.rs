@@ -24,6 +24,7 @@ use serde_json::Value;
 pub use observer_core::executor::idempotency_key;
 
 pub mod redis_server;
+pub mod action_helpers;
 
 // ---------------------------------------------------------------------------------------------
 // The binary
