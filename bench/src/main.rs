@@ -961,7 +961,10 @@ events = ["INSERT"]
     let log = std::fs::File::create(&log_path)?;
     let mut cmd = Command::new(bin);
     for f in &args.features {
-        cmd.env(format!("OBSERVER__FEATURES__{}", f.to_ascii_uppercase()), "true");
+        cmd.env(
+            format!("OBSERVER__FEATURES__{}", f.to_ascii_uppercase()),
+            "true",
+        );
     }
     for kv in &args.envs {
         let (k, v) = kv

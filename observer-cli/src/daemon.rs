@@ -254,6 +254,7 @@ fn restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(retention, "retention");
     keep!(redis, "redis");
     keep!(metrics, "metrics");
+    keep!(runtime, "runtime");
     keep!(features.checkpoint, "features.checkpoint");
     keep!(features.metrics, "features.metrics");
     keep!(features.caching, "features.caching");

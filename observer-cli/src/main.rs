@@ -80,13 +80,21 @@ fn init_logging(format: &str) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    // One thread: the core dispatches one event at a time, so threads bought only cross-thread
-    // wake-ups between the loop, the reader and the HTTP connection tasks. Measured with
-    // observer-bench: +26 % events/s and -22 % CPU against the multi-threaded runtime.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // `[runtime] worker_threads` (default 1). One thread when one dispatch runs at a time:
+    // threads bought only cross-thread wake-ups (observer-bench: +26 % events/s, -22 % CPU
+    // against the multi-threaded runtime). With `concurrent`, more workers use more cores. A
+    // config that does not load here is reported by the command itself.
+    let threads = observer_core::config::load(cli.config.as_deref())
+        .map(|c| c.runtime.worker_threads)
+        .unwrap_or(1);
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads.min(256));
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

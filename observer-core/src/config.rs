@@ -29,7 +29,23 @@ pub struct Config {
     pub circuit_breaker: CircuitBreakerConfig,
     pub rate_limit: RateLimitConfig,
     pub metrics: MetricsConfig,
+    pub runtime: RuntimeConfig,
     pub observers: Vec<ObserverConfig>,
+}
+
+/// `[runtime]`: the process's async runtime.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// 1: everything on one thread (fastest when one dispatch runs at a time); more: a
+    /// multi-threaded runtime with this many workers (for `concurrent` on a multi-core host).
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { worker_threads: 1 }
+    }
 }
 
 /// `[database]`: where the change log and our own tables live.
@@ -789,6 +805,13 @@ impl Config {
             self.retention.batch_size as i128,
             1,
             1_000_000,
+            "",
+        );
+        range(
+            "runtime.worker_threads",
+            self.runtime.worker_threads as i128,
+            1,
+            256,
             "",
         );
         range(

@@ -13,7 +13,7 @@ pub mod dedup;
 #[cfg(feature = "circuit_breaker")]
 pub mod circuit_breaker;
 
-#[cfg(feature = "rate_limit")]
-pub mod rate_limit;
 #[cfg(feature = "metrics")]
 pub mod metrics;
+#[cfg(feature = "rate_limit")]
+pub mod rate_limit;

@@ -23,8 +23,8 @@ use serde_json::Value;
 
 pub use observer_core::executor::idempotency_key;
 
-pub mod redis_server;
 pub mod action_helpers;
+pub mod redis_server;
 
 // ---------------------------------------------------------------------------------------------
 // The binary
