@@ -77,6 +77,11 @@ fn init_logging(format: &str) {
     }
 }
 
+// glibc malloc was a fifth of the daemon's CPU at full speed (perf; many small allocations per
+// event across threads); mimalloc measured faster in observer-bench (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
