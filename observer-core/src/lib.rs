@@ -7,6 +7,7 @@ pub mod action;
 pub mod change_log;
 pub mod condition;
 pub mod config;
+pub mod enrich;
 pub mod event;
 pub mod executor;
 pub mod metrics;

@@ -6,3 +6,6 @@ pub mod checkpoint;
 
 #[cfg(feature = "concurrent")]
 pub mod concurrent;
+
+#[cfg(feature = "caching")]
+pub mod caching;
