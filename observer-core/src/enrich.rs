@@ -61,8 +61,9 @@ impl LookupCache for NoCache {
 /// What a lookup queries.
 #[derive(Debug)]
 pub enum Source {
-    /// GET this URL.
-    Http { url: Template },
+    /// GET this URL. `secret`: it was written with a `${env:…}`/`${file:…}` reference, so
+    /// messages never show it.
+    Http { url: Template, secret: bool },
     /// `SELECT to_jsonb(q) FROM (<query>) q LIMIT 1`, the parameters passed as text.
     Sql {
         statement: String,
@@ -155,7 +156,7 @@ impl Enricher {
         }
         let started = Instant::now();
         let value = match &self.source {
-            Source::Http { url } => self.http(ctx, url, scope).await,
+            Source::Http { url, secret } => self.http(ctx, url, *secret, scope).await,
             Source::Sql { statement, params } => self.sql(ctx, statement, params, scope).await,
         }
         .map_err(fail)?;
@@ -176,11 +177,13 @@ impl Enricher {
         &self,
         ctx: &ActionContext,
         url: &Template,
+        secret: bool,
         scope: &Scope<'_>,
     ) -> Result<Value, String> {
         let url = url
             .render(scope)
             .map_err(|e| format!("http template: {e}"))?;
+        let shown = shown_url(&url, secret);
         let request = async {
             let mut resp = ctx
                 .http
@@ -190,9 +193,12 @@ impl Enricher {
                 .await
                 .map_err(|e| {
                     if e.is_connect() {
-                        format!("GET {url}: cannot connect: {}", crate::error_chain(&e))
+                        format!(
+                            "GET {shown}: cannot connect: {}",
+                            crate::error_chain(&e.without_url())
+                        )
                     } else {
-                        format!("GET {url}: {}", crate::error_chain(&e))
+                        format!("GET {shown}: {}", crate::error_chain(&e.without_url()))
                     }
                 })?;
             let status = resp.status();
@@ -203,11 +209,11 @@ impl Enricher {
             while let Some(chunk) = resp
                 .chunk()
                 .await
-                .map_err(|e| format!("GET {url}: reading the body: {e}"))?
+                .map_err(|e| format!("GET {shown}: reading the body: {}", e.without_url()))?
             {
                 if body.len() + chunk.len() > MAX_BODY_BYTES {
                     return Err(format!(
-                        "GET {url}: the body is larger than {MAX_BODY_BYTES} bytes"
+                        "GET {shown}: the body is larger than {MAX_BODY_BYTES} bytes"
                     ));
                 }
                 body.extend_from_slice(&chunk);
@@ -218,19 +224,19 @@ impl Enricher {
                     .filter(|c| !c.is_control())
                     .take(200)
                     .collect();
-                return Err(format!("GET {url}: HTTP {}: {excerpt}", status.as_u16()));
+                return Err(format!("GET {shown}: HTTP {}: {excerpt}", status.as_u16()));
             }
             if body.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Value::Null);
             }
             serde_json::from_slice(&body)
-                .map_err(|e| format!("GET {url}: the body is not JSON: {e}"))
+                .map_err(|e| format!("GET {shown}: the body is not JSON: {e}"))
         };
         tokio::time::timeout(self.timeout, request)
             .await
             .unwrap_or_else(|_| {
                 Err(format!(
-                    "GET {url}: timed out after {} ms",
+                    "GET {shown}: timed out after {} ms",
                     self.timeout.as_millis()
                 ))
             })
@@ -284,6 +290,21 @@ impl Enricher {
                     self.timeout.as_millis()
                 ))
             })
+    }
+}
+
+/// The URL as messages show it: not at all when it came from a secret reference, and never with
+/// a password.
+fn shown_url(url: &str, secret: bool) -> String {
+    if secret {
+        return "<url from a secret reference>".into();
+    }
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -492,7 +513,10 @@ pub fn compile(
                         }
                         issues
                             .template("http", &u, Target::UrlComponent, &earlier)
-                            .map(|url| Source::Http { url })
+                            .map(|t| Source::Http {
+                                url: t,
+                                secret: url.contains("${"),
+                            })
                     }
                 }
             }
@@ -581,6 +605,20 @@ mod tests {
             2
         );
         assert_eq!(max_param("SELECT a$1 FROM t /* $5 */ WHERE x=$10"), 10);
+    }
+
+    #[test]
+    fn messages_never_show_secret_urls_or_passwords() {
+        assert_eq!(
+            shown_url("https://api.example.com/u/7?key=s3cret", true),
+            "<url from a secret reference>"
+        );
+        let shown = shown_url("https://bob:hunter2@api.example.com/u/7", false);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert_eq!(
+            shown_url("http://127.0.0.1:9/u/7", false),
+            "http://127.0.0.1:9/u/7"
+        );
     }
 
     #[test]
