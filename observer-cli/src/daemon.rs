@@ -54,6 +54,7 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     let actions = ActionContext {
         http,
         pool: pool.clone(),
+        cache: stack::lookup_cache(&cfg, redis.as_ref()),
         redis,
         metrics: metrics.clone(),
     };

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use observer_core::action::ActionContext;
 use observer_core::config::Config;
+use observer_core::enrich::{LookupCache, NoCache};
 use observer_core::executor::{BoxExecutor, CoreExecutor};
 use observer_core::metrics::Metrics;
 use tower::ServiceBuilder;
@@ -21,6 +22,7 @@ pub const BUILT: &[(&str, bool)] = &[
     ("circuit_breaker", cfg!(feature = "circuit_breaker")),
     ("rate_limit", cfg!(feature = "rate_limit")),
     ("metrics", cfg!(feature = "metrics")),
+    ("caching", cfg!(feature = "caching")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.
@@ -45,7 +47,31 @@ pub fn check_features(cfg: &Config) -> Result<()> {
     if f.rate_limit && cfg.rate_limit.shared && cfg.redis.url.is_none() {
         bail!("rate_limit.shared is on but no Redis is configured: set [redis] url (or REDIS_URL), or set rate_limit.shared = false");
     }
+    if cfg.features.caching && cfg.redis.url.is_none() {
+        bail!(
+            "features.caching is on, but redis.url is not set: the lookup cache lives in Redis. \
+             Set [redis] url (or OBSERVER__REDIS__URL / REDIS_URL), or set features.caching = false"
+        );
+    }
     Ok(())
+}
+
+/// Where enrichment lookups are cached: Redis when the `caching` layer is on, else nowhere
+/// (`NoCache`, the roll-back setting).
+pub fn lookup_cache(
+    cfg: &Config,
+    redis: Option<&observer_core::action::RedisHandle>,
+) -> Arc<dyn LookupCache> {
+    match redis {
+        #[cfg(feature = "caching")]
+        Some(r) if cfg.features.caching => Arc::new(
+            observer_features::caching::RedisLookupCache::new(r.clone(), cfg.caching.cache_misses),
+        ),
+        _ => {
+            let _ = (cfg, redis);
+            Arc::new(NoCache)
+        }
+    }
 }
 
 /// Process-wide state of the layers (see the module comment).

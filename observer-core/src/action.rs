@@ -23,6 +23,8 @@ pub struct ActionContext {
     /// The `[redis]` connection, when one is configured (multiplexed and reconnecting).
     pub redis: Option<RedisHandle>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Where enrichment lookup results are cached: `NoCache` unless the `caching` layer is on.
+    pub cache: std::sync::Arc<dyn crate::enrich::LookupCache>,
 }
 
 /// A shared Redis connection and the key prefix of this deployment. The connection is made on
@@ -120,6 +122,22 @@ impl CompiledAction {
             CompiledAction::Slack(s) => s.destination(),
             CompiledAction::Email(e) => Some(e.destination()),
             CompiledAction::RedisPublish(_) | CompiledAction::Cache(_) => Some("redis".into()),
+        }
+    }
+
+    /// The templates it renders (to check which `enrich.<name>` lookups they read).
+    pub fn templates(&self) -> Vec<&Template> {
+        match self {
+            CompiledAction::Webhook(w) => std::iter::once(&w.url)
+                .chain(w.headers.iter().map(|(_, t)| t))
+                .chain(w.body.iter())
+                .collect(),
+            CompiledAction::Log(l) => l.message.iter().collect(),
+            CompiledAction::Sql(_) => Vec::new(),
+            CompiledAction::Slack(s) => s.templates(),
+            CompiledAction::Email(e) => e.templates(),
+            CompiledAction::RedisPublish(r) => r.templates(),
+            CompiledAction::Cache(c) => c.templates(),
         }
     }
 

@@ -96,6 +96,38 @@ impl Condition {
     pub fn source(&self) -> &str {
         &self.source
     }
+
+    /// The enrichment lookups it reads (`enrich.<name>…`), each once, in order of appearance.
+    /// A condition that reads any can only be evaluated after the lookups ran.
+    pub fn enrich_names(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut stack = vec![&self.expr];
+        while let Some(e) = stack.pop() {
+            match e {
+                Expr::Path(p) => {
+                    if let Some(n) = p.enrich_name() {
+                        if !out.contains(&n) {
+                            out.push(n);
+                        }
+                    }
+                }
+                Expr::Literal(_) | Expr::Changed { .. } => {}
+                Expr::Not(inner) => stack.push(inner),
+                Expr::Compare(_, l, r) => {
+                    stack.push(r);
+                    stack.push(l);
+                }
+                Expr::In { needle, list, .. } => {
+                    stack.extend(list.iter().rev());
+                    stack.push(needle);
+                }
+                Expr::List(items) | Expr::And(items) | Expr::Or(items) | Expr::Call(_, items) => {
+                    stack.extend(items.iter().rev())
+                }
+            }
+        }
+        out
+    }
 }
 
 impl std::fmt::Display for Condition {
@@ -473,11 +505,11 @@ impl<'s> Lexer<'s> {
                 return Err(Self::err(
                     column,
                     format!(
-                        "`{word}` is not available in conditions: paths in conditions start with `data`, `before` or `event`"
+                        "`{word}` is not available in conditions: paths in conditions start with `data`, `before`, `event` or `enrich`"
                     ),
                 ))
             }
-            "data" | "before" | "event" => {}
+            "data" | "before" | "event" | "enrich" => {}
             _ => {
                 // Deciding call-versus-name here keeps the parser free of two-token lookahead.
                 let after = self.rest().trim_start();
@@ -890,7 +922,7 @@ fn unknown_name(name: &str) -> String {
         _ => String::new(),
     };
     format!(
-        "unknown name `{name}`{hint}: expected a path starting with `data`, `before` or `event`, a string, a number, `true`, `false`, `null` or a function call"
+        "unknown name `{name}`{hint}: expected a path starting with `data`, `before`, `event` or `enrich`, a string, a number, `true`, `false`, `null` or a function call"
     )
 }
 
@@ -1482,6 +1514,22 @@ mod tests {
         let e = err(&format!("1{} > 0", "9".repeat(400)));
         assert_eq!(e.column, 1);
         assert!(e.message.contains("out of range"));
+    }
+
+    #[test]
+    fn enrich_paths_are_listed() {
+        let c = Condition::parse(
+            "data.total > 3 && (enrich.user.vip == true || 'x' in [enrich.org.tier, enrich.user.tier])",
+        )
+        .unwrap();
+        assert_eq!(c.enrich_names(), vec!["user", "org"]);
+        assert!(Condition::parse("data.total > 3")
+            .unwrap()
+            .enrich_names()
+            .is_empty());
+        assert!(err("enrich == 1")
+            .message
+            .contains("`enrich` needs the name"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use uuid::Uuid;
 
-use crate::action::{ActionContext, Attempt};
+use crate::action::{ActionContext, Attempt, AttemptResult};
 use crate::event::ChangeEvent;
 use crate::observer::Observer;
 use crate::path::Scope;
@@ -82,11 +82,57 @@ impl tower::Service<Dispatch> for CoreExecutor {
         let ctx = self.ctx.clone();
         Box::pin(async move {
             let mut out = Vec::with_capacity(dispatch.deliveries.len());
+            // Enrichment runs once per observer of the dispatch; its actions share the results.
+            let mut lookups: Vec<(Arc<Observer>, Lookup)> = Vec::new();
             for d in &dispatch.deliveries {
+                let lookup = if d.observer.enrich.is_empty() {
+                    None
+                } else {
+                    let i = match lookups
+                        .iter()
+                        .position(|(o, _)| Arc::ptr_eq(o, &d.observer))
+                    {
+                        Some(i) => i,
+                        None => {
+                            let l = Lookup::run(&ctx, &dispatch.event, &d.observer).await;
+                            lookups.push((d.observer.clone(), l));
+                            lookups.len() - 1
+                        }
+                    };
+                    Some(&lookups[i].1)
+                };
+                let enrich = match lookup {
+                    None => None,
+                    Some(Lookup::Ready(results)) => Some(results),
+                    Some(Lookup::ConditionFalse) => {
+                        out.push(Attempt::answered(
+                            d.attempt,
+                            AttemptResult::ConditionFalse,
+                            None,
+                        ));
+                        continue;
+                    }
+                    Some(Lookup::Failed {
+                        at,
+                        duration_ms,
+                        error,
+                    }) => {
+                        out.push(Attempt {
+                            attempt: d.attempt,
+                            at: *at,
+                            duration_ms: *duration_ms,
+                            status: None,
+                            error: Some(error.clone()),
+                            result: AttemptResult::Retry { after_ms: None },
+                        });
+                        continue;
+                    }
+                };
                 let scope = Scope {
                     event: &dispatch.event,
                     observer: Some(&d.observer.name),
                     idempotency_key: Some(&d.idempotency_key),
+                    enrich,
                 };
                 let attempt = match d.observer.actions.get(d.action_index) {
                     Some(a) => a.action.attempt(&ctx, &scope, d.attempt).await,
@@ -99,13 +145,57 @@ impl tower::Service<Dispatch> for CoreExecutor {
                             "observer `{}` has no action {}",
                             d.observer.name, d.action_index
                         )),
-                        result: crate::action::AttemptResult::Permanent,
+                        result: AttemptResult::Permanent,
                     },
                 };
                 out.push(attempt);
             }
             Ok(out)
         })
+    }
+}
+
+/// The enrichment of one observer for one dispatch.
+enum Lookup {
+    /// The results; the condition (if it reads them) holds.
+    Ready(crate::enrich::Results),
+    /// The condition, evaluated over the results, is false: no action runs.
+    ConditionFalse,
+    /// A lookup failed: every delivery of the observer fails this attempt (retryable).
+    Failed {
+        at: chrono::DateTime<chrono::Utc>,
+        duration_ms: u64,
+        error: String,
+    },
+}
+
+impl Lookup {
+    async fn run(ctx: &ActionContext, event: &ChangeEvent, observer: &Observer) -> Lookup {
+        let at = chrono::Utc::now();
+        let started = std::time::Instant::now();
+        match crate::enrich::run(&observer.enrich, ctx, event, &observer.name).await {
+            Err(e) => Lookup::Failed {
+                at,
+                duration_ms: started.elapsed().as_millis() as u64,
+                error: e.0,
+            },
+            Ok(results) => {
+                let holds = match (&observer.condition, observer.condition_at_delivery) {
+                    (Some(c), true) => c.evaluate(&Scope {
+                        event,
+                        observer: Some(&observer.name),
+                        idempotency_key: None,
+                        enrich: Some(&results),
+                    }),
+                    _ => true,
+                };
+                if holds {
+                    Lookup::Ready(results)
+                } else {
+                    Lookup::ConditionFalse
+                }
+            }
+        }
     }
 }
 

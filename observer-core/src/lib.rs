@@ -8,6 +8,7 @@ pub mod actions;
 pub mod change_log;
 pub mod condition;
 pub mod config;
+pub mod enrich;
 pub mod event;
 pub mod executor;
 pub mod metrics;

@@ -34,6 +34,11 @@ pub struct Observer {
     pub entity: Option<String>,
     pub events: HashSet<Operation>,
     pub condition: Option<Condition>,
+    /// The condition reads `enrich.…`: it is evaluated by the executor after the lookups, not
+    /// while matching (the run loop then matches on entity and operation only).
+    pub condition_at_delivery: bool,
+    /// `[[observers.enrich]]`: lookups the executor runs before the actions, once per dispatch.
+    pub enrich: Vec<crate::enrich::Enricher>,
     /// `ordering = "entity"` (the default): actions for one (entity, id) start in commit order.
     pub ordered: bool,
     pub actions: Vec<ObserverAction>,
@@ -59,6 +64,19 @@ pub enum MatchVerdict {
     OtherEntity,
     OtherOperation,
     ConditionFalse,
+    /// Entity and operation match; the condition reads enrichment results, so it is evaluated
+    /// at delivery (a false condition is then recorded as the outcome `condition_false`).
+    ConditionAtDelivery,
+}
+
+impl MatchVerdict {
+    /// Whether the run loop schedules the observer's actions for the event.
+    pub fn scheduled(&self) -> bool {
+        matches!(
+            self,
+            MatchVerdict::Matched | MatchVerdict::ConditionAtDelivery
+        )
+    }
 }
 
 impl Observer {
@@ -71,6 +89,9 @@ impl Observer {
         }
         if !self.events.contains(&event.operation) {
             return MatchVerdict::OtherOperation;
+        }
+        if self.condition_at_delivery {
+            return MatchVerdict::ConditionAtDelivery;
         }
         if let Some(c) = &self.condition {
             if !c.evaluate(&Scope::event(event)) {
@@ -120,7 +141,7 @@ impl Observers {
                     });
                 }
             }
-            match compile_observer(o, &at, secrets) {
+            match compile_observer(o, &at, secrets, config.caching.default_ttl_secs) {
                 Ok(obs) if o.enabled => list.push(Arc::new(obs)),
                 Ok(_) => {}
                 Err(mut e) => issues.append(&mut e),
@@ -140,7 +161,7 @@ impl Observers {
     ) -> impl Iterator<Item = &'a Arc<Observer>> + 'a {
         self.list
             .iter()
-            .filter(move |o| o.verdict(event) == MatchVerdict::Matched)
+            .filter(move |o| o.verdict(event).scheduled())
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Observer>> {
@@ -160,6 +181,7 @@ fn compile_observer(
     o: &ObserverConfig,
     at: &str,
     secrets: action::Secrets,
+    default_ttl_secs: u64,
 ) -> Result<Observer, Vec<ConfigIssue>> {
     let mut issues = Vec::new();
     let issue = |field: &str, message: String| ConfigIssue {
@@ -200,6 +222,40 @@ fn compile_observer(
         },
         None => None,
     };
+    let enrich = match crate::enrich::compile(&o.enrich, at, default_ttl_secs, secrets) {
+        Ok(e) => e,
+        Err(mut e) => {
+            issues.append(&mut e);
+            Vec::new()
+        }
+    };
+    let names: Vec<&str> = o.enrich.iter().map(|e| e.name.as_str()).collect();
+    let unknown = |p: &str| {
+        format!(
+            "`enrich.{p}` names no enrich entry of this observer ({})",
+            if names.is_empty() {
+                "it has none".to_string()
+            } else {
+                format!(
+                    "it has {}",
+                    names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )
+    };
+    let mut condition_at_delivery = false;
+    if let Some(c) = &condition {
+        for n in c.enrich_names() {
+            condition_at_delivery = true;
+            if !names.contains(&n) {
+                issues.push(issue("condition", unknown(n)));
+            }
+        }
+    }
     if o.actions.is_empty() {
         issues.push(issue(
             "actions",
@@ -216,15 +272,29 @@ fn compile_observer(
             });
         }
         match action::compile(a, &loc, secrets) {
-            Ok(action) => actions.push(ObserverAction {
-                destination: action
-                    .destination()
-                    .unwrap_or_else(|| format!("{}/{j}", o.name))
-                    .into(),
-                action,
-                retry: a.retry(),
-                config: redacted(a),
-            }),
+            Ok(action) => {
+                for t in action.templates() {
+                    for p in t.paths() {
+                        if let Some(n) = p.enrich_name() {
+                            if !names.contains(&n) {
+                                issues.push(ConfigIssue {
+                                    location: loc.clone(),
+                                    message: unknown(n),
+                                });
+                            }
+                        }
+                    }
+                }
+                actions.push(ObserverAction {
+                    destination: action
+                        .destination()
+                        .unwrap_or_else(|| format!("{}/{j}", o.name))
+                        .into(),
+                    action,
+                    retry: a.retry(),
+                    config: redacted(a),
+                })
+            }
             Err(mut e) => issues.append(&mut e),
         }
     }
@@ -234,6 +304,8 @@ fn compile_observer(
             entity,
             events: o.events.iter().map(|e| e.0).collect(),
             condition,
+            condition_at_delivery,
+            enrich,
             ordered: o.ordering == crate::config::Ordering::Entity,
             actions,
         })
@@ -320,6 +392,97 @@ pub type ActionSpec = ActionConfig;
 mod tests {
     use super::*;
     use crate::config::WebhookConfig;
+
+    fn compile_json(observer: serde_json::Value) -> Result<Observers, Vec<ConfigIssue>> {
+        let config: Config =
+            serde_json::from_value(serde_json::json!({ "observers": [observer] })).unwrap();
+        Observers::compile_with(&config, action::Secrets::Unresolved)
+    }
+
+    fn issues(observer: serde_json::Value) -> String {
+        compile_json(observer)
+            .expect_err("expected config issues")
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn enrich_references_are_checked_where_they_are_written() {
+        let hook = |body: &str| serde_json::json!({"type": "webhook", "url": "http://127.0.0.1:1/h", "body": body});
+        let user = serde_json::json!({
+            "name": "user", "key": "user:{{ data.user_id }}",
+            "http": "http://127.0.0.1:1/users/{{ data.user_id }}"
+        });
+        let text = issues(serde_json::json!({
+            "name": "o", "entity": "Order", "condition": "enrich.usr.vip == true",
+            "enrich": [user], "actions": [hook(r#"{"e": "{{ enrich.user.email }}"}"#)]
+        }));
+        assert!(
+            text.contains("observers[0] \"o\".condition: `enrich.usr` names no enrich entry of this observer (it has `user`)"),
+            "{text}"
+        );
+        let text = issues(serde_json::json!({
+            "name": "o", "entity": "Order",
+            "actions": [hook(r#"{"e": "{{ enrich.user.email }}"}"#)]
+        }));
+        assert!(
+            text.contains("observers[0] \"o\".actions[0] (webhook): `enrich.user` names no enrich entry of this observer (it has none)"),
+            "{text}"
+        );
+        let obs = compile_json(serde_json::json!({
+            "name": "o", "entity": "Order", "condition": "data.total > 1 && enrich.user.vip == true",
+            "enrich": [user], "actions": [hook(r#"{"e": "{{ enrich.user.email }}"}"#)]
+        }))
+        .unwrap();
+        let o = &obs.list[0];
+        assert!(o.condition_at_delivery);
+        assert_eq!(o.enrich.len(), 1);
+        assert_eq!(o.enrich[0].ttl, std::time::Duration::from_secs(60));
+        let e: ChangeEvent = serde_json::from_value(serde_json::json!({
+            "id": "0b7c4c36-3c1c-4a4e-9d43-4f5b8a9c1d2e", "pk": 1, "txid": 1,
+            "entity": "Order", "entity_id": "1", "operation": "INSERT",
+            "data": {"total": 0}, "before": null, "tenant_id": null,
+            "created_at": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        assert_eq!(o.verdict(&e), MatchVerdict::ConditionAtDelivery);
+        assert_eq!(obs.matching(&e).count(), 1);
+    }
+
+    #[test]
+    fn enrich_entries_are_validated() {
+        let hook = serde_json::json!({"type": "log"});
+        let text = issues(serde_json::json!({
+            "name": "o", "entity": "Order", "actions": [hook],
+            "enrich": [
+                {"name": "9bad", "key": "k", "http": "http://x/{{ data.id }}", "timeout_ms": 0},
+                {"name": "both", "key": "k", "http": "http://x/", "sql": "SELECT 1"},
+                {"name": "none", "key": "k"},
+                {"name": "q", "key": "", "sql": "SELECT * FROM u WHERE id = $1 AND t = $2", "params": ["{{ data.id }}"]},
+                {"name": "later", "key": "k:{{ enrich.after.id }}", "http": "ftp://x/{{ data.nope | bogus }}", "ttl_secs": 0},
+                {"name": "after", "key": "k", "sql": "SELECT 1"},
+                {"name": "after", "key": "k:{{ enrich.q.id }}", "sql": "SELECT 1"}
+            ]
+        }));
+        for needle in [
+            "enrich[0] \"9bad\".name: must be 1-64 letters",
+            "enrich[0] \"9bad\".timeout_ms: 0 is out of range",
+            "enrich[1] \"both\": sets both `http` and `sql`",
+            "enrich[2] \"none\": sets neither `http` nor `sql`",
+            "enrich[3] \"q\".key: is empty",
+            "enrich[3] \"q\".params: has 1 entries but `sql` uses parameters up to $2",
+            "enrich[4] \"later\".key: `enrich.after.id` reads no earlier enrich entry",
+            "enrich[4] \"later\".http: must start with http:// or https://",
+            "enrich[4] \"later\".http: column",
+            "enrich[4] \"later\".ttl_secs: 0 is out of range",
+            "enrich[6] \"after\".name: another enrich entry of this observer has this name",
+        ] {
+            assert!(text.contains(needle), "missing `{needle}` in:\n{text}");
+        }
+        assert!(!text.contains("enrich[6] \"after\".key"), "{text}");
+    }
 
     #[test]
     fn stored_action_configs_carry_no_literal_secret() {

@@ -24,6 +24,9 @@ pub enum Root {
     Observer,
     /// `delivery.idempotency_key`: the stable key of this action delivery (templates only).
     Delivery,
+    /// `enrich.<name>.…`: the result of the observer's enrichment lookup `<name>` (resolved at
+    /// delivery, after the lookups ran).
+    Enrich,
 }
 
 /// The event fields reachable as `event.<name>`.
@@ -113,11 +116,12 @@ impl Path {
             "event" => Root::Event,
             "observer" => Root::Observer,
             "delivery" => Root::Delivery,
+            "enrich" => Root::Enrich,
             other => {
                 return Err(PathError {
                     offset: 0,
                     message: format!(
-                        "unknown root `{other}`: expected `data`, `before`, `event`, `observer` or `delivery`"
+                        "unknown root `{other}`: expected `data`, `before`, `event`, `observer`, `delivery` or `enrich`"
                     ),
                 })
             }
@@ -215,6 +219,20 @@ impl Path {
                 Some("idempotency_key") if self.segments.len() == 1 => Ok(()),
                 _ => Err("`delivery` has one field: `delivery.idempotency_key`".into()),
             },
+            Root::Enrich => match first {
+                Some(_) => Ok(()),
+                None => {
+                    Err("`enrich` needs the name of a lookup, such as `enrich.user.email`".into())
+                }
+            },
+        }
+    }
+
+    /// The lookup an `enrich.<name>…` path reads, else `None`.
+    pub fn enrich_name(&self) -> Option<&str> {
+        match (&self.root, self.segments.first()) {
+            (Root::Enrich, Some(Segment::Field(name))) => Some(name),
+            _ => None,
         }
     }
 }
@@ -227,6 +245,7 @@ impl std::fmt::Display for Path {
             Root::Event => "event",
             Root::Observer => "observer",
             Root::Delivery => "delivery",
+            Root::Enrich => "enrich",
         };
         f.write_str(root)?;
         for s in &self.segments {
@@ -250,6 +269,9 @@ pub struct Scope<'a> {
     pub observer: Option<&'a str>,
     /// The idempotency key of the delivery being rendered, when there is one.
     pub idempotency_key: Option<&'a str>,
+    /// The results of the observer's enrichment lookups by name, once they ran (`None` before:
+    /// every `enrich.…` path is then missing).
+    pub enrich: Option<&'a serde_json::Map<String, Value>>,
 }
 
 impl<'a> Scope<'a> {
@@ -259,6 +281,7 @@ impl<'a> Scope<'a> {
             event,
             observer: None,
             idempotency_key: None,
+            enrich: None,
         }
     }
 
@@ -301,6 +324,12 @@ impl<'a> Scope<'a> {
             Root::Delivery => self
                 .idempotency_key
                 .map(|k| Cow::Owned(Value::String(k.to_string()))),
+            Root::Enrich => {
+                let Some((Segment::Field(name), rest)) = path.segments.split_first() else {
+                    return None;
+                };
+                walk(self.enrich?.get(name)?, rest).map(Cow::Borrowed)
+            }
         }
     }
 }
@@ -346,6 +375,35 @@ mod tests {
         assert!(Path::parse("data.").is_err());
         assert!(Path::parse("data[x]").is_err());
         assert!(Path::parse("data.a b").is_err());
+    }
+
+    #[test]
+    fn enrich_paths_resolve_against_the_lookup_results() {
+        let p = Path::parse("enrich.user.emails[1]").unwrap();
+        assert_eq!(p.enrich_name(), Some("user"));
+        assert_eq!(p.to_string(), "enrich.user.emails[1]");
+        assert!(Path::parse("enrich").is_err());
+        let event: ChangeEvent = serde_json::from_value(serde_json::json!({
+            "id": "0b7c4c36-3c1c-4a4e-9d43-4f5b8a9c1d2e", "pk": 1, "txid": 1,
+            "entity": "Order", "entity_id": "1", "operation": "INSERT",
+            "data": {}, "before": null, "tenant_id": null,
+            "created_at": "2026-01-01T00:00:00Z"
+        }))
+        .unwrap();
+        let mut scope = Scope::event(&event);
+        assert_eq!(scope.resolve(&p), None, "no lookups ran yet");
+        let results = serde_json::json!({"user": {"emails": ["a@x", "b@x"]}, "org": null});
+        scope.enrich = results.as_object();
+        assert_eq!(scope.resolve(&p).unwrap().as_ref(), "b@x");
+        assert_eq!(
+            scope
+                .resolve(&Path::parse("enrich.org").unwrap())
+                .unwrap()
+                .as_ref(),
+            &Value::Null
+        );
+        assert_eq!(scope.resolve(&Path::parse("enrich.org.x").unwrap()), None);
+        assert_eq!(scope.resolve(&Path::parse("enrich.nope").unwrap()), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! Syntax: literal text with placeholders `{{ path }}` or `{{ path | filter | filter }}`. Paths are
 //! the ones of [`crate::path`] (`data.customer.email`, `before.items[0].sku`, `event.id`,
-//! `observer.name`, `delivery.idempotency_key`). Filters, applied left to right:
+//! `observer.name`, `delivery.idempotency_key`, `enrich.<lookup>.…`). Filters, applied left to right:
 //! `default(<literal>)` (a JSON string, number, `true`, `false` or `null`, or a `'single quoted'`
 //! string; used only when the path is missing, not when it holds `null`), `json` (render the JSON
 //! encoding of the value even in a text context), `upper` and `lower` (change the case of strings).
@@ -679,6 +679,7 @@ mod tests {
             event: e,
             observer: Some("order-shipped"),
             idempotency_key: Some("key-1"),
+            enrich: None,
         }
     }
 

@@ -17,3 +17,6 @@ pub mod circuit_breaker;
 pub mod metrics;
 #[cfg(feature = "rate_limit")]
 pub mod rate_limit;
+
+#[cfg(feature = "caching")]
+pub mod caching;

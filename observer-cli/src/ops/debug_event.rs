@@ -183,7 +183,7 @@ async fn report(
     for o in &observers.list {
         let verdict = o.verdict(&event);
         let mut actions = Vec::new();
-        if verdict == MatchVerdict::Matched {
+        if verdict.scheduled() {
             for (i, a) in o.actions.iter().enumerate() {
                 let mut outcomes = Vec::new();
                 for l in logged
@@ -276,6 +276,10 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
     for o in &r.observers {
         let why = match o.verdict {
             MatchVerdict::Matched => "matched".to_string(),
+            MatchVerdict::ConditionAtDelivery => format!(
+                "matched on entity and operation; condition needs enrichment; evaluated at delivery ({})",
+                o.condition.as_deref().unwrap_or("")
+            ),
             MatchVerdict::OtherEntity => "not matched: other entity".into(),
             MatchVerdict::OtherOperation => "not matched: other operation".into(),
             MatchVerdict::ConditionFalse => {

@@ -189,10 +189,12 @@ pub fn executor(app: &App) -> Result<BoxExecutor> {
         ActionContext::http_client().map_err(|e| anyhow!("building the HTTP client: {e}"))?;
     let metrics = observer_core::metrics::Metrics::new();
     let state = stack::LayerState::new(&app.config, metrics.clone());
+    let redis = app.redis()?;
     let ctx = ActionContext {
         http,
         pool,
-        redis: app.redis()?,
+        cache: stack::lookup_cache(&app.config, redis.as_ref()),
+        redis,
         metrics,
     };
     Ok(stack::build(&app.config, ctx, &state))

@@ -203,3 +203,10 @@ mod tests {
         assert_eq!(super::glob_escape("a*b?[c]\\:"), "a\\*b\\?\\[c\\]\\\\:");
     }
 }
+
+impl Cache {
+    /// The templates this action renders (checked for `enrich.<name>` references at load).
+    pub fn templates(&self) -> Vec<&Template> {
+        self.keys.iter().chain(self.patterns.iter()).collect()
+    }
+}

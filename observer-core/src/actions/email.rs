@@ -396,3 +396,14 @@ mod tests {
         assert_eq!(percent_decode("50%"), "50%");
     }
 }
+
+impl Email {
+    /// The templates this action renders (checked for `enrich.<name>` references at load).
+    pub fn templates(&self) -> Vec<&Template> {
+        std::iter::once(&self.from)
+            .chain(self.to.iter())
+            .chain([&self.subject, &self.body])
+            .chain(self.html.iter())
+            .collect()
+    }
+}

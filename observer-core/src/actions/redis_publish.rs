@@ -192,3 +192,12 @@ impl RedisPublish {
         }
     }
 }
+
+impl RedisPublish {
+    /// The templates this action renders (checked for `enrich.<name>` references at load).
+    pub fn templates(&self) -> Vec<&Template> {
+        std::iter::once(&self.target)
+            .chain(self.body.iter())
+            .collect()
+    }
+}

@@ -211,3 +211,15 @@ impl Slack {
         }
     }
 }
+
+impl Slack {
+    /// The templates this action renders (checked for `enrich.<name>` references at load).
+    pub fn templates(&self) -> Vec<&Template> {
+        self.text
+            .iter()
+            .chain(self.blocks.iter())
+            .chain(self.channel.iter())
+            .chain(self.username.iter())
+            .collect()
+    }
+}
