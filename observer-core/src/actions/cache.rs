@@ -196,17 +196,17 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// The templates this action renders (checked for `enrich.<name>` references at load).
+    pub fn templates(&self) -> Vec<&Template> {
+        self.keys.iter().chain(self.patterns.iter()).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn prefix_globs_are_escaped() {
         assert_eq!(super::glob_escape("a*b?[c]\\:"), "a\\*b\\?\\[c\\]\\\\:");
-    }
-}
-
-impl Cache {
-    /// The templates this action renders (checked for `enrich.<name>` references at load).
-    pub fn templates(&self) -> Vec<&Template> {
-        self.keys.iter().chain(self.patterns.iter()).collect()
     }
 }

@@ -380,6 +380,17 @@ impl Email {
     }
 }
 
+impl Email {
+    /// The templates this action renders (checked for `enrich.<name>` references at load).
+    pub fn templates(&self) -> Vec<&Template> {
+        std::iter::once(&self.from)
+            .chain(self.to.iter())
+            .chain([&self.subject, &self.body])
+            .chain(self.html.iter())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,16 +405,5 @@ mod tests {
         assert!(!is_loopback("10.0.0.1"));
         assert_eq!(percent_decode("p%40ss%3a"), "p@ss:");
         assert_eq!(percent_decode("50%"), "50%");
-    }
-}
-
-impl Email {
-    /// The templates this action renders (checked for `enrich.<name>` references at load).
-    pub fn templates(&self) -> Vec<&Template> {
-        std::iter::once(&self.from)
-            .chain(self.to.iter())
-            .chain([&self.subject, &self.body])
-            .chain(self.html.iter())
-            .collect()
     }
 }
