@@ -92,7 +92,7 @@ impl ActionContext {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
             .build()
     }

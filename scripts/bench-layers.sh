@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The layer matrix of the end-to-end benchmark: events/s and commit-to-delivery p50/p99 with each
+# layer on, and with all of them, against a fast sink and a sink that adds 20 ms per request.
+# Needs Postgres and Redis (scripts/setup.sh). Writes one JSON report per run under
+# target/bench-layers/ and prints a summary table. See docs/benchmarks.md.
+#
+#   scripts/bench-layers.sh [--events N] [--latency-secs S]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+events=100000
+latency_secs=10
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --events) events="$2"; shift 2 ;;
+    --latency-secs) latency_secs="$2"; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+scripts/setup.sh
+cargo build --release --quiet -p observer-cli -p observer-bench
+bin=target/release
+out=target/bench-layers
+mkdir -p "$out"
+redis="REDIS_URL=redis://127.0.0.1:6379"
+prefix="OBSERVER__REDIS__KEY_PREFIX=bench-$$"
+# A limit far above what the sink can take, so the layer's cost shows, not its throttling.
+rate="OBSERVER__RATE_LIMIT__DEFAULT__PER_SECOND=1000000 OBSERVER__RATE_LIMIT__DEFAULT__MAX_CONCURRENT=0"
+
+# name | sink delay ms | record | flags
+runs=(
+  "checkpoint|0|all|"
+  "concurrent|0|all|--feature concurrent"
+  "dedup|0|all|--feature dedup --env $redis --env $prefix-a"
+  "metrics|0|all|--feature metrics --env OBSERVER__METRICS__LISTEN=127.0.0.1:0"
+  "circuit_breaker|0|all|--feature circuit_breaker"
+  "rate_limit|0|all|--feature rate_limit $(for kv in $rate; do printf -- '--env %s ' "$kv"; done)"
+  "target set|0|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-b --env OBSERVER__METRICS__LISTEN=127.0.0.1:0"
+  "target set, record=failures|0|failures|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-c --env OBSERVER__METRICS__LISTEN=127.0.0.1:0"
+  "all layers|0|all|--feature concurrent --feature dedup --feature metrics --feature circuit_breaker --feature rate_limit --env $redis --env $prefix-d --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 $(for kv in $rate; do printf -- '--env %s ' "$kv"; done)"
+  "checkpoint, 20 ms sink|20|all|"
+  "target set, 20 ms sink|20|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-e --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 --env OBSERVER__CONCURRENT__MAX_IN_FLIGHT=256"
+)
+
+printf '%-30s %10s %10s %10s %10s\n' "run" "events/s" "p50 ms" "p99 ms" "peak RSS"
+for r in "${runs[@]}"; do
+  IFS='|' read -r name delay record flags <<<"$r"
+  n=$events
+  # The 20 ms sink without concurrency takes 20 ms per event: keep that run short.
+  if [ "$delay" != 0 ] && [[ "$flags" != *concurrent* ]]; then n=500; fi
+  file="$out/$(echo "$name" | tr ' ,=' '___').json"
+  # shellcheck disable=SC2086
+  if ! "$bin/observer-bench" --daemon-bin "$bin/fraiseql-observers" --events "$n" \
+      --latency-secs "$latency_secs" --skip-idle --sink-delay-ms "$delay" --record "$record" \
+      $flags --json-out "$file" >"$file.log" 2>&1; then
+    echo "$name: FAILED (see $file.log)"; continue
+  fi
+  python3 - "$file" "$name" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t = r["phases"]["throughput"]; l = r["phases"].get("latency", {})
+lat = l.get("commit_to_delivery") or {}
+peak = (r["rss"]["peak_kb"] or 0) / 1024
+print(f'{sys.argv[2]:<30} {t.get("events_per_s", 0):>10} {lat.get("p50_ms", "-"):>10} {lat.get("p99_ms", "-"):>10} {peak:>8.1f} MiB')
+EOF
+done
