@@ -50,6 +50,9 @@ const LOCAL_BUSY_MS: u64 = 100;
 const HELD_RECHECK_MS: u64 = 1_000;
 /// How long `on_unavailable = "wait"` defers before asking Redis again.
 const WAIT_RETRY_MS: u64 = 1_000;
+/// Pipelines sent before the oldest one has answered.
+const PIPELINES_IN_FLIGHT: usize = 8;
+
 /// Most operations sent in one pipeline.
 const MAX_BATCH_OPS: usize = 2_048;
 
@@ -204,6 +207,7 @@ impl DedupState {
 /// Starts the task that batches store operations into pipelines.
 fn spawn_batcher(redis: RedisHandle, token: Arc<str>, window_secs: u64) -> mpsc::Sender<Request> {
     let (tx, mut rx) = mpsc::channel::<Request>(4_096);
+    let inflight = Arc::new(tokio::sync::Semaphore::new(PIPELINES_IN_FLIGHT));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             // Let the dispatches started in this tick enqueue theirs, then take them all.
@@ -219,20 +223,31 @@ fn spawn_batcher(redis: RedisHandle, token: Arc<str>, window_secs: u64) -> mpsc:
                     Err(_) => break,
                 }
             }
-            match run_pipeline(&redis, &token, window_secs, &reqs).await {
-                Ok(mut values) => {
-                    for r in reqs {
-                        let rest = values.split_off(r.ops.len().min(values.len()));
-                        let mine = std::mem::replace(&mut values, rest);
-                        let _ = r.reply.send(Ok(mine));
+            // Several pipelines in flight on the multiplexed connection: waiting for each reply
+            // before sending the next batch made this task the throughput ceiling. Safe because
+            // the operations of one key are issued one after another by the dispatch that holds
+            // it (claim, then done or release), never in two batches at once.
+            let Ok(permit) = inflight.clone().acquire_owned().await else {
+                break;
+            };
+            let (redis, token) = (redis.clone(), token.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match run_pipeline(&redis, &token, window_secs, &reqs).await {
+                    Ok(mut values) => {
+                        for r in reqs {
+                            let rest = values.split_off(r.ops.len().min(values.len()));
+                            let mine = std::mem::replace(&mut values, rest);
+                            let _ = r.reply.send(Ok(mine));
+                        }
+                    }
+                    Err(e) => {
+                        for r in reqs {
+                            let _ = r.reply.send(Err(e.clone()));
+                        }
                     }
                 }
-                Err(e) => {
-                    for r in reqs {
-                        let _ = r.reply.send(Err(e.clone()));
-                    }
-                }
-            }
+            });
         }
     });
     tx
