@@ -14,6 +14,7 @@ pub mod executor;
 pub mod metrics;
 pub mod observer;
 pub mod path;
+pub mod preflight;
 pub mod redeliver;
 pub mod retention;
 pub mod runloop;

@@ -98,7 +98,9 @@ pub async fn supervise(
         let started = Instant::now();
         match run(ctx, make_executor, shutdown.clone(), &mut resume).await {
             Ok(()) => return Ok(()),
-            Err(RunError::Store(e @ StoreError::NotMigrated(_))) => return Err(e.into()),
+            Err(RunError::Store(e @ (StoreError::NotMigrated(_) | StoreError::Privileges(_)))) => {
+                return Err(e.into())
+            }
             Err(e) => {
                 if shutdown.is_cancelled() {
                     return Err(e);
@@ -370,7 +372,10 @@ pub async fn run(
             client
         })?;
 
-    check_tables(&book, &ctx.objects).await?;
+    let needs = crate::preflight::needs(&ctx.objects, cfg);
+    for warning in crate::preflight::check(&book, &ctx.objects, &needs).await? {
+        tracing::warn!("{warning}");
+    }
     let saved = match &ctx.checkpoint {
         Some(store) => store.load(&book, listener).await?,
         None => resume.clone(),
@@ -580,24 +585,6 @@ pub async fn run(
 }
 
 /// Fails with `NotMigrated` when the change log or one of our tables is missing.
-async fn check_tables(client: &tokio_postgres::Client, objects: &Objects) -> Result<(), RunError> {
-    for t in [
-        &objects.change_log,
-        &objects.checkpoints,
-        &objects.dead_letters,
-        &objects.action_log,
-    ] {
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.sql()])
-            .await?
-            .get(0);
-        if !exists {
-            return Err(StoreError::NotMigrated(format!("table {t} does not exist")).into());
-        }
-    }
-    Ok(())
-}
-
 fn describe(p: &Position) -> String {
     format!("window {} .. {} after pk {}", p.lo, p.hi, p.after_pk)
 }

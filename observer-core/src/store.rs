@@ -30,6 +30,8 @@ pub enum StoreError {
     Corrupt { listener: String, message: String },
     #[error("our tables are missing ({0}): run `fraiseql-observers migrate` first")]
     NotMigrated(String),
+    #[error("the database role lacks what the daemon needs: {0}")]
+    Privileges(String),
 }
 
 /// What a checkpoint save records besides the position.
