@@ -164,6 +164,9 @@ pub struct Webhook {
     keys: Vec<SigningKey>,
     policy: crate::actions::http_policy::HttpPolicy,
     batcher: Option<crate::actions::webhook_batch::Batcher>,
+    /// The URL was written with a `${env:…}`/`${file:…}` reference (e.g. a token in the query):
+    /// messages then never show it.
+    url_secret: bool,
 }
 
 #[derive(Debug)]
@@ -175,6 +178,21 @@ pub struct Log {
 #[derive(Debug)]
 pub struct Sql {
     statement: String,
+}
+
+/// A URL as messages show it: not at all when it came from a secret reference, and never with
+/// a password.
+pub fn shown_url(url: &str, secret: bool) -> String {
+    if secret {
+        return "<url from a secret reference>".into();
+    }
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// `host:port` of a URL template whose scheme and authority hold no placeholder.
@@ -312,7 +330,13 @@ fn compile_webhook(
                             "url",
                             format!("scheme `{}` is not http or https", parsed.scheme()),
                         ),
-                        Err(e) => issue("url", format!("`{u}` is not a URL: {e}")),
+                        Err(e) => issue(
+                            "url",
+                            format!(
+                                "`{}` is not a URL: {e}",
+                                shown_url(&u, w.url.contains("${"))
+                            ),
+                        ),
                     }
                 } else if !(u.starts_with("http://") || u.starts_with("https://")) {
                     issue("url", "must start with http:// or https://".into());
@@ -406,6 +430,7 @@ fn compile_webhook(
         } else {
             None
         },
+        url_secret: w.url.contains("${"),
     }))
 }
 
@@ -528,6 +553,7 @@ impl Webhook {
                 timeout: self.timeout,
                 keys: self.keys.clone(),
                 policy: self.policy.clone(),
+                url_secret: self.url_secret,
             };
             return b.submit(send, url, rendered, &body, key).await;
         }
@@ -556,8 +582,13 @@ impl Webhook {
         let resp = match req.body(body).send().await {
             Ok(r) => r,
             Err(e) => {
+                // reqwest names the URL in its errors; not when it holds a secret.
+                let e = if self.url_secret { e.without_url() } else { e };
                 if e.is_builder() {
-                    return permanent(format!("cannot build request to `{url}`: {e}"));
+                    return permanent(format!(
+                        "cannot build request to `{}`: {e}",
+                        shown_url(&url, self.url_secret)
+                    ));
                 }
                 let what = if e.is_timeout() {
                     format!("timed out after {} ms", self.timeout.as_millis())

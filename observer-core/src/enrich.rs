@@ -183,7 +183,7 @@ impl Enricher {
         let url = url
             .render(scope)
             .map_err(|e| format!("http template: {e}"))?;
-        let shown = shown_url(&url, secret);
+        let shown = crate::action::shown_url(&url, secret);
         let request = async {
             let mut resp = ctx
                 .http
@@ -290,21 +290,6 @@ impl Enricher {
                     self.timeout.as_millis()
                 ))
             })
-    }
-}
-
-/// The URL as messages show it: not at all when it came from a secret reference, and never with
-/// a password.
-fn shown_url(url: &str, secret: bool) -> String {
-    if secret {
-        return "<url from a secret reference>".into();
-    }
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("redacted"));
-            u.to_string()
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -610,13 +595,13 @@ mod tests {
     #[test]
     fn messages_never_show_secret_urls_or_passwords() {
         assert_eq!(
-            shown_url("https://api.example.com/u/7?key=s3cret", true),
+            crate::action::shown_url("https://api.example.com/u/7?key=s3cret", true),
             "<url from a secret reference>"
         );
-        let shown = shown_url("https://bob:hunter2@api.example.com/u/7", false);
+        let shown = crate::action::shown_url("https://bob:hunter2@api.example.com/u/7", false);
         assert!(!shown.contains("hunter2"), "{shown}");
         assert_eq!(
-            shown_url("http://127.0.0.1:9/u/7", false),
+            crate::action::shown_url("http://127.0.0.1:9/u/7", false),
             "http://127.0.0.1:9/u/7"
         );
     }

@@ -70,6 +70,8 @@ pub(crate) struct BatchSend {
     pub timeout: Duration,
     pub keys: Vec<SigningKey>,
     pub policy: HttpPolicy,
+    /// The URL came from a secret reference: errors do not name it.
+    pub url_secret: bool,
 }
 
 struct Item {
@@ -255,6 +257,7 @@ async fn flush(send: BatchSend, (url, headers): GroupKey, items: Vec<Item>) {
     let (result, status, error) = match req.body(body).send().await {
         Ok(resp) => send.policy.outcome(resp, "").await,
         Err(e) => {
+            let e = if send.url_secret { e.without_url() } else { e };
             let what = if e.is_timeout() {
                 format!("timed out after {} ms", send.timeout.as_millis())
             } else if e.is_connect() {
