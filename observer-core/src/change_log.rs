@@ -190,8 +190,24 @@ pub struct ChangeLog {
 
 /// The columns we read, each cast so that an unexpected column type in an existing table can
 /// still be read (and judged per row) rather than failing the whole batch.
-const COLUMNS: &str = "pk_entity_change_log, id::text, created_at, object_type::text, object_id::text, \
-     modification_type::text, object_data::jsonb, object_data_before::jsonb, tenant_id::text, txid::text";
+///
+/// Free text (`object_type`, `object_id`, `modification_type` and the images as JSON text) is
+/// read as bytes: in a `SQL_ASCII` database Postgres stores any bytes, and sending text that is
+/// not valid UTF-8 to a UTF-8 client fails the whole query, so one such row would stop the
+/// reader for good. As bytes, [`decode`] judges each row on its own (a dead letter naming the
+/// column). In every other server encoding `convert_to(…, 'UTF8')` is the usual conversion.
+const COLUMNS: &str = "pk_entity_change_log, id::text, created_at, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_type::text, 'SQL_ASCII') ELSE convert_to(object_type::text, 'UTF8') END, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_id::text, 'SQL_ASCII') ELSE convert_to(object_id::text, 'UTF8') END, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(modification_type::text, 'SQL_ASCII') ELSE convert_to(modification_type::text, 'UTF8') END, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_data::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data::jsonb::text, 'UTF8') END, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_data_before::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data_before::jsonb::text, 'UTF8') END, \
+     tenant_id::text, txid::text";
 
 /// Longest `object_id` accepted; longer ones are poison (they key per-entity ordering).
 const MAX_OBJECT_ID: usize = 1024;
@@ -370,10 +386,9 @@ impl ChangeLog {
 
 /// One change-log row as the database sent it: each column's bytes in the binary wire format
 /// (`None` for SQL NULL), before anything is judged. Text columns (`id`, `object_type`,
-/// `object_id`, `modification_type`, `tenant_id`, `txid`, all cast to `text` by the query) are
-/// the text's bytes, which need not be UTF-8 in a `SQL_ASCII` database; `created_at` is a
-/// `timestamptz` (8 bytes, microseconds since 2000-01-01 UTC); the images are `jsonb` (a
-/// version byte, then JSON text).
+/// `object_id`, `modification_type`, `tenant_id`, `txid`) are the text's bytes, which need not
+/// be UTF-8 in a `SQL_ASCII` database; `created_at` is a `timestamptz` (8 bytes, microseconds
+/// since 2000-01-01 UTC); the images are their JSON text.
 ///
 /// Kept apart from [`tokio_postgres::Row`] so that [`decode`] is a pure function that can be
 /// tested and fuzzed on arbitrary bytes.
@@ -455,22 +470,10 @@ fn text_column(name: &str, bytes: Option<&[u8]>) -> Result<Option<String>, Strin
     }
 }
 
-/// The JSON text of a `jsonb` column (after its version byte).
-fn jsonb_text<'a>(name: &str, bytes: &'a [u8]) -> Result<&'a [u8], String> {
-    match bytes.split_first() {
-        Some((1, text)) => Ok(text),
-        Some((v, _)) => Err(format!(
-            "column {name}: unsupported jsonb encoding version {v}"
-        )),
-        None => Err(format!("column {name}: empty jsonb value")),
-    }
-}
-
-/// A `jsonb` column as JSON. serde_json refuses nesting deeper than 128 levels, which also
-/// keeps every later recursive walk over the value (clone, drop, serialise) shallow.
+/// A JSON image column. serde_json refuses nesting deeper than 128 levels, which also keeps
+/// every later recursive walk over the value (clone, drop, serialise) shallow.
 fn json_column(name: &str, bytes: Option<&[u8]>) -> Result<Option<serde_json::Value>, String> {
-    let Some(bytes) = bytes else { return Ok(None) };
-    let text = jsonb_text(name, bytes)?;
+    let Some(text) = bytes else { return Ok(None) };
     serde_json::from_slice(text).map(Some).map_err(|e| {
         let e = e.to_string();
         if e.starts_with("recursion limit exceeded") {
@@ -534,7 +537,7 @@ pub fn raw_json(raw: &RawRow<'_>) -> serde_json::Value {
     ] {
         let v = match json_column(name, bytes) {
             Ok(v) => v.unwrap_or(Value::Null),
-            Err(_) => lossy(bytes.map(|b| jsonb_text(name, b).unwrap_or(b))),
+            Err(_) => lossy(bytes),
         };
         m.insert(name.into(), v);
     }
@@ -645,9 +648,7 @@ mod tests {
     const ID: &str = "8d6f2a52-54a4-4d40-9f6b-1f1d3c7a0b11";
 
     fn jsonb(text: &str) -> Vec<u8> {
-        let mut b = vec![1];
-        b.extend_from_slice(text.as_bytes());
-        b
+        text.as_bytes().to_vec()
     }
 
     fn good<'a>(ts: &'a [u8], data: &'a [u8]) -> RawRow<'a> {
@@ -714,7 +715,7 @@ mod tests {
         );
         assert_eq!(raw["object_data"].as_str().map(str::len), Some(20_001));
 
-        let bad_json = [&[1u8][..], b"{\"s\": \"\xff\"}"].concat();
+        let bad_json = b"{\"s\": \"\xff\"}".to_vec();
         let (reason, _) = poison(&good(&ts, &bad_json));
         assert!(
             reason.contains("object_data is not valid UTF-8 JSON"),
@@ -736,6 +737,6 @@ mod tests {
             .contains("unknown modification_type `TRUNCATE`"));
         let mut r = good(&ts, &data);
         r.object_data = Some(b"");
-        assert!(poison(&r).0.contains("empty jsonb"));
+        assert!(poison(&r).0.contains("column object_data: EOF"));
     }
 }

@@ -656,24 +656,20 @@ fn text_bytes(valid: impl Strategy<Value = String>) -> impl Strategy<Value = Opt
     ]
 }
 
-fn jsonb_bytes() -> impl Strategy<Value = Option<Vec<u8>>> {
-    let with_version = |mut text: Vec<u8>| {
-        text.insert(0, 1);
-        Some(text)
-    };
+fn json_bytes() -> impl Strategy<Value = Option<Vec<u8>>> {
     prop_oneof![
-        4 => json_value().prop_map(move |v| with_version(v.to_string().into_bytes())),
+        4 => json_value().prop_map(move |v| Some(v.to_string().into_bytes())),
         2 => Just(None),
-        1 => (100usize..20_000).prop_map(move |n| with_version(
+        1 => (100usize..20_000).prop_map(move |n| Some(
             format!("{}1{}", "[".repeat(n), "]".repeat(n)).into_bytes()
         )),
-        1 => (0usize..200).prop_map(move |n| with_version(deep_value(n, true).to_string().into_bytes())),
+        1 => (0usize..200).prop_map(move |n| Some(deep_value(n, true).to_string().into_bytes())),
         1 => prop::collection::vec(any::<u8>(), 0..40).prop_map(Some),
         1 => (prop::collection::vec(any::<u8>(), 0..20)).prop_map(move |b| {
             let mut t = b"{\"s\": \"".to_vec();
             t.extend(b);
             t.extend(b"\"}");
-            with_version(t)
+            Some(t)
         }),
     ]
 }
@@ -717,8 +713,8 @@ fn columns() -> impl Strategy<Value = Columns> {
             "\\PC{0,12}"
         ]),
         text_bytes(op),
-        jsonb_bytes(),
-        jsonb_bytes(),
+        json_bytes(),
+        json_bytes(),
         text_bytes(uuid()),
         text_bytes(prop_oneof![
             any::<u64>().prop_map(|i| i.to_string()),
