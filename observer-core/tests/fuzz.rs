@@ -256,11 +256,13 @@ fn condition_text() -> impl Strategy<Value = String> {
                 )),
             prop::collection::vec(inner.clone(), 0..4).prop_map(|l| format!("[{}]", l.join(","))),
             // Long flat chains: `&&`/`||` are stored flat, so length must not mean depth.
-            (inner, 2usize..2_000, any::<bool>()).prop_map(|(a, n, and)| vec![a; n].join(if and {
-                " && "
-            } else {
-                " || "
-            })),
+            // Copies multiply, so the chain is shortened to keep the generated text (not the
+            // parser: it refuses more than 10,000 characters at once) within ~100 KB; nested
+            // chains of 2,000 once asked the generator for 2.6 GB.
+            (inner, 2usize..2_000, any::<bool>()).prop_map(|(a, n, and)| {
+                let n = n.min((100_000 / a.len().max(1)).max(1));
+                vec![a; n].join(if and { " && " } else { " || " })
+            }),
         ]
     })
 }
