@@ -198,15 +198,15 @@ pub struct ChangeLog {
 /// column). In every other server encoding `convert_to(…, 'UTF8')` is the usual conversion.
 const COLUMNS: &str = "pk_entity_change_log, id::text, created_at, \
      CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_type::text, 'SQL_ASCII') ELSE convert_to(object_type::text, 'UTF8') END, \
+          THEN convert_to(object_type::text, 'SQL_ASCII') ELSE convert_to(object_type::text, 'UTF8') END AS object_type, \
      CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_id::text, 'SQL_ASCII') ELSE convert_to(object_id::text, 'UTF8') END, \
+          THEN convert_to(object_id::text, 'SQL_ASCII') ELSE convert_to(object_id::text, 'UTF8') END AS object_id, \
      CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(modification_type::text, 'SQL_ASCII') ELSE convert_to(modification_type::text, 'UTF8') END, \
+          THEN convert_to(modification_type::text, 'SQL_ASCII') ELSE convert_to(modification_type::text, 'UTF8') END AS modification_type, \
      CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_data::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data::jsonb::text, 'UTF8') END, \
+          THEN convert_to(object_data::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data::jsonb::text, 'UTF8') END AS object_data, \
      CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_data_before::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data_before::jsonb::text, 'UTF8') END, \
+          THEN convert_to(object_data_before::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data_before::jsonb::text, 'UTF8') END AS object_data_before, \
      tenant_id::text, txid::text";
 
 /// Longest `object_id` accepted; longer ones are poison (they key per-entity ordering).

@@ -11,7 +11,7 @@
 //! `scripts/fuzz.sh --secs N` runs each target for N seconds with many more (see
 //! docs/reliability.md). Environment: `PROPTEST_CASES` (cases per round, default 64) and
 //! `FUZZ_SECS` (keep running rounds with fresh seeds until this many seconds have passed).
-//! A failing case is shrunk and saved under `tests/proptest-regressions/`, and replayed first on
+//! A failing case is shrunk and saved in `tests/fuzz.regressions`, and replayed first on
 //! every later run.
 
 use std::time::{Duration, Instant};
