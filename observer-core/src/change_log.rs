@@ -190,8 +190,24 @@ pub struct ChangeLog {
 
 /// The columns we read, each cast so that an unexpected column type in an existing table can
 /// still be read (and judged per row) rather than failing the whole batch.
-const COLUMNS: &str = "pk_entity_change_log, id::text, created_at, object_type::text, object_id::text, \
-     modification_type::text, object_data::jsonb, object_data_before::jsonb, tenant_id::text, txid::text";
+///
+/// Free text (`object_type`, `object_id`, `modification_type` and the images as JSON text) is
+/// read as bytes: in a `SQL_ASCII` database Postgres stores any bytes, and sending text that is
+/// not valid UTF-8 to a UTF-8 client fails the whole query, so one such row would stop the
+/// reader for good. As bytes, [`decode`] judges each row on its own (a dead letter naming the
+/// column). In every other server encoding `convert_to(…, 'UTF8')` is the usual conversion.
+const COLUMNS: &str = "pk_entity_change_log, id::text, created_at, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_type::text, 'SQL_ASCII') ELSE convert_to(object_type::text, 'UTF8') END AS object_type, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_id::text, 'SQL_ASCII') ELSE convert_to(object_id::text, 'UTF8') END AS object_id, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(modification_type::text, 'SQL_ASCII') ELSE convert_to(modification_type::text, 'UTF8') END AS modification_type, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_data::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data::jsonb::text, 'UTF8') END AS object_data, \
+     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+          THEN convert_to(object_data_before::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data_before::jsonb::text, 'UTF8') END AS object_data_before, \
+     tenant_id::text, txid::text";
 
 /// Longest `object_id` accepted; longer ones are poison (they key per-entity ordering).
 const MAX_OBJECT_ID: usize = 1024;
@@ -368,76 +384,196 @@ impl ChangeLog {
     }
 }
 
+/// One change-log row as the database sent it: each column's bytes in the binary wire format
+/// (`None` for SQL NULL), before anything is judged. Text columns (`id`, `object_type`,
+/// `object_id`, `modification_type`, `tenant_id`, `txid`) are the text's bytes, which need not
+/// be UTF-8 in a `SQL_ASCII` database; `created_at` is a `timestamptz` (8 bytes, microseconds
+/// since 2000-01-01 UTC); the images are their JSON text.
+///
+/// Kept apart from [`tokio_postgres::Row`] so that [`decode`] is a pure function that can be
+/// tested and fuzzed on arbitrary bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawRow<'a> {
+    pub pk: i64,
+    pub id: Option<&'a [u8]>,
+    pub created_at: Option<&'a [u8]>,
+    pub object_type: Option<&'a [u8]>,
+    pub object_id: Option<&'a [u8]>,
+    pub modification_type: Option<&'a [u8]>,
+    pub object_data: Option<&'a [u8]>,
+    pub object_data_before: Option<&'a [u8]>,
+    pub tenant_id: Option<&'a [u8]>,
+    pub txid: Option<&'a [u8]>,
+}
+
+/// A column's bytes whatever its type: decoding, and judging, is [`decode`]'s job.
+struct ColumnBytes<'a>(&'a [u8]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for ColumnBytes<'a> {
+    fn from_sql(
+        _: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(ColumnBytes(raw))
+    }
+
+    fn accepts(_: &tokio_postgres::types::Type) -> bool {
+        true
+    }
+}
+
 /// Decodes one row; anything that cannot be an event becomes a poison row with the reason.
 fn decode_row(row: &Row) -> ChangeRow {
-    let pk: i64 = row.try_get(0).unwrap_or(0);
-    let text = |i: usize| -> Result<Option<String>, String> {
-        row.try_get::<_, Option<String>>(i)
-            .map_err(|e| format!("column {}: {e}", row.columns()[i].name()))
+    let mut unreadable = None;
+    let mut col = |i: usize| match row.try_get::<_, Option<ColumnBytes>>(i) {
+        Ok(v) => v.map(|b| b.0),
+        Err(e) => {
+            unreadable.get_or_insert_with(|| format!("column {}: {e}", row.columns()[i].name()));
+            None
+        }
     };
-    let json = |i: usize| -> Result<Option<serde_json::Value>, String> {
-        row.try_get::<_, Option<serde_json::Value>>(i)
-            .map_err(|e| format!("column {}: {e}", row.columns()[i].name()))
+    let raw = RawRow {
+        pk: row.try_get(0).unwrap_or(0),
+        id: col(1),
+        created_at: col(2),
+        object_type: col(3),
+        object_id: col(4),
+        modification_type: col(5),
+        object_data: col(6),
+        object_data_before: col(7),
+        tenant_id: col(8),
+        txid: col(9),
     };
-    let id_text = text(1);
+    match unreadable {
+        Some(reason) => ChangeRow::Poison {
+            pk: raw.pk,
+            event_id: None,
+            raw: raw_json(&raw),
+            reason,
+        },
+        None => decode(&raw),
+    }
+}
+
+/// Text of a text column; invalid UTF-8 is an error naming the column and the byte offset.
+fn text_column(name: &str, bytes: Option<&[u8]>) -> Result<Option<String>, String> {
+    match bytes {
+        None => Ok(None),
+        Some(b) => match std::str::from_utf8(b) {
+            Ok(t) => Ok(Some(t.to_string())),
+            Err(e) => Err(format!(
+                "column {name} is not valid UTF-8 (invalid byte at offset {}); a SQL_ASCII \
+                 database stores such bytes unchecked",
+                e.valid_up_to()
+            )),
+        },
+    }
+}
+
+/// A JSON image column. serde_json refuses nesting deeper than 128 levels, which also keeps
+/// every later recursive walk over the value (clone, drop, serialise) shallow.
+fn json_column(name: &str, bytes: Option<&[u8]>) -> Result<Option<serde_json::Value>, String> {
+    let Some(text) = bytes else { return Ok(None) };
+    serde_json::from_slice(text).map(Some).map_err(|e| {
+        let e = e.to_string();
+        if e.starts_with("recursion limit exceeded") {
+            format!("column {name}: JSON nested more than 128 levels deep (the decoder's limit)")
+        } else if std::str::from_utf8(text).is_err() {
+            format!(
+                "column {name} is not valid UTF-8 JSON ({e}); a SQL_ASCII database stores such \
+                 bytes unchecked"
+            )
+        } else {
+            format!("column {name}: {e}")
+        }
+    })
+}
+
+/// `timestamptz` in the binary format: microseconds since 2000-01-01 00:00 UTC.
+fn timestamp_column(bytes: Option<&[u8]>) -> Result<DateTime<Utc>, String> {
+    const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+    let bytes = bytes.ok_or("created_at is NULL")?;
+    let micros: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| format!("column created_at: {} bytes, expected 8", bytes.len()))?;
+    match i64::from_be_bytes(micros) {
+        i64::MAX => Err("created_at is 'infinity'".into()),
+        i64::MIN => Err("created_at is '-infinity'".into()),
+        t => t
+            .checked_add(PG_EPOCH_MICROS)
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(|| "created_at is out of range".into()),
+    }
+}
+
+/// The row for a dead letter: every column readable as far as it goes. Text that is not UTF-8
+/// is shown with U+FFFD in place of the bad bytes; an image that is not valid JSON (too deep,
+/// not UTF-8) is kept as its text.
+pub fn raw_json(raw: &RawRow<'_>) -> serde_json::Value {
+    use serde_json::Value;
+    // NUL cannot be stored in the dead letter's jsonb column (Postgres text never holds one
+    // either, but this must not be the reason a dead letter cannot be written).
+    let lossy = |b: Option<&[u8]>| {
+        b.map(|b| Value::String(String::from_utf8_lossy(b).replace('\0', "\u{FFFD}")))
+            .unwrap_or(Value::Null)
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("pk_entity_change_log".into(), raw.pk.into());
+    m.insert("id".into(), lossy(raw.id));
+    m.insert(
+        "created_at".into(),
+        match timestamp_column(raw.created_at) {
+            Ok(t) => Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+            Err(_) if raw.created_at.is_none() => Value::Null,
+            Err(e) => Value::String(e),
+        },
+    );
+    m.insert("object_type".into(), lossy(raw.object_type));
+    m.insert("object_id".into(), lossy(raw.object_id));
+    m.insert("modification_type".into(), lossy(raw.modification_type));
+    for (name, bytes) in [
+        ("object_data", raw.object_data),
+        ("object_data_before", raw.object_data_before),
+    ] {
+        let v = match json_column(name, bytes) {
+            Ok(v) => v.unwrap_or(Value::Null),
+            Err(_) => lossy(bytes),
+        };
+        m.insert(name.into(), v);
+    }
+    m.insert("tenant_id".into(), lossy(raw.tenant_id));
+    m.insert("txid".into(), lossy(raw.txid));
+    Value::Object(m)
+}
+
+/// Judges one row: an event, or a poison row with the reason it cannot be one. Pure and total:
+/// any bytes give one or the other, never a panic.
+pub fn decode(raw: &RawRow<'_>) -> ChangeRow {
+    let pk = raw.pk;
+    let id_text = text_column("id", raw.id);
     let event_id = id_text
         .as_ref()
         .ok()
         .and_then(|t| t.as_deref())
         .and_then(|t| Uuid::parse_str(t).ok());
-    let raw = || {
-        let mut m = serde_json::Map::new();
-        m.insert("pk_entity_change_log".into(), pk.into());
-        for (i, name) in [
-            (1, "id"),
-            (3, "object_type"),
-            (4, "object_id"),
-            (5, "modification_type"),
-            (8, "tenant_id"),
-            (9, "txid"),
-        ] {
-            m.insert(
-                name.into(),
-                text(i)
-                    .ok()
-                    .flatten()
-                    .map(serde_json::Value::String)
-                    .unwrap_or(serde_json::Value::Null),
-            );
-        }
-        for (i, name) in [(6, "object_data"), (7, "object_data_before")] {
-            m.insert(
-                name.into(),
-                json(i).ok().flatten().unwrap_or(serde_json::Value::Null),
-            );
-        }
-        serde_json::Value::Object(m)
-    };
-    let poison = |reason: String| ChangeRow::Poison {
-        pk,
-        event_id,
-        raw: raw(),
-        reason,
-    };
     let result = (|| -> Result<ChangeEvent, String> {
         let id = match id_text? {
             Some(t) => Uuid::parse_str(&t).map_err(|_| format!("id `{t}` is not a UUID"))?,
             None => return Err("id is NULL".into()),
         };
-        let created_at: DateTime<Utc> = row
-            .try_get(2)
-            .map_err(|e| format!("column created_at: {e}"))?;
-        let entity = text(3)?.ok_or("object_type is NULL")?;
+        let created_at = timestamp_column(raw.created_at)?;
+        let entity = text_column("object_type", raw.object_type)?.ok_or("object_type is NULL")?;
         if entity.trim().is_empty() {
             return Err("object_type is empty".into());
         }
-        let op_text = text(5)?.ok_or("modification_type is NULL")?;
+        let op_text = text_column("modification_type", raw.modification_type)?
+            .ok_or("modification_type is NULL")?;
         let operation = Operation::parse(&op_text).ok_or_else(|| {
             format!(
                 "unknown modification_type `{op_text}`: expected INSERT, UPDATE, DELETE or CUSTOM"
             )
         })?;
-        let entity_id = text(4)?;
+        let entity_id = text_column("object_id", raw.object_id)?;
         match &entity_id {
             None if operation != Operation::Custom => {
                 return Err(format!(
@@ -456,13 +592,13 @@ fn decode_row(row: &Row) -> ChangeRow {
             }
             _ => {}
         }
-        let tenant_id = match text(8)? {
+        let tenant_id = match text_column("tenant_id", raw.tenant_id)? {
             Some(t) => {
                 Some(Uuid::parse_str(&t).map_err(|_| format!("tenant_id `{t}` is not a UUID"))?)
             }
             None => None,
         };
-        let txid_text = text(9)?.ok_or("txid is NULL")?;
+        let txid_text = text_column("txid", raw.txid)?.ok_or("txid is NULL")?;
         let txid = txid_text
             .parse::<u64>()
             .map_err(|_| format!("txid `{txid_text}` is not a transaction id"))?;
@@ -473,15 +609,20 @@ fn decode_row(row: &Row) -> ChangeRow {
             entity,
             entity_id,
             operation,
-            data: json(6)?,
-            before: json(7)?,
+            data: json_column("object_data", raw.object_data)?,
+            before: json_column("object_data_before", raw.object_data_before)?,
             tenant_id,
             txid,
         })
     })();
     match result {
         Ok(e) => ChangeRow::Event(e),
-        Err(reason) => poison(reason),
+        Err(reason) => ChangeRow::Poison {
+            pk,
+            event_id,
+            raw: raw_json(raw),
+            reason,
+        },
     }
 }
 
@@ -502,5 +643,100 @@ mod tests {
         assert!("x:1:".parse::<Snapshot>().is_err());
         assert!("9:5:".parse::<Snapshot>().is_err());
         assert!("1:5".parse::<Snapshot>().is_err());
+    }
+
+    const ID: &str = "8d6f2a52-54a4-4d40-9f6b-1f1d3c7a0b11";
+
+    fn jsonb(text: &str) -> Vec<u8> {
+        text.as_bytes().to_vec()
+    }
+
+    fn good<'a>(ts: &'a [u8], data: &'a [u8]) -> RawRow<'a> {
+        RawRow {
+            pk: 7,
+            id: Some(ID.as_bytes()),
+            created_at: Some(ts),
+            object_type: Some(b"Order"),
+            object_id: Some(b"42"),
+            modification_type: Some(b"update"),
+            object_data: Some(data),
+            object_data_before: None,
+            tenant_id: None,
+            txid: Some(b"991"),
+        }
+    }
+
+    fn poison(raw: &RawRow<'_>) -> (String, serde_json::Value) {
+        match decode(raw) {
+            ChangeRow::Poison { reason, raw, .. } => (reason, raw),
+            ChangeRow::Event(e) => panic!("decoded: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_a_good_row() {
+        // 2024-01-01T00:00:00Z is 757,382,400 s after 2000-01-01.
+        let ts = (757_382_400_i64 * 1_000_000).to_be_bytes();
+        let data = jsonb(r#"{"status": "paid"}"#);
+        let ChangeRow::Event(e) = decode(&good(&ts, &data)) else {
+            panic!("poison")
+        };
+        assert_eq!(e.id.to_string(), ID);
+        assert_eq!(e.created_at.to_rfc3339(), "2024-01-01T00:00:00+00:00");
+        assert_eq!(e.operation, Operation::Update);
+        assert_eq!(e.entity_id.as_deref(), Some("42"));
+        assert_eq!(e.data, Some(serde_json::json!({"status": "paid"})));
+        assert_eq!((e.pk, e.txid, e.before), (7, 991, None));
+    }
+
+    /// Regressions of the row decoder found by tests/fuzz.rs and the bad-row e2e test: each is a
+    /// poison row with a reason that names the column, and a raw row that can be stored.
+    #[test]
+    fn bad_columns_are_poison_with_clear_reasons() {
+        let ts = 0i64.to_be_bytes();
+        let data = jsonb("{}");
+
+        let mut r = good(&ts, &data);
+        r.object_type = Some(b"Ord\xe9r\x00");
+        let (reason, raw) = poison(&r);
+        assert!(
+            reason.contains("object_type is not valid UTF-8"),
+            "{reason}"
+        );
+        assert_eq!(raw["object_type"], "Ord\u{FFFD}r\u{FFFD}", "{raw}");
+        assert_eq!(raw["id"], ID);
+
+        let deep = jsonb(&format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)));
+        let r = good(&ts, &deep);
+        let (reason, raw) = poison(&r);
+        assert!(
+            reason.contains("object_data: JSON nested more than 128 levels"),
+            "{reason}"
+        );
+        assert_eq!(raw["object_data"].as_str().map(str::len), Some(20_001));
+
+        let bad_json = b"{\"s\": \"\xff\"}".to_vec();
+        let (reason, _) = poison(&good(&ts, &bad_json));
+        assert!(
+            reason.contains("object_data is not valid UTF-8 JSON"),
+            "{reason}"
+        );
+
+        let mut r = good(&ts, &data);
+        r.created_at = None;
+        assert_eq!(poison(&r).0, "created_at is NULL");
+        let inf = i64::MAX.to_be_bytes();
+        assert_eq!(poison(&good(&inf, &data)).0, "created_at is 'infinity'");
+        let short = [0u8; 3];
+        assert!(poison(&good(&short, &data)).0.contains("3 bytes"));
+
+        let mut r = good(&ts, &data);
+        r.modification_type = Some(b"TRUNCATE");
+        assert!(poison(&r)
+            .0
+            .contains("unknown modification_type `TRUNCATE`"));
+        let mut r = good(&ts, &data);
+        r.object_data = Some(b"");
+        assert!(poison(&r).0.contains("column object_data: EOF"));
     }
 }

@@ -993,6 +993,12 @@ pub fn load_with_env(
             Some("yaml") | Some("yml") => config::FileFormat::Yaml,
             _ => config::FileFormat::Toml,
         };
+        if format == config::FileFormat::Yaml {
+            check_yaml_size(&text).map_err(|message| ConfigError::Invalid {
+                path: f.display().to_string(),
+                message,
+            })?;
+        }
         builder = builder.add_source(config::File::from_str(&text, format));
     }
     let mut overrides: Vec<(String, String)> = Vec::new();
@@ -1005,6 +1011,10 @@ pub fn load_with_env(
                 .map(|p| p.to_ascii_lowercase())
                 .collect::<Vec<_>>()
                 .join(".");
+            check_env_key(&key).map_err(|message| ConfigError::Invalid {
+                path: origin.clone(),
+                message: format!("environment variable {k}: {message}"),
+            })?;
             overrides.push((key, v));
         } else if k == "DATABASE_URL" {
             database_url = Some(v);
@@ -1046,6 +1056,112 @@ pub fn load_with_env(
         message: describe(e, &overrides),
     })?;
     Ok(cfg)
+}
+
+/// Highest array index an environment override may name (`OBSERVER__OBSERVERS[0]__ENABLED`). The
+/// config crate grows an array up to the index it is given, so an unchecked index is an
+/// allocation of any size.
+pub const MAX_ENV_INDEX: usize = 1000;
+
+/// An override key (`listener.batch_size`, `observers[0].enabled`): segments of letters, digits,
+/// `_` and `-`, each optionally followed by array indexes up to [`MAX_ENV_INDEX`].
+fn check_env_key(key: &str) -> Result<(), String> {
+    let bad = |why: String| {
+        Err(format!(
+            "`{key}` is not a config key ({why}): expected SECTION__KEY with letters, digits and `_`, \
+             optionally indexed like OBSERVERS[0]"
+        ))
+    };
+    for segment in key.split('.') {
+        let (name, mut rest) = segment.split_at(segment.find('[').unwrap_or(segment.len()));
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return bad(format!("bad segment `{segment}`"));
+        }
+        while !rest.is_empty() {
+            let Some(close) = rest.find(']') else {
+                return bad(format!("unclosed `[` in `{segment}`"));
+            };
+            let index = &rest[1..close];
+            match index.parse::<usize>() {
+                Ok(i) if i <= MAX_ENV_INDEX && !index.starts_with('+') => {}
+                _ => return bad(format!("array index `{index}` is not 0..={MAX_ENV_INDEX}")),
+            }
+            rest = &rest[close + 1..];
+            if !rest.is_empty() && !rest.starts_with('[') {
+                return bad(format!("bad segment `{segment}`"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deepest nesting of YAML collections accepted in a config file; real configs need about 6.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+/// Most YAML nodes a config file may stand for once aliases are expanded. YAML aliases are
+/// copied by the loader, so ten lines of nested aliases (the "billion laughs") would otherwise
+/// expand to a billion nodes.
+pub const MAX_YAML_NODES: u64 = 1_000_000;
+
+/// Walks the YAML events once (iteratively, so depth cannot overflow the stack) and refuses
+/// input that is nested too deeply or expands to too many nodes, before the config crate builds
+/// (recursively) the whole tree. Syntax errors are left for the config crate to report.
+fn check_yaml_size(text: &str) -> Result<(), String> {
+    use yaml_rust2::parser::{Event, Parser};
+    // (anchor id, nodes so far) per open collection; the root accumulates into `total`.
+    let mut open: Vec<(usize, u64)> = Vec::new();
+    let mut anchored: std::collections::HashMap<usize, u64> = std::collections::HashMap::new();
+    let mut total: u64 = 0;
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        let Ok((event, mark)) = parser.next_token() else {
+            return Ok(());
+        };
+        let done = match event {
+            Event::StreamEnd => return Ok(()),
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                if open.len() >= MAX_YAML_DEPTH {
+                    return Err(format!(
+                        "line {}: YAML nested more than {MAX_YAML_DEPTH} levels deep",
+                        mark.line()
+                    ));
+                }
+                open.push((anchor, 1));
+                None
+            }
+            Event::SequenceEnd | Event::MappingEnd => open.pop().map(|(anchor, n)| {
+                if anchor > 0 {
+                    anchored.insert(anchor, n);
+                }
+                n
+            }),
+            Event::Scalar(_, _, anchor, _) => {
+                if anchor > 0 {
+                    anchored.insert(anchor, 1);
+                }
+                Some(1)
+            }
+            Event::Alias(id) => Some(anchored.get(&id).copied().unwrap_or(1)),
+            _ => None,
+        };
+        if let Some(n) = done {
+            let into = match open.last_mut() {
+                Some((_, parent)) => parent,
+                None => &mut total,
+            };
+            *into = into.saturating_add(n);
+            if *into > MAX_YAML_NODES {
+                return Err(format!(
+                    "line {}: YAML expands to more than {MAX_YAML_NODES} values (aliases are copied where they are used)",
+                    mark.line()
+                ));
+            }
+        }
+    }
 }
 
 /// Environment values are strings; booleans and integers are typed so `=true` works for bools.
@@ -1223,5 +1339,42 @@ url = "http://127.0.0.1:1/x"
             .contains("OBS_TEST_MISSING_Q"));
         assert!(resolve_secret("${vault:x}", "k").is_err());
         assert!(resolve_secret("${env:X", "k").is_err());
+    }
+
+    #[test]
+    fn env_keys_are_checked_before_the_config_crate_sees_them() {
+        for good in [
+            "listener.batch_size",
+            "observers[0].enabled",
+            "a_b-c.d[1000][2]",
+        ] {
+            assert_eq!(check_env_key(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "observers[1001].name",
+            "observers[4000000000].name",
+            "observers[-1].name",
+            "observers[+1].name",
+            "observers[].name",
+            "observers[0.name",
+            "observers[0]x.name",
+            "listener..id",
+            "",
+            "[0]",
+            "a b",
+        ] {
+            assert!(check_env_key(bad).is_err(), "{bad}");
+        }
+        let err = load_with_env(
+            None,
+            [("OBSERVER__OBSERVERS[4000000000]__NAME".into(), "x".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("environment variable OBSERVER__OBSERVERS[4000000000]__NAME")
+                && err.contains("0..=1000"),
+            "{err}"
+        );
     }
 }

@@ -28,6 +28,11 @@ use crate::path::{Path, Scope};
 /// Templates longer than this (in bytes) are refused at load time.
 pub const MAX_SOURCE_BYTES: usize = 100 * 1024;
 
+/// Longest rendered result, in bytes. A template can repeat a placeholder, so without a cap a
+/// 100 KiB template over a 10 MiB row could ask for gigabytes; past this the rendering fails
+/// (a permanent failure, dead-lettered with this reason) instead.
+pub const MAX_RENDERED_BYTES: usize = 64 * 1024 * 1024;
+
 /// Where a rendered template goes, which decides how placeholder values are escaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -157,6 +162,14 @@ impl Template {
             match piece {
                 Piece::Literal(text) => out.push_str(text),
                 Piece::Placeholder(p) => self.render_placeholder(p, scope, &mut out)?,
+            }
+            // Checked per piece: one piece is at most one value of the event (or literal text
+            // of the template), so the overshoot is bounded by the event's own size.
+            if out.len() > MAX_RENDERED_BYTES {
+                return Err(RenderError(format!(
+                    "the rendered template is more than {} MiB (the limit); it repeats large values",
+                    MAX_RENDERED_BYTES >> 20
+                )));
             }
         }
         if self.target == Target::Json {

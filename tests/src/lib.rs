@@ -195,10 +195,16 @@ pub const ORDERS_DDL: &str = "CREATE TABLE orders (
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        TestDb::with_options("").await
+    }
+
+    /// Like [`TestDb::new`], with `options` appended to `CREATE DATABASE` (e.g.
+    /// `ENCODING 'SQL_ASCII' TEMPLATE template0`, a database that stores text bytes unchecked).
+    pub async fn with_options(options: &str) -> TestDb {
         let name = format!("obs_test_{}", unique_suffix());
         let admin = connect(&admin_url()).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
         let url = url_with_db(&admin_url(), &name);
@@ -626,8 +632,10 @@ async fn handle(
 impl Receiver {
     pub async fn start() -> Receiver {
         let inner = Arc::new(Mutex::new(Inner::default()));
+        // Large enough for the 10 MiB rows of tests/tests/bad_rows.rs (axum's default is 2 MB).
         let app = axum::Router::new()
             .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

@@ -1,0 +1,309 @@
+//! Bad change-log rows against the real daemon: each ends as a delivered event or a dead letter
+//! with its reason, the checkpoint moves past it, and a good event written after all of them is
+//! still delivered. The operator commands (`dlq list/show`, `debug-event`, `status`) read such
+//! rows without failing. The matrix and its outcomes are in docs/reliability.md.
+
+use std::time::Duration;
+
+use observer_tests::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The dead letter of `id`; panics with all of them when there is none.
+fn dead_letter(dl: &[Value], id: Uuid) -> &Value {
+    dl.iter()
+        .find(|d| d["event_id"] == id.to_string())
+        .unwrap_or_else(|| panic!("no dead letter for {id}: {dl:#?}"))
+}
+
+fn assert_poison(dl: &[Value], id: Uuid, needle: &str) {
+    let d = dead_letter(dl, id);
+    assert_eq!(d["reason"], "poison_event", "{d}");
+    let err = d["last_error"].as_str().unwrap_or_default();
+    assert!(err.contains(needle), "expected `{needle}` in `{err}`");
+}
+
+/// Runs an operator command with the daemon's config; it must succeed and print no panic.
+async fn cli_ok(db: &TestDb, config: &str, args: &[&str]) -> String {
+    let out = db.cli_with(config, args).await;
+    let text = output_text(&out);
+    assert!(out.status.success(), "{args:?}: {text}");
+    assert!(!text.contains("panicked"), "{args:?}: {text}");
+    text
+}
+
+/// Writes one change-log row with the given SQL expressions (as an application with a hand-made
+/// INSERT would) and returns its event id.
+async fn insert_raw(db: &TestDb, columns: &str, values: &str) -> Uuid {
+    db.client
+        .query_one(
+            &format!("INSERT INTO tb_entity_change_log ({columns}) VALUES ({values}) RETURNING id"),
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert ({columns}) ({values}): {e}"))
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_deep_null_and_unknown_rows_end_delivered_or_dead_lettered() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let config = db.config(&webhook_observer("all", "*", &rx.url("/all"), "", ""));
+    let mut daemon = Daemon::start(&db, &config).await;
+
+    // 10 MiB of JSON in one row: delivered whole (no cap: the row is the business's data, and
+    // the receiver decides what it accepts; docs/reliability.md has the reasoning).
+    let blob = "x".repeat(10 << 20);
+    let huge = db
+        .insert_change(
+            "Big",
+            Some("1"),
+            "INSERT",
+            Some(json!({"blob": blob, "n": 1})),
+        )
+        .await;
+    // 10,000 levels of nesting: Postgres stores it; our decoder stops at 128 levels.
+    let deep = insert_raw(
+        &db,
+        "object_type, object_id, modification_type, object_data",
+        &format!(
+            "'Deep', '1', 'INSERT', '{}1{}'::jsonb",
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        ),
+    )
+    .await;
+    let deep_before = insert_raw(
+        &db,
+        "object_type, object_id, modification_type, object_data, object_data_before",
+        &format!(
+            "'Deep', '2', 'UPDATE', '{{}}', '{}'::jsonb",
+            "{\"a\":".repeat(200) + "1" + &"}".repeat(200)
+        ),
+    )
+    .await;
+    // NULL in every nullable column of our table: a CUSTOM event may omit them all...
+    let custom_nulls = insert_raw(
+        &db,
+        "object_type, object_id, modification_type, object_data, object_data_before, tenant_id",
+        "'Note', NULL, 'CUSTOM', NULL, NULL, NULL",
+    )
+    .await;
+    // ...a DELETE may not omit object_id.
+    let delete_nulls = insert_raw(
+        &db,
+        "object_type, object_id, modification_type, object_data, object_data_before, tenant_id",
+        "'Order', NULL, 'DELETE', NULL, NULL, NULL",
+    )
+    .await;
+    // JSON null (not SQL NULL) images are values like any other.
+    let json_nulls = insert_raw(
+        &db,
+        "object_type, object_id, modification_type, object_data, object_data_before",
+        "'Order', '5', 'UPDATE', 'null'::jsonb, 'null'::jsonb",
+    )
+    .await;
+    // Unknown operations, and a known one in odd case and spacing.
+    let truncate = db.insert_change("Order", Some("6"), "TRUNCATE", None).await;
+    let empty_op = db.insert_change("Order", Some("7"), "", None).await;
+    let odd_case = db
+        .insert_change("Order", Some("8"), " insert ", Some(json!({"id": 8})))
+        .await;
+
+    // An existing change log (e.g. FraiseQL's) may have nullable columns that ours declares
+    // NOT NULL: NULL there is a dead letter naming the column.
+    db.exec(
+        "ALTER TABLE tb_entity_change_log
+            ALTER COLUMN id DROP NOT NULL,
+            ALTER COLUMN created_at DROP NOT NULL,
+            ALTER COLUMN object_type DROP NOT NULL,
+            ALTER COLUMN modification_type DROP NOT NULL",
+    )
+    .await;
+    let null_created = insert_raw(
+        &db,
+        "created_at, object_type, object_id, modification_type",
+        "NULL, 'Order', '9', 'INSERT'",
+    )
+    .await;
+    let null_type = insert_raw(
+        &db,
+        "object_type, object_id, modification_type",
+        "NULL, '10', 'INSERT'",
+    )
+    .await;
+    let null_op = insert_raw(
+        &db,
+        "object_type, object_id, modification_type",
+        "'Order', '11', NULL",
+    )
+    .await;
+    db.exec(
+        "INSERT INTO tb_entity_change_log (id, object_type, object_id, modification_type)
+         VALUES (NULL, 'Order', '12', 'INSERT')",
+    )
+    .await;
+    let infinite = insert_raw(
+        &db,
+        "created_at, object_type, object_id, modification_type",
+        "'infinity', 'Order', '13', 'INSERT'",
+    )
+    .await;
+
+    // The pipeline continues: a good event after all of them is delivered.
+    db.insert_order(100, "new", 1.0).await;
+    let good = db.event_ids("Order", "100").await[0];
+    rx.wait_until(T, "the good event after the bad rows", |reqs| {
+        reqs.iter()
+            .any(|r| r.event_id.as_deref() == Some(&good.to_string()))
+    })
+    .await;
+    db.wait_caught_up("test", T).await;
+
+    // Delivered: the huge row (whole), the CUSTOM row with NULLs, JSON nulls, ` insert `.
+    let reqs = rx.requests();
+    let body_of = |id: Uuid| {
+        reqs.iter()
+            .find(|r| r.event_id.as_deref() == Some(&id.to_string()))
+            .unwrap_or_else(|| panic!("no delivery of {id}"))
+            .json()
+    };
+    let b = body_of(huge);
+    assert_eq!(b["data"]["blob"].as_str().map(str::len), Some(10 << 20));
+    let b = body_of(custom_nulls);
+    assert_eq!(
+        (&b["entity_id"], &b["data"], &b["before"], &b["tenant_id"]),
+        (&Value::Null, &Value::Null, &Value::Null, &Value::Null)
+    );
+    assert_eq!(b["operation"], "CUSTOM");
+    let b = body_of(json_nulls);
+    assert_eq!((&b["data"], &b["before"]), (&Value::Null, &Value::Null));
+    assert_eq!(body_of(odd_case)["operation"], "INSERT");
+    assert_eq!(
+        reqs.len(),
+        5,
+        "nothing else delivered: {:?}",
+        reqs.iter().map(|r| &r.event_id).collect::<Vec<_>>()
+    );
+
+    // Dead-lettered, each with its reason.
+    let dl = db.dead_letters().await;
+    assert_poison(
+        &dl,
+        deep,
+        "column object_data: JSON nested more than 128 levels",
+    );
+    assert_poison(
+        &dl,
+        deep_before,
+        "column object_data_before: JSON nested more than 128 levels",
+    );
+    let raw = &dead_letter(&dl, deep)["event"];
+    assert_eq!(
+        raw["object_data"].as_str().map(str::len),
+        Some(20_001),
+        "the dead letter keeps the JSON as text"
+    );
+    assert_poison(&dl, delete_nulls, "object_id is NULL on a DELETE");
+    assert_poison(&dl, truncate, "unknown modification_type `TRUNCATE`");
+    assert_poison(&dl, empty_op, "unknown modification_type ``");
+    assert_poison(&dl, null_created, "created_at is NULL");
+    assert_poison(&dl, null_type, "object_type is NULL");
+    assert_poison(&dl, null_op, "modification_type is NULL");
+    assert_poison(&dl, infinite, "created_at is 'infinity'");
+    let null_id: Vec<&Value> = dl.iter().filter(|d| d["event_id"].is_null()).collect();
+    assert_eq!(null_id.len(), 1, "{dl:#?}");
+    assert_eq!(null_id[0]["last_error"], "id is NULL");
+    assert_eq!(null_id[0]["event"]["object_id"], "12");
+    assert_eq!(dl.len(), 10, "{dl:#?}");
+
+    // The operator commands read all of it.
+    let list = cli_ok(&db, &config, &["dlq", "list", "--limit", "100"]).await;
+    assert!(list.contains("poison"), "{list}");
+    for d in &dl {
+        let id = d["id"].to_string();
+        let shown = cli_ok(&db, &config, &["dlq", "show", &id]).await;
+        let err = d["last_error"].as_str().unwrap();
+        assert!(shown.contains(err), "dlq show {id}: {shown}");
+    }
+    for id in [deep, truncate, null_created, infinite, huge] {
+        let text = cli_ok(&db, &config, &["debug-event", &id.to_string()]).await;
+        assert!(text.contains(&id.to_string()), "{text}");
+    }
+    let shown = cli_ok(&db, &config, &["debug-event", &deep.to_string()]).await;
+    assert!(shown.contains("nested more than 128 levels"), "{shown}");
+    cli_ok(&db, &config, &["debug-event", "--history", "20"]).await;
+    cli_ok(&db, &config, &["status"]).await;
+    assert!(daemon.stop().await.success());
+}
+
+/// Invalid UTF-8 can only be stored in a database whose encoding does not check it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_text_columns_is_dead_lettered() {
+    let db = TestDb::with_options("ENCODING 'SQL_ASCII' TEMPLATE template0").await;
+    let rx = Receiver::start().await;
+    let config = db.config(&webhook_observer("all", "*", &rx.url("/all"), "", ""));
+    let mut daemon = Daemon::start(&db, &config).await;
+
+    let cols = "object_type, object_id, modification_type, object_data";
+    let bad_type = insert_raw(&db, cols, r"E'Ord\xe9r', '1', 'INSERT', '{}'").await;
+    let bad_id = insert_raw(&db, cols, r"'Order', E'\xff\xfe', 'INSERT', '{}'").await;
+    let bad_op = insert_raw(&db, cols, r"'Order', '3', E'INS\xc3RT', '{}'").await;
+    let bad_json = insert_raw(
+        &db,
+        cols,
+        r#"'Order', '4', 'INSERT', E'{"s": "\xff"}'::jsonb"#,
+    )
+    .await;
+    // Valid UTF-8 (é) in the same database is delivered as usual.
+    let fine = insert_raw(
+        &db,
+        cols,
+        r#"'Order', '5', 'INSERT', E'{"s": "\xc3\xa9"}'::jsonb"#,
+    )
+    .await;
+    db.insert_order(100, "new", 1.0).await;
+    let good = db.event_ids("Order", "100").await[0];
+
+    rx.wait_until(T, "the good event after the bad rows", |reqs| {
+        reqs.iter()
+            .any(|r| r.event_id.as_deref() == Some(&good.to_string()))
+    })
+    .await;
+    db.wait_caught_up("test", T).await;
+    let reqs = rx.requests();
+    assert_eq!(reqs.len(), 2, "only the valid rows are delivered");
+    let fine_body = reqs
+        .iter()
+        .find(|r| r.event_id.as_deref() == Some(&fine.to_string()))
+        .expect("valid UTF-8 row delivered")
+        .json();
+    assert_eq!(fine_body["data"]["s"], "é");
+
+    let dl = db.dead_letters().await;
+    assert_eq!(dl.len(), 4, "{dl:#?}");
+    assert_poison(&dl, bad_type, "column object_type is not valid UTF-8");
+    assert_eq!(
+        dead_letter(&dl, bad_type)["event"]["object_type"],
+        "Ord\u{FFFD}r",
+        "the raw row keeps what it can"
+    );
+    assert_poison(&dl, bad_id, "column object_id is not valid UTF-8");
+    assert_poison(&dl, bad_op, "column modification_type is not valid UTF-8");
+    assert_poison(&dl, bad_json, "column object_data is not valid UTF-8 JSON");
+
+    cli_ok(&db, &config, &["dlq", "list"]).await;
+    for d in &dl {
+        cli_ok(&db, &config, &["dlq", "show", &d["id"].to_string()]).await;
+    }
+    for id in [bad_type, bad_id, bad_op, bad_json] {
+        let text = cli_ok(&db, &config, &["debug-event", &id.to_string()]).await;
+        assert!(text.contains("not valid UTF-8"), "{text}");
+    }
+    cli_ok(&db, &config, &["debug-event", "--history", "10"]).await;
+    cli_ok(&db, &config, &["status"]).await;
+    assert!(daemon.stop().await.success());
+}
