@@ -45,11 +45,10 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     }
     let pool = app.pool()?;
     let guard = Arc::new(
-        observer_core::outbound::Guard::new(&cfg.outbound.allow)
-            .map_err(|p| {
-                let list: Vec<String> = p.iter().map(|(k, m)| format!("{k}: {m}")).collect();
-                anyhow!("invalid settings: {}", list.join("; "))
-            })?,
+        observer_core::outbound::Guard::new(&cfg.outbound.allow).map_err(|p| {
+            let list: Vec<String> = p.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+            anyhow!("invalid settings: {}", list.join("; "))
+        })?,
     );
     let http = ActionContext::http_client(guard.clone()).context("building the HTTP client")?;
     let metrics = observer_core::metrics::Metrics::new();

@@ -405,16 +405,12 @@ fn compile_webhook(
         issue("timeout_ms", "expected 1..=600000".into());
     }
     let mut keys = Vec::new();
-    let all = w
-        .secret
-        .iter()
-        .map(|s| ("secret".to_string(), s))
-        .chain(
-            w.secrets
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (format!("secrets[{i}]"), s)),
-        );
+    let all = w.secret.iter().map(|s| ("secret".to_string(), s)).chain(
+        w.secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("secrets[{i}]"), s)),
+    );
     for (field, secret) in all {
         if mode != Secrets::Resolve {
             break;

@@ -149,7 +149,11 @@ impl Guard {
         let Some(host) = url.host_str() else {
             return Ok(());
         };
-        match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        match host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             Ok(ip) => self.check_addr(host, ip),
             Err(_) => Ok(()),
         }
@@ -239,9 +243,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let guard = self.guard.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let kept = guard.filter(&host, addrs)?;
             let out: reqwest::dns::Addrs = Box::new(kept.into_iter());
             Ok(out)
@@ -282,7 +285,10 @@ fn parse_entry(raw: &str) -> Result<AllowEntry, String> {
         return Ok(AllowEntry::Net(IpNet::from(ip)));
     }
     if s.contains(':') {
-        return Err("ports are not part of an allow entry: write the host name, an address or a CIDR range".into());
+        return Err(
+            "ports are not part of an allow entry: write the host name, an address or a CIDR range"
+                .into(),
+        );
     }
     let (wildcard, name) = match s.strip_prefix("*.") {
         Some(rest) => (true, rest),
@@ -292,7 +298,8 @@ fn parse_entry(raw: &str) -> Result<AllowEntry, String> {
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
@@ -302,7 +309,10 @@ fn parse_entry(raw: &str) -> Result<AllowEntry, String> {
                 .into(),
         );
     }
-    if name.split('.').all(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+    if name
+        .split('.')
+        .all(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err("looks like an incomplete IP address: write it in full, or as a CIDR".into());
     }
     Ok(if wildcard {
@@ -355,7 +365,11 @@ fn classify_v6(a: Ipv6Addr) -> Option<&'static str> {
     let o = a.octets();
     let embedded = |i: usize| Ipv4Addr::new(o[i], o[i + 1], o[i + 2], o[i + 3]);
     let prefix = |net: [u16; 8], len: u32| {
-        let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+        let mask = if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len)
+        };
         u128::from(a) & mask == u128::from(Ipv6Addr::from(net)) & mask
     };
     if a.is_unspecified() {
@@ -366,9 +380,8 @@ fn classify_v6(a: Ipv6Addr) -> Option<&'static str> {
     }
     // ::ffff:a.b.c.d reaches a.b.c.d: judge the IPv4 address.
     if prefix([0, 0, 0, 0, 0, 0xffff, 0, 0], 96) {
-        return classify_v4(embedded(12)).map(|_| {
-            "an IPv4-mapped IPv6 address (::ffff:0:0/96) of a refused IPv4 address"
-        });
+        return classify_v4(embedded(12))
+            .map(|_| "an IPv4-mapped IPv6 address (::ffff:0:0/96) of a refused IPv4 address");
     }
     if prefix([0; 8], 96) {
         return Some("an IPv4-compatible IPv6 address (::/96, deprecated)");
@@ -385,15 +398,51 @@ fn classify_v6(a: Ipv6Addr) -> Option<&'static str> {
             .map(|_| "a 6to4 address (2002::/16) of a refused IPv4 address");
     }
     const RANGES: &[([u16; 8], u32, &str)] = &[
-        ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "a discard-only address (100::/64)"),
-        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 23, "an IETF protocol assignment (2001::/23, includes Teredo)"),
-        ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, "a documentation address (2001:db8::/32)"),
-        ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, "a documentation address (3fff::/20)"),
-        ([0x5f00, 0, 0, 0, 0, 0, 0, 0], 16, "a segment-routing address (5f00::/16)"),
-        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "a unique-local address (fc00::/7, holds cloud metadata fd00:ec2::254)"),
-        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "a link-local address (fe80::/10)"),
-        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "a site-local address (fec0::/10, deprecated)"),
-        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "a multicast address (ff00::/8)"),
+        (
+            [0x100, 0, 0, 0, 0, 0, 0, 0],
+            64,
+            "a discard-only address (100::/64)",
+        ),
+        (
+            [0x2001, 0, 0, 0, 0, 0, 0, 0],
+            23,
+            "an IETF protocol assignment (2001::/23, includes Teredo)",
+        ),
+        (
+            [0x2001, 0xdb8, 0, 0, 0, 0, 0, 0],
+            32,
+            "a documentation address (2001:db8::/32)",
+        ),
+        (
+            [0x3fff, 0, 0, 0, 0, 0, 0, 0],
+            20,
+            "a documentation address (3fff::/20)",
+        ),
+        (
+            [0x5f00, 0, 0, 0, 0, 0, 0, 0],
+            16,
+            "a segment-routing address (5f00::/16)",
+        ),
+        (
+            [0xfc00, 0, 0, 0, 0, 0, 0, 0],
+            7,
+            "a unique-local address (fc00::/7, holds cloud metadata fd00:ec2::254)",
+        ),
+        (
+            [0xfe80, 0, 0, 0, 0, 0, 0, 0],
+            10,
+            "a link-local address (fe80::/10)",
+        ),
+        (
+            [0xfec0, 0, 0, 0, 0, 0, 0, 0],
+            10,
+            "a site-local address (fec0::/10, deprecated)",
+        ),
+        (
+            [0xff00, 0, 0, 0, 0, 0, 0, 0],
+            8,
+            "a multicast address (ff00::/8)",
+        ),
     ];
     if let Some((_, _, why)) = RANGES.iter().find(|(net, len, _)| prefix(*net, *len)) {
         return Some(why);
@@ -542,7 +591,10 @@ mod tests {
                 "outbound.allow[6]"
             ]
         );
-        assert!(e[0].1.contains("`10.0.0.1/8`") && e[0].1.contains("10.0.0.0/8"), "{e:?}");
+        assert!(
+            e[0].1.contains("`10.0.0.1/8`") && e[0].1.contains("10.0.0.0/8"),
+            "{e:?}"
+        );
         assert!(e[2].1.contains("ports"), "{e:?}");
     }
 
@@ -562,15 +614,29 @@ mod tests {
                 && msg.contains("OBSERVER__OUTBOUND__ALLOW"),
             "{msg}"
         );
-        assert_eq!(none.check_addr("127.0.0.1", lo).unwrap_err().suggest, "127.0.0.1/32");
-        assert!(none.check_addr("example.com", "8.8.8.8".parse().unwrap()).is_ok());
+        assert_eq!(
+            none.check_addr("127.0.0.1", lo).unwrap_err().suggest,
+            "127.0.0.1/32"
+        );
+        assert!(none
+            .check_addr("example.com", "8.8.8.8".parse().unwrap())
+            .is_ok());
 
-        let g = Guard::new(&["127.0.0.1/32".into(), "hooks.internal".into(), "*.svc.local".into()])
-            .unwrap();
+        let g = Guard::new(&[
+            "127.0.0.1/32".into(),
+            "hooks.internal".into(),
+            "*.svc.local".into(),
+        ])
+        .unwrap();
         assert!(g.check_addr("127.0.0.1", lo).is_ok());
-        assert!(g.check_addr("localhost", lo).is_ok(), "the range admits any name");
+        assert!(
+            g.check_addr("localhost", lo).is_ok(),
+            "the range admits any name"
+        );
         assert!(g.check_addr("x", "127.0.0.2".parse().unwrap()).is_err());
-        assert!(g.check_addr("x", "::ffff:127.0.0.1".parse().unwrap()).is_ok());
+        assert!(g
+            .check_addr("x", "::ffff:127.0.0.1".parse().unwrap())
+            .is_ok());
         assert!(g.check_addr("hooks.internal", meta).is_ok());
         assert!(g.check_addr("HOOKS.internal.", meta).is_ok());
         assert!(g.check_addr("other.internal", meta).is_err());
@@ -600,9 +666,11 @@ mod tests {
         assert!(g
             .check_url(&reqwest::Url::parse("https://8.8.8.8/").unwrap())
             .is_ok());
-        assert!(g
-            .check_url(&reqwest::Url::parse("http://localhost/").unwrap())
-            .is_ok(), "names are the resolver's job");
+        assert!(
+            g.check_url(&reqwest::Url::parse("http://localhost/").unwrap())
+                .is_ok(),
+            "names are the resolver's job"
+        );
     }
 
     #[test]
@@ -659,6 +727,9 @@ mod tests {
             .timeout(std::time::Duration::from_millis(300))
             .send()
             .await;
-        assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1, "an allowed name connects");
+        assert!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+            "an allowed name connects"
+        );
     }
 }

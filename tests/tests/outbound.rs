@@ -135,11 +135,19 @@ async fn by_default_every_outbound_action_refuses_non_public_destinations() {
             .contains("add \"localhost\""),
         "{by_name:#}"
     );
-    assert_refused(&by_observer(&dl, "mapped"), "[::ffff:7f00:1]", "::ffff:7f00:1", "IPv4-mapped");
+    assert_refused(
+        &by_observer(&dl, "mapped"),
+        "[::ffff:7f00:1]",
+        "::ffff:7f00:1",
+        "IPv4-mapped",
+    );
     let meta = by_observer(&dl, "metadata");
     assert_refused(&meta, "169.254.169.254", "169.254.169.254", "link-local");
     assert!(
-        meta["attempts"][0]["duration_ms"].as_u64().unwrap_or(u64::MAX) < 1000,
+        meta["attempts"][0]["duration_ms"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+            < 1000,
         "refused before any connection attempt: {meta:#}"
     );
     assert_refused(&by_observer(&dl, "batched"), "localhost", "", "loopback");
@@ -157,7 +165,12 @@ async fn by_default_every_outbound_action_refuses_non_public_destinations() {
         .unwrap()
         .starts_with("enrich `user`"));
 
-    assert_eq!(rx.count(), 0, "nothing reached the receiver: {:?}", rx.requests());
+    assert_eq!(
+        rx.count(),
+        0,
+        "nothing reached the receiver: {:?}",
+        rx.requests()
+    );
     assert_eq!(lookup.hits("/users/1"), 0);
     assert!(sink.mails().is_empty());
     assert!(daemon.stop().await.success());
@@ -207,8 +220,18 @@ async fn the_allow_list_admits_exactly_what_it_names_and_events_keep_flowing() {
     assert!(one.requests_to("/refused").is_empty());
     let dl = db.dead_letters().await;
     assert_eq!(dl.len(), 2, "{dl:#?}");
-    assert_refused(&by_observer(&dl, "refused"), "127.0.0.1", "127.0.0.1", "loopback");
-    assert_refused(&by_observer(&dl, "neighbour"), "127.0.0.3", "127.0.0.3", "loopback");
+    assert_refused(
+        &by_observer(&dl, "refused"),
+        "127.0.0.1",
+        "127.0.0.1",
+        "loopback",
+    );
+    assert_refused(
+        &by_observer(&dl, "neighbour"),
+        "127.0.0.3",
+        "127.0.0.3",
+        "loopback",
+    );
     assert!(daemon.stop().await.success());
 }
 
@@ -355,7 +378,11 @@ async fn huge_response_bodies_are_not_read() {
         .unwrap()
         .to_string();
     assert!(err.starts_with("HTTP 500: xxx"), "{err}");
-    assert!(err.len() < 1024, "the excerpt is short: {} bytes", err.len());
+    assert!(
+        err.len() < 1024,
+        "the excerpt is short: {} bytes",
+        err.len()
+    );
     let err = by_observer(&dl, "enriched")["last_error"]
         .as_str()
         .unwrap()

@@ -359,7 +359,11 @@ impl Email {
         built.map_err(|e| format!("cannot build the message: {e}"))
     }
 
-    pub(crate) async fn send(&self, ctx: &crate::action::ActionContext, scope: &Scope<'_>) -> Outcome {
+    pub(crate) async fn send(
+        &self,
+        ctx: &crate::action::ActionContext,
+        scope: &Scope<'_>,
+    ) -> Outcome {
         let msg = match self.message(scope) {
             Ok(m) => m,
             Err(e) => return permanent(e),
