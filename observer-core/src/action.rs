@@ -537,9 +537,10 @@ impl Webhook {
             Ok(u) => u,
             Err(e) => return permanent(format!("url template: {e}")),
         };
-        if let Err(e) = ctx.checked_url(&url, &url) {
-            return permanent(e);
-        }
+        let parsed = match ctx.checked_url(&url, &url) {
+            Ok(p) => p,
+            Err(e) => return permanent(e),
+        };
         let body = match &self.body {
             Some(t) => match t.render(scope) {
                 Ok(b) => b,
@@ -572,7 +573,7 @@ impl Webhook {
         }
         let mut req = ctx
             .http
-            .request(self.method.clone(), &url)
+            .request(self.method.clone(), parsed)
             .timeout(self.timeout)
             .header("idempotency-key", key);
         if !self
