@@ -193,10 +193,12 @@ impl Enricher {
             .render(scope)
             .map_err(|e| (format!("http template: {e}"), false))?;
         let shown = shown_url(&url, secret);
-        // A refused destination is permanent; everything else may pass on a retry.
-        let url = ctx
-            .checked_url(&url, &shown)
-            .map_err(|e| (format!("GET {e}"), true))?;
+        // A URL that is not one, or a refused destination, is permanent: retrying cannot help.
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| (format!("GET {shown}: not a URL: {e}"), true))?;
+        ctx.guard
+            .check_url(&url)
+            .map_err(|r| (format!("GET {shown}: {r}"), true))?;
         let limit = ctx.max_response_bytes;
         let request = async {
             let mut resp = ctx
