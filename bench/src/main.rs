@@ -921,6 +921,10 @@ url = "{db_url}"
 [listener]
 id = "bench"
 
+# The sink listens on loopback, which the outbound guard refuses unless admitted.
+[outbound]
+allow = ["127.0.0.1/32"]
+
 [features]
 checkpoint = true
 

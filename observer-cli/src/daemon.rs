@@ -44,7 +44,13 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         );
     }
     let pool = app.pool()?;
-    let http = ActionContext::http_client().context("building the HTTP client")?;
+    let guard = Arc::new(
+        observer_core::outbound::Guard::new(&cfg.outbound.allow).map_err(|p| {
+            let list: Vec<String> = p.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+            anyhow!("invalid settings: {}", list.join("; "))
+        })?,
+    );
+    let http = ActionContext::http_client(guard.clone()).context("building the HTTP client")?;
     let metrics = observer_core::metrics::Metrics::new();
     for o in &observers.list {
         let kinds: Vec<&str> = o.actions.iter().map(|a| a.action.kind()).collect();
@@ -57,6 +63,8 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         cache: stack::lookup_cache(&cfg, redis.as_ref()),
         redis,
         metrics: metrics.clone(),
+        guard,
+        max_response_bytes: cfg.outbound.max_response_bytes,
     };
     let layers = Arc::new(stack::LayerState::new(&cfg, metrics.clone()));
     let checkpoint: Option<Arc<dyn CheckpointStore>> = checkpoint_store(&app);
@@ -256,6 +264,7 @@ fn restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(redis, "redis");
     keep!(metrics, "metrics");
     keep!(runtime, "runtime");
+    keep!(outbound, "outbound");
     keep!(features.checkpoint, "features.checkpoint");
     keep!(features.metrics, "features.metrics");
     keep!(features.caching, "features.caching");

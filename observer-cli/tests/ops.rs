@@ -170,6 +170,9 @@ fn write_config(dir: &Path, db: &str, port: u16) -> PathBuf {
         r#"
 [database]
 url = "postgres://postgres@127.0.0.1:5432/{db}"
+# The receivers of this test listen on loopback, which the outbound guard refuses by default.
+[outbound]
+allow = ["127.0.0.1/32"]
 [listener]
 id = "ops-test"
 start_from = "beginning"

@@ -25,6 +25,11 @@ pub struct ActionContext {
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Where enrichment lookup results are cached: `NoCache` unless the `caching` layer is on.
     pub cache: std::sync::Arc<dyn crate::enrich::LookupCache>,
+    /// `[outbound] allow`: the guard every destination passes (the HTTP client's resolver
+    /// holds the same one).
+    pub guard: std::sync::Arc<crate::outbound::Guard>,
+    /// `[outbound] max_response_bytes`: the most of a lookup's answer that is read.
+    pub max_response_bytes: usize,
 }
 
 /// A shared Redis connection and the key prefix of this deployment. The connection is made on
@@ -86,15 +91,37 @@ impl RedisHandle {
 }
 
 impl ActionContext {
-    /// The process's HTTP client: rustls with verified TLS, no redirects followed (a redirect is
-    /// reported as a failure naming its target, so a receiver cannot bounce us elsewhere).
-    pub fn http_client() -> Result<reqwest::Client, reqwest::Error> {
+    /// The process's HTTP client: rustls with verified TLS (there is no setting that turns
+    /// verification off), no redirects followed (a redirect is reported as a failure naming its
+    /// target, so a receiver cannot bounce us elsewhere), names resolved through the outbound
+    /// `guard`, and no proxy (`HTTP(S)_PROXY` are ignored: through a proxy the guard would see
+    /// only the proxy's address, never the destination's).
+    pub fn http_client(
+        guard: std::sync::Arc<crate::outbound::Guard>,
+    ) -> Result<reqwest::Client, reqwest::Error> {
         reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .dns_resolver(crate::outbound::GuardedResolver::new(guard))
             .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
             .build()
+    }
+
+    /// Parses a rendered URL and checks an IP-literal host against the guard (names are checked
+    /// after resolution by the client's resolver). `Err` is a permanent failure's message.
+    pub fn checked_url(&self, url: &str, shown: &str) -> Result<reqwest::Url, String> {
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(format!(
+                "`{shown}`: scheme `{}` is not http or https",
+                parsed.scheme()
+            ));
+        }
+        self.guard.check_url(&parsed).map_err(|r| r.to_string())?;
+        Ok(parsed)
     }
 }
 
@@ -402,13 +429,22 @@ fn compile_webhook(
         issue("timeout_ms", "expected 1..=600000".into());
     }
     let mut keys = Vec::new();
-    if let (Some(secret), Secrets::Resolve) = (&w.secret, mode) {
-        match resolve_secret(secret, "secret") {
+    let all = w.secret.iter().map(|s| ("secret".to_string(), s)).chain(
+        w.secrets
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("secrets[{i}]"), s)),
+    );
+    for (field, secret) in all {
+        if mode != Secrets::Resolve {
+            break;
+        }
+        match resolve_secret(secret, &field) {
             Ok(s) => match SigningKey::parse(&s) {
                 Ok(k) => keys.push(k),
-                Err(e) => issue("secret", e.to_string()),
+                Err(e) => issue(&field, e.to_string()),
             },
-            Err(e) => issue("secret", e.to_string()),
+            Err(e) => issue(&field, e.to_string()),
         }
     }
     // Problems of `retry` are reported by the observer (with the `retry` location).
@@ -499,7 +535,7 @@ impl CompiledAction {
             CompiledAction::Log(l) => l.write(scope),
             CompiledAction::Sql(s) => s.call(ctx, scope).await,
             CompiledAction::Slack(s) => s.send(ctx, scope).await,
-            CompiledAction::Email(e) => e.send(scope).await,
+            CompiledAction::Email(e) => e.send(ctx, scope).await,
             CompiledAction::RedisPublish(r) => r.publish(ctx, scope).await,
             CompiledAction::Cache(c) => c.invalidate(ctx, scope).await,
         };
@@ -525,6 +561,10 @@ impl Webhook {
         let url = match self.url.render(scope) {
             Ok(u) => u,
             Err(e) => return permanent(format!("url template: {e}")),
+        };
+        let parsed = match ctx.checked_url(&url, &shown_url(&url, self.url_secret)) {
+            Ok(p) => p,
+            Err(e) => return permanent(e),
         };
         let body = match &self.body {
             Some(t) => match t.render(scope) {
@@ -559,7 +599,7 @@ impl Webhook {
         }
         let mut req = ctx
             .http
-            .request(self.method.clone(), &url)
+            .request(self.method.clone(), parsed)
             .timeout(self.timeout)
             .header("idempotency-key", key);
         if !self
@@ -590,6 +630,9 @@ impl Webhook {
                         shown_url(&url, self.url_secret)
                     ));
                 }
+                if let Some(r) = crate::outbound::refusal(&e) {
+                    return permanent(r);
+                }
                 let what = if e.is_timeout() {
                     format!("timed out after {} ms", self.timeout.as_millis())
                 } else if e.is_connect() {
@@ -604,14 +647,21 @@ impl Webhook {
     }
 }
 
-/// Reads at most a short excerpt of the body (for the error message) and drops the rest.
+/// Most of a response body read before the connection is dropped: a short body is read to its
+/// end so the connection can be reused; a longer one is abandoned (the connection is closed).
+pub const DRAIN_LIMIT: usize = 64 * 1024;
+
+/// Reads at most a short excerpt of the body (for the error message) and drops the rest,
+/// reading no more than [`DRAIN_LIMIT`] bytes however much the receiver sends.
 pub(crate) async fn drain(mut resp: reqwest::Response) -> String {
     let mut buf = Vec::new();
+    let mut read = 0usize;
     while let Ok(Some(chunk)) = resp.chunk().await {
         if buf.len() < EXCERPT {
             buf.extend_from_slice(&chunk[..chunk.len().min(EXCERPT - buf.len())]);
         }
-        if buf.len() >= EXCERPT * 128 {
+        read += chunk.len();
+        if read >= DRAIN_LIMIT {
             break;
         }
     }

@@ -30,7 +30,52 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub metrics: MetricsConfig,
     pub runtime: RuntimeConfig,
+    pub outbound: OutboundConfig,
     pub observers: Vec<ObserverConfig>,
+}
+
+/// `[outbound]`: where actions and lookups may connect, and how much of an answer is read.
+/// See docs/security.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// Destinations admitted although their address is loopback, private, link-local or
+    /// otherwise not public: CIDR ranges (`10.0.0.0/8`), addresses (`127.0.0.1`), exact host
+    /// names (`hooks.internal`) or `*.domain` (`*.svc.cluster.local`). Empty: only public
+    /// addresses. From the environment: a comma-separated list.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub allow: Vec<String>,
+    /// Largest response body an enrichment lookup reads; a larger one fails the lookup.
+    pub max_response_bytes: usize,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            allow: Vec::new(),
+            max_response_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// A list written as a TOML/YAML array, or as one comma-separated string (how an environment
+/// variable carries a list).
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match Form::deserialize(d)? {
+        Form::List(l) => l,
+        Form::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
 }
 
 /// `[runtime]`: the process's async runtime.
@@ -620,6 +665,11 @@ pub struct WebhookConfig {
     /// Standard Webhooks signing secret (`whsec_…` or raw); use `${env:NAME}` or `${file:/path}`.
     #[serde(default)]
     pub secret: Option<String>,
+    /// More signing secrets, for rotation: every request is signed with `secret` and each of
+    /// these (one `webhook-signature` value, space-separated), so receivers holding either the
+    /// old or the new secret verify it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     #[serde(default)]
     pub retry: RetryConfig,
     /// Send deliveries of this action that are in flight together as one request (a JSON array).
@@ -909,6 +959,18 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if let Err(mut bad) = crate::outbound::Guard::new(&self.outbound.allow) {
+            extra.append(&mut bad);
+        }
+        if !(1024..=1 << 30).contains(&self.outbound.max_response_bytes) {
+            extra.push((
+                "outbound.max_response_bytes".into(),
+                format!(
+                    "{} is out of range: expected 1024..=1073741824 bytes",
+                    self.outbound.max_response_bytes
+                ),
+            ));
         }
         if self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             extra.push((
@@ -1279,6 +1341,34 @@ url = "http://127.0.0.1:1/x"
             ActionConfig::Webhook(w) => assert_eq!(w.retry.max_attempts, 5),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn outbound_allow_from_file_or_env() {
+        let p = write(
+            "o.toml",
+            "[outbound]\nallow = [\"10.0.0.0/8\", \"hooks.internal\"]\n",
+        );
+        let c = load_with_env(Some(&p), vec![]).unwrap();
+        assert_eq!(c.outbound.allow, ["10.0.0.0/8", "hooks.internal"]);
+        let c = load_with_env(
+            Some(&p),
+            vec![(
+                "OBSERVER__OUTBOUND__ALLOW".into(),
+                " 127.0.0.1/32, ::1 ,".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.outbound.allow, ["127.0.0.1/32", "::1"]);
+        let c = load_with_env(None, vec![("OBSERVER__OUTBOUND__ALLOW".into(), "".into())]).unwrap();
+        assert!(c.outbound.allow.is_empty());
+        assert_eq!(c.outbound.max_response_bytes, 4 * 1024 * 1024);
+        let mut c = Config::default();
+        c.outbound.allow = vec!["10.0.0.0/8".into(), "bad entry".into()];
+        let problems = c.check();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "outbound.allow[1]");
+        assert!(problems[0].1.contains("`bad entry`"), "{problems:?}");
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! cache is an optimisation only: its errors are counted and the lookup runs uncached.
 //!
 //! Failure semantics: a lookup that fails (timeout, connection error, a non-2xx answer other
-//! than 404, a body that is not JSON, a SQL error) fails the whole dispatch of its observer as a
-//! retryable attempt naming the lookup; no action runs on missing data.
+//! than 404, a body that is not JSON or larger than `[outbound] max_response_bytes`, a SQL
+//! error) fails the whole dispatch of its observer as a retryable attempt naming the lookup; no
+//! action runs on missing data. A destination refused by the outbound guard
+//! ([`crate::outbound`]) is a permanent failure instead: retrying cannot change the answer.
 
 use std::time::{Duration, Instant};
 
@@ -19,9 +21,6 @@ use crate::action::ActionContext;
 use crate::event::ChangeEvent;
 use crate::path::Scope;
 use crate::template::{Target, Template};
-
-/// Largest lookup response body accepted.
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Where cached lookup results live. Keys are the rendered `key` templates; values are JSON
 /// (`null` for "not found"). Implementations must be cheap to call concurrently.
@@ -96,8 +95,12 @@ pub type Results = Map<String, Value>;
 
 /// A lookup that failed; the message names the lookup.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{0}")]
-pub struct LookupError(pub String);
+#[error("{message}")]
+pub struct LookupError {
+    pub message: String,
+    /// Retrying cannot help (the outbound guard refused the destination).
+    pub permanent: bool,
+}
 
 /// Runs `enrichers` in order for `event` (each may read the results of the ones before it).
 /// Returns the results by name, or the first failure.
@@ -126,11 +129,14 @@ pub async fn run(
 impl Enricher {
     /// One lookup through the cache.
     async fn lookup(&self, ctx: &ActionContext, scope: &Scope<'_>) -> Result<Value, LookupError> {
-        let fail = |m: String| LookupError(format!("enrich `{}`: {m}", self.name));
+        let fail = |(m, permanent): (String, bool)| LookupError {
+            message: format!("enrich `{}`: {m}", self.name),
+            permanent,
+        };
         let key = self
             .key
             .render(scope)
-            .map_err(|e| fail(format!("key template: {e}")))?;
+            .map_err(|e| fail((format!("key template: {e}"), false)))?;
         let cache = ctx.cache.as_ref();
         let mut cache_ok = cache.active();
         if cache_ok {
@@ -157,7 +163,10 @@ impl Enricher {
         let started = Instant::now();
         let value = match &self.source {
             Source::Http { url, secret } => self.http(ctx, url, *secret, scope).await,
-            Source::Sql { statement, params } => self.sql(ctx, statement, params, scope).await,
+            Source::Sql { statement, params } => self
+                .sql(ctx, statement, params, scope)
+                .await
+                .map_err(|m| (m, false)),
         }
         .map_err(fail)?;
         ctx.metrics
@@ -179,65 +188,85 @@ impl Enricher {
         url: &Template,
         secret: bool,
         scope: &Scope<'_>,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, (String, bool)> {
         let url = url
             .render(scope)
-            .map_err(|e| format!("http template: {e}"))?;
+            .map_err(|e| (format!("http template: {e}"), false))?;
         let shown = crate::action::shown_url(&url, secret);
+        // A URL that is not one, or a refused destination, is permanent: retrying cannot help.
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| (format!("GET {shown}: not a URL: {e}"), true))?;
+        ctx.guard
+            .check_url(&url)
+            .map_err(|r| (format!("GET {shown}: {r}"), true))?;
+        let limit = ctx.max_response_bytes;
         let request = async {
             let mut resp = ctx
                 .http
-                .get(&url)
+                .get(url)
                 .header(reqwest::header::ACCEPT, "application/json")
                 .send()
                 .await
                 .map_err(|e| {
-                    if e.is_connect() {
-                        format!(
-                            "GET {shown}: cannot connect: {}",
-                            crate::error_chain(&e.without_url())
-                        )
-                    } else {
-                        format!("GET {shown}: {}", crate::error_chain(&e.without_url()))
+                    if let Some(r) = crate::outbound::refusal(&e) {
+                        return (format!("GET {shown}: {r}"), true);
                     }
+                    let e = e.without_url();
+                    let m = if e.is_connect() {
+                        format!("GET {shown}: cannot connect: {}", crate::error_chain(&e))
+                    } else {
+                        format!("GET {shown}: {}", crate::error_chain(&e))
+                    };
+                    (m, false)
                 })?;
+            let retryable = |m: String| (m, false);
             let status = resp.status();
             if status == reqwest::StatusCode::NOT_FOUND {
+                crate::action::drain(resp).await;
                 return Ok(Value::Null);
             }
+            if !status.is_success() {
+                let excerpt: String = crate::action::drain(resp).await.chars().take(200).collect();
+                return Err(retryable(format!(
+                    "GET {shown}: HTTP {}: {excerpt}",
+                    status.as_u16()
+                )));
+            }
+            // A declared length over the cap fails before anything is read.
+            if let Some(n) = resp.content_length().filter(|n| *n > limit as u64) {
+                return Err(retryable(format!(
+                    "GET {shown}: the body ({n} bytes) is larger than outbound.max_response_bytes ({limit})"
+                )));
+            }
             let mut body = Vec::new();
-            while let Some(chunk) = resp
-                .chunk()
-                .await
-                .map_err(|e| format!("GET {shown}: reading the body: {}", e.without_url()))?
-            {
-                if body.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(format!(
-                        "GET {shown}: the body is larger than {MAX_BODY_BYTES} bytes"
-                    ));
+            while let Some(chunk) = resp.chunk().await.map_err(|e| {
+                retryable(format!(
+                    "GET {shown}: reading the body: {}",
+                    e.without_url()
+                ))
+            })? {
+                if body.len() + chunk.len() > limit {
+                    return Err(retryable(format!(
+                        "GET {shown}: the body is larger than outbound.max_response_bytes ({limit})"
+                    )));
                 }
                 body.extend_from_slice(&chunk);
-            }
-            if !status.is_success() {
-                let excerpt: String = String::from_utf8_lossy(&body)
-                    .chars()
-                    .filter(|c| !c.is_control())
-                    .take(200)
-                    .collect();
-                return Err(format!("GET {shown}: HTTP {}: {excerpt}", status.as_u16()));
             }
             if body.iter().all(u8::is_ascii_whitespace) {
                 return Ok(Value::Null);
             }
             serde_json::from_slice(&body)
-                .map_err(|e| format!("GET {shown}: the body is not JSON: {e}"))
+                .map_err(|e| retryable(format!("GET {shown}: the body is not JSON: {e}")))
         };
         tokio::time::timeout(self.timeout, request)
             .await
             .unwrap_or_else(|_| {
-                Err(format!(
-                    "GET {shown}: timed out after {} ms",
-                    self.timeout.as_millis()
+                Err((
+                    format!(
+                        "GET {shown}: timed out after {} ms",
+                        self.timeout.as_millis()
+                    ),
+                    false,
                 ))
             })
     }

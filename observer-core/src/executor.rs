@@ -116,6 +116,7 @@ impl tower::Service<Dispatch> for CoreExecutor {
                         at,
                         duration_ms,
                         error,
+                        permanent,
                     }) => {
                         out.push(Attempt {
                             attempt: d.attempt,
@@ -123,7 +124,11 @@ impl tower::Service<Dispatch> for CoreExecutor {
                             duration_ms: *duration_ms,
                             status: None,
                             error: Some(error.clone()),
-                            result: AttemptResult::Retry { after_ms: None },
+                            result: if *permanent {
+                                AttemptResult::Permanent
+                            } else {
+                                AttemptResult::Retry { after_ms: None }
+                            },
                         });
                         continue;
                     }
@@ -161,11 +166,13 @@ enum Lookup {
     Ready(crate::enrich::Results),
     /// The condition, evaluated over the results, is false: no action runs.
     ConditionFalse,
-    /// A lookup failed: every delivery of the observer fails this attempt (retryable).
+    /// A lookup failed: every delivery of the observer fails this attempt (retryable, or
+    /// permanent when the outbound guard refused the lookup's destination).
     Failed {
         at: chrono::DateTime<chrono::Utc>,
         duration_ms: u64,
         error: String,
+        permanent: bool,
     },
 }
 
@@ -177,7 +184,8 @@ impl Lookup {
             Err(e) => Lookup::Failed {
                 at,
                 duration_ms: started.elapsed().as_millis() as u64,
-                error: e.0,
+                error: e.message,
+                permanent: e.permanent,
             },
             Ok(results) => {
                 let holds = match (&observer.condition, observer.condition_at_delivery) {

@@ -13,6 +13,7 @@ pub mod event;
 pub mod executor;
 pub mod metrics;
 pub mod observer;
+pub mod outbound;
 pub mod path;
 pub mod preflight;
 pub mod redeliver;

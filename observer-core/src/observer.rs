@@ -342,6 +342,11 @@ pub fn redacted(action: &ActionConfig) -> serde_json::Value {
                 v["secret"] = HIDDEN.into();
             }
         }
+        for (i, secret) in w.secrets.iter().enumerate() {
+            if !is_reference(secret) {
+                v["secrets"][i] = HIDDEN.into();
+            }
+        }
         for (name, value) in &w.headers {
             let n = name.to_ascii_lowercase();
             let sensitive = [
@@ -497,12 +502,14 @@ mod tests {
             body: None,
             timeout_ms: 1000,
             secret: Some("whsec_c2VjcmV0".into()),
+            secrets: vec!["whsec_b2xkc2VjcmV0".into(), "${env:OLD}".into()],
             retry: RetryConfig::default(),
             batch: None,
         });
         let v = redacted(&a);
         let text = v.to_string();
-        for leaked in ["abc123", "hunter2", "whsec_c2VjcmV0"] {
+        assert_eq!(v["secrets"][1], "${env:OLD}");
+        for leaked in ["abc123", "hunter2", "whsec_c2VjcmV0", "whsec_b2xkc2VjcmV0"] {
             assert!(!text.contains(leaked), "{leaked} leaked: {text}");
         }
         assert_eq!(

@@ -46,6 +46,7 @@ fn sample() -> Config {
                 body: Some("{}".into()),
                 timeout_ms: 10_000,
                 secret: Some("${env:SECRET}".into()),
+                secrets: vec!["${env:OLD_SECRET}".into()],
                 retry: RetryConfig {
                     dead_letter_on: vec!["501".into()],
                     ..RetryConfig::default()

@@ -32,6 +32,9 @@ pub mod redis_server;
 // ---------------------------------------------------------------------------------------------
 
 /// The workspace root (parent of this crate).
+/// The `[outbound]` body of test configs: loopback (IPv4 and IPv6) admitted.
+pub const LOOPBACK_ALLOW: &str = "allow = [\"127.0.0.0/8\", \"::1\"]";
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -237,9 +240,29 @@ impl TestDb {
         db
     }
 
-    /// `[database]` only, followed by `rest`.
+    /// `[database]`, then `rest`, then an `[outbound]` section admitting loopback (every test
+    /// receiver listens there; the daemon refuses loopback destinations by default).
     pub fn config_raw(&self, rest: &str) -> String {
-        format!("[database]\nurl = \"{}\"\n\n{rest}\n", self.url)
+        self.config_outbound(LOOPBACK_ALLOW, rest)
+    }
+
+    /// `[database]`, then `rest`, then `[outbound]` with the given body (e.g. `allow = []` to
+    /// test the guard's defaults).
+    pub fn config_outbound(&self, outbound: &str, rest: &str) -> String {
+        format!(
+            "[database]\nurl = \"{}\"\n\n{rest}\n\n[outbound]\n{outbound}\n",
+            self.url
+        )
+    }
+
+    /// Like [`TestDb::config`], with the given `[outbound]` body instead of [`LOOPBACK_ALLOW`].
+    pub fn config_with_outbound(&self, outbound: &str, observers: &str) -> String {
+        self.config_outbound(
+            outbound,
+            &format!(
+                "[listener]\npoll_interval_ms = 200\nshutdown_timeout_ms = 15000\nid = \"test\"\nstart_from = \"beginning\"\n\n{observers}"
+            ),
+        )
     }
 
     /// A full config: database, a listener `test` reading from the beginning with fast polling,
@@ -631,13 +654,19 @@ async fn handle(
 
 impl Receiver {
     pub async fn start() -> Receiver {
+        Receiver::start_on("127.0.0.1").await
+    }
+
+    /// A receiver on another loopback address (e.g. `127.0.0.2`: Linux routes all of
+    /// 127.0.0.0/8 to `lo`), to tell an admitted loopback destination from a refused one.
+    pub async fn start_on(ip: &str) -> Receiver {
         let inner = Arc::new(Mutex::new(Inner::default()));
         // Large enough for the 10 MiB rows of tests/tests/bad_rows.rs (axum's default is 2 MB).
         let app = axum::Router::new()
             .fallback(handle)
             .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind((ip, 0))
             .await
             .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver addr");
@@ -651,7 +680,7 @@ impl Receiver {
         }
     }
 
-    /// `http://127.0.0.1:PORT{path}`.
+    /// `http://ADDRESS:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

@@ -44,7 +44,8 @@ async fn sslmode_require_verifies_the_server_and_encrypts_every_connection() {
 
     let rx = Receiver::start().await;
     let cfg = format!(
-        "[database]\nurl = \"{tls_url}\"\nca_file = \"{SNAKEOIL}\"\n\n[listener]\nid = \"test\"\nstart_from = \"beginning\"\n\n{}",
+        "[database]\nurl = \"{tls_url}\"\nca_file = \"{SNAKEOIL}\"\n\n[outbound]\n{}\n\n[listener]\nid = \"test\"\nstart_from = \"beginning\"\n\n{}",
+        LOOPBACK_ALLOW,
         webhook_observer("orders", "Order", &rx.url("/orders"), "", "")
     );
     let mut daemon = Daemon::start(&db, &cfg).await;

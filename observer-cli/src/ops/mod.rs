@@ -185,8 +185,14 @@ fn compile(app: &App, secrets: Secrets) -> Result<Observers> {
 pub fn executor(app: &App) -> Result<BoxExecutor> {
     stack::check_features(&app.config)?;
     let pool = app.pool()?;
-    let http =
-        ActionContext::http_client().map_err(|e| anyhow!("building the HTTP client: {e}"))?;
+    let guard = std::sync::Arc::new(
+        observer_core::outbound::Guard::new(&app.config.outbound.allow).map_err(|p| {
+            let list: Vec<String> = p.iter().map(|(k, m)| format!("{k}: {m}")).collect();
+            anyhow!("invalid settings: {}", list.join("; "))
+        })?,
+    );
+    let http = ActionContext::http_client(guard.clone())
+        .map_err(|e| anyhow!("building the HTTP client: {e}"))?;
     let metrics = observer_core::metrics::Metrics::new();
     let state = stack::LayerState::new(&app.config, metrics.clone());
     let redis = app.redis()?;
@@ -196,6 +202,8 @@ pub fn executor(app: &App) -> Result<BoxExecutor> {
         cache: stack::lookup_cache(&app.config, redis.as_ref()),
         redis,
         metrics,
+        guard,
+        max_response_bytes: app.config.outbound.max_response_bytes,
     };
     Ok(stack::build(&app.config, ctx, &state))
 }

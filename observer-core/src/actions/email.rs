@@ -85,6 +85,9 @@ fn email_timeout() -> u64 {
 pub struct Email {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     server: String,
+    /// The SMTP host (without brackets) and port, checked by the outbound guard before each send.
+    host: String,
+    port: u16,
     from: Template,
     to: Vec<Template>,
     subject: Template,
@@ -291,7 +294,7 @@ pub(crate) fn compile(
             }
         },
     };
-    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(tls_host)
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(tls_host.clone())
         .port(port)
         .tls(tls_setting?)
         .timeout(Some(Duration::from_millis(e.timeout_ms)));
@@ -304,6 +307,8 @@ pub(crate) fn compile(
     Some(CompiledAction::Email(Email {
         transport: builder.build(),
         server: format!("{host}:{port}"),
+        host: tls_host,
+        port,
         from: from?,
         to,
         subject: subject?,
@@ -354,11 +359,30 @@ impl Email {
         built.map_err(|e| format!("cannot build the message: {e}"))
     }
 
-    pub(crate) async fn send(&self, scope: &Scope<'_>) -> Outcome {
+    pub(crate) async fn send(
+        &self,
+        ctx: &crate::action::ActionContext,
+        scope: &Scope<'_>,
+    ) -> Outcome {
         let msg = match self.message(scope) {
             Ok(m) => m,
             Err(e) => return permanent(e),
         };
+        // lettre resolves the host itself, so every address the name has now must be admitted;
+        // see docs/security.md for the window between this lookup and lettre's.
+        match ctx.guard.resolve_checked(&self.host, self.port).await {
+            Ok(_) => {}
+            Err(crate::outbound::GuardError::Refused(r)) => {
+                return permanent(format!("SMTP {}: {r}", self.server))
+            }
+            Err(e) => {
+                return (
+                    AttemptResult::Retry { after_ms: None },
+                    None,
+                    Some(format!("SMTP {}: {e}", self.server)),
+                )
+            }
+        }
         match self.transport.send(msg).await {
             Ok(_) => (AttemptResult::Delivered, None, None),
             Err(e) => {

@@ -181,6 +181,10 @@ impl Slack {
             Err(e) => return permanent(e),
         };
         let key = scope.idempotency_key.unwrap_or_default();
+        // The URL is the credential: messages show neither it nor its path.
+        if let Err(e) = ctx.checked_url(&self.url, "<slack webhook_url>") {
+            return permanent(format!("Slack: {e}"));
+        }
         let req = ctx
             .http
             .post(&self.url)
@@ -192,6 +196,9 @@ impl Slack {
             Ok(resp) => self.policy.outcome(resp, "Slack answered ").await,
             Err(e) => {
                 // reqwest errors name the URL; it is a secret, so it is removed.
+                if let Some(r) = crate::outbound::refusal(&e) {
+                    return permanent(format!("Slack: {r}"));
+                }
                 let e = e.without_url();
                 let what = if e.is_timeout() {
                     format!("Slack: timed out after {} ms", self.timeout.as_millis())

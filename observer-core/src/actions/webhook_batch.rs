@@ -265,7 +265,9 @@ async fn flush(send: BatchSend, (url, headers): GroupKey, items: Vec<Item>) {
             } else {
                 format!("request failed: {}", crate::error_chain(&e))
             };
-            let result = if e.is_builder() {
+            let refused = crate::outbound::refusal(&e).map(|r| r.to_string());
+            let what = refused.clone().unwrap_or(what);
+            let result = if e.is_builder() || refused.is_some() {
                 AttemptResult::Permanent
             } else {
                 AttemptResult::Retry { after_ms: None }
