@@ -90,12 +90,13 @@ pub async fn supervise(
     make_executor: &(dyn Fn() -> BoxExecutor + Send + Sync),
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let mut delay = Duration::from_millis(500);
+    let mut delay = FIRST_RESTART_DELAY;
     // Where the last run got to. With checkpoints on the store is the truth; with them off this
     // is what keeps a restart after a database error from jumping to the tail and losing events.
     let mut resume: Option<Position> = None;
     loop {
         let started = Instant::now();
+        let processed_before = ctx.metrics.events_processed.get();
         match run(ctx, make_executor, shutdown.clone(), &mut resume).await {
             Ok(()) => return Ok(()),
             Err(RunError::Store(e @ StoreError::NotMigrated(_))) => return Err(e.into()),
@@ -103,9 +104,8 @@ pub async fn supervise(
                 if shutdown.is_cancelled() {
                     return Err(e);
                 }
-                if started.elapsed() > Duration::from_secs(60) {
-                    delay = Duration::from_millis(500);
-                }
+                let progressed = ctx.metrics.events_processed.get() > processed_before;
+                delay = restart_delay(delay, progressed, started.elapsed());
                 if e.is_unreachable() {
                     tracing::warn!(database = %ctx.database, error = %e, retry_in_ms = delay.as_millis() as u64,
                         "cannot connect to the database at {}; waiting and retrying", ctx.database);
@@ -119,6 +119,25 @@ pub async fn supervise(
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+/// The first wait after a failure, and where the backoff starts over.
+const FIRST_RESTART_DELAY: Duration = Duration::from_millis(500);
+
+/// The wait before restarting a run that failed, given the wait of the previous restart.
+///
+/// The backoff exists so a run that keeps failing (the database unreachable, the same error at
+/// the same place) does not spin. A run that completed work, or lasted over a minute, was not
+/// such a loop: the next restart starts over at the first delay. (Before this, only the minute
+/// counted, so a daemon that had waited for the database at start and then delivered for a few
+/// seconds waited up to 8 s — up to 30 s after more failures — to reconnect after the next
+/// database restart; found by the `pg-restart` fault scenario.)
+fn restart_delay(previous: Duration, progressed: bool, ran_for: Duration) -> Duration {
+    if progressed || ran_for > Duration::from_secs(60) {
+        FIRST_RESTART_DELAY
+    } else {
+        previous
     }
 }
 
@@ -1044,6 +1063,26 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_that_completed_work_restarts_the_backoff() {
+        let long_wait = Duration::from_secs(8);
+        // Regression (pg-restart fault scenario): after waiting for the database at start, a
+        // run that delivered for a few seconds and then lost the database waited 8 s.
+        assert_eq!(
+            restart_delay(long_wait, true, Duration::from_secs(2)),
+            FIRST_RESTART_DELAY
+        );
+        assert_eq!(
+            restart_delay(long_wait, false, Duration::from_secs(61)),
+            FIRST_RESTART_DELAY
+        );
+        // A run that failed before doing anything keeps backing off.
+        assert_eq!(
+            restart_delay(long_wait, false, Duration::from_secs(2)),
+            long_wait
+        );
+    }
 
     #[test]
     fn delays_follow_the_policy() {
