@@ -45,7 +45,7 @@ use crate::store::{CheckpointStore, NewActionLog, NewDeadLetter, Progress, Recor
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("database: {}", crate::error_chain(.0))]
+    #[error("database: {}", crate::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("the LISTEN connection (which holds the listener lock) was lost")]
     ListenLost,
@@ -457,7 +457,11 @@ pub async fn run(
     // never waits for a commit. One job at a time: while it is busy, work keeps accumulating here.
     let (jobs, job_rx) = mpsc::channel::<WriteJob>(1);
     let (writer_failed_tx, mut writer_failed) = tokio::sync::oneshot::channel::<StoreError>();
+    // Set while the writer cannot record completed work: reading pauses, so what would be
+    // redelivered after a crash (and what is held in memory) stops growing.
+    let writer_stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = tokio::spawn(write_loop(
+        writer_stalled.clone(),
         book,
         Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record),
         ctx.checkpoint.clone().zip(epoch),
@@ -517,7 +521,8 @@ pub async fn run(
                     inflight.spawn(async move { (work, fut.await) });
                 }
             }
-            batch = rx.recv(), if tracker.pending() < max_pending => {
+            batch = rx.recv(), if tracker.pending() < max_pending
+                && !writer_stalled.load(std::sync::atomic::Ordering::Relaxed) => {
                 let items = match batch {
                     Some(Ok(items)) => items,
                     Some(Err(e)) => break Err(RunError::Reader(e)),
@@ -641,8 +646,12 @@ fn write_job(recorder: &mut Recorder, tracker: &Tracker, progress: &Progress) ->
 
 /// Writes jobs in order: the action log, dead letters and the checkpoint in one transaction per
 /// job. A failed write keeps its work and is retried (later jobs are merged into it); after five
-/// failures in a row the run is ended (`failed`) and resumes from the durable checkpoint.
+/// failures in a row the run is ended (`failed`) and resumes from the durable checkpoint —
+/// unless the server refuses the write for now ([`StoreError::is_write_refused`]: disk full,
+/// read-only, …): then it keeps the work and retries (backing off to 5 s) for as long as that
+/// lasts, with `stalled` set so the loop stops reading, and the checkpoint stays where it is.
 async fn write_loop(
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     mut client: tokio_postgres::Client,
     mut pending: Recorder,
     checkpoint: Option<(Arc<dyn CheckpointStore>, i64)>,
@@ -677,6 +686,14 @@ async fn write_loop(
             Ok(()) => {
                 saved_events = progress.events;
                 latest = None;
+                if failures > 0 {
+                    tracing::info!(
+                        failed_attempts = failures,
+                        listener,
+                        "recording completed work again"
+                    );
+                    stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
                 failures = 0;
             }
             Err(e @ StoreError::Fenced { .. }) => {
@@ -691,12 +708,19 @@ async fn write_loop(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %e, buffered = pending.buffered(), listener, "could not record completed work; keeping it and retrying");
-                if failures >= 5 {
+                let refused = e.is_write_refused();
+                if refused {
+                    stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::warn!(error = %e, buffered = pending.buffered(), listener, failed_attempts = failures,
+                    "could not record completed work (action log, dead letters, checkpoint); the checkpoint stays before it; {}",
+                    if refused { "reading is paused until the database accepts the write" } else { "retrying (the run restarts after 5 failures in a row)" });
+                if !refused && failures >= 5 {
                     let _ = failed.send(e);
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
+                tokio::time::sleep(Duration::from_millis((200 * u64::from(failures)).min(5000)))
+                    .await;
             }
         }
     }

@@ -64,13 +64,18 @@ fn parse() -> Result<Args> {
     Ok(a)
 }
 
-fn main() -> Result<()> {
-    let args = parse()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(real_main(args))
+fn main() {
+    let result = parse().and_then(|args| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(real_main(args))
+    });
+    if let Err(e) = result {
+        eprintln!("observer-fault: {e:#}");
+        std::process::exit(1);
+    }
 }
 
 async fn real_main(args: Args) -> Result<()> {
@@ -79,7 +84,10 @@ async fn real_main(args: Args) -> Result<()> {
         None => std::env::current_exe()?.with_file_name("fraiseql-observers"),
     };
     if !bin.exists() {
-        bail!("daemon binary {} not found (build it, or pass --daemon-bin)", bin.display());
+        bail!(
+            "daemon binary {} not found (build it, or pass --daemon-bin)",
+            bin.display()
+        );
     }
     let work = std::env::temp_dir().join(format!("observer-fault-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;

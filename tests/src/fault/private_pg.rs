@@ -165,7 +165,10 @@ impl PrivatePostgres {
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if Instant::now() > deadline {
-                bail!("private postgres on {} does not accept connections", self.port);
+                bail!(
+                    "private postgres on {} does not accept connections",
+                    self.port
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

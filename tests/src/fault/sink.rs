@@ -347,19 +347,37 @@ mod tests {
         assert_eq!(d[0].key, uuid::Uuid::parse_str(&key).unwrap().as_u128());
 
         sink.set_fault(Fault::Error500 { p: 1.0 });
-        let r = client.post(sink.url("/h")).body(body.clone()).send().await.unwrap();
+        let r = client
+            .post(sink.url("/h"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 500);
 
         sink.set_fault(Fault::CloseMidResponse { p: 1.0 });
-        assert!(client.post(sink.url("/h")).body(body.clone()).send().await.is_err());
+        assert!(client
+            .post(sink.url("/h"))
+            .body(body.clone())
+            .send()
+            .await
+            .is_err());
 
         sink.set_fault(Fault::None);
         sink.down().await;
-        assert!(client.post(sink.url("/h")).body(body.clone()).send().await.is_err());
+        assert!(client
+            .post(sink.url("/h"))
+            .body(body.clone())
+            .send()
+            .await
+            .is_err());
         sink.up().await.unwrap();
         let r = client.post(sink.url("/h")).body(body).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 204);
         let c = sink.counts();
-        assert_eq!((c.accepted, c.answered_500, c.closed_mid_response), (2, 1, 1));
+        assert_eq!(
+            (c.accepted, c.answered_500, c.closed_mid_response),
+            (2, 1, 1)
+        );
     }
 }

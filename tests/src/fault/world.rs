@@ -102,10 +102,14 @@ impl Scratch {
 
     /// Runs the CLI against this database with a config holding only `[database]` plus `extra`.
     pub async fn cli_with(&self, extra: &str, args: &[&str]) -> Result<std::process::Output> {
-        let cfg = self
-            .dir
-            .join(format!("cli-{}.toml", &Uuid::new_v4().simple().to_string()[..8]));
-        std::fs::write(&cfg, format!("[database]\nurl = \"{}\"\n{extra}\n", self.url))?;
+        let cfg = self.dir.join(format!(
+            "cli-{}.toml",
+            &Uuid::new_v4().simple().to_string()[..8]
+        ));
+        std::fs::write(
+            &cfg,
+            format!("[database]\nurl = \"{}\"\n{extra}\n", self.url),
+        )?;
         let out = tokio::time::timeout(
             Duration::from_secs(120),
             tokio::process::Command::new(&self.bin)
@@ -197,7 +201,10 @@ impl Scratch {
         match connect(&self.admin_url).await {
             Ok(admin) => {
                 if let Err(e) = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        self.name
+                    ))
                     .await
                 {
                     say(format!("could not drop {}: {e}", self.name));
