@@ -53,7 +53,7 @@ fn parse() -> Result<Args> {
                 std::process::exit(0);
             }
             s if s.starts_with('-') => bail!("unknown option {s}\n{USAGE}"),
-            s if s == "all" => a.scenarios.extend(fault::ALL.iter().map(|s| s.to_string())),
+            "all" => a.scenarios.extend(fault::ALL.iter().map(|s| s.to_string())),
             s if fault::ALL.contains(&s) => a.scenarios.push(s.to_string()),
             s => bail!("unknown scenario {s}\n{USAGE}"),
         }
