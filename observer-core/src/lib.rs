@@ -27,6 +27,17 @@ pub mod tls;
 
 /// An error and its causes, joined with `: ` (`tokio_postgres::Error` and `reqwest::Error` keep
 /// the useful part, such as "connection refused", in their sources).
+/// A Postgres error with the server's message and SQLSTATE (`tokio_postgres::Error` alone
+/// displays only "db error"), e.g. `db error: ERROR: could not extend file …: No space left on
+/// device (SQLSTATE 53100)`.
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    let mut s = error_chain(e);
+    if let Some(code) = e.code() {
+        s.push_str(&format!(" (SQLSTATE {})", code.code()));
+    }
+    s
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

@@ -45,7 +45,7 @@ use crate::store::{CheckpointStore, NewActionLog, NewDeadLetter, Progress, Recor
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("database: {}", crate::error_chain(.0))]
+    #[error("database: {}", crate::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("the LISTEN connection (which holds the listener lock) was lost")]
     ListenLost,
@@ -90,12 +90,13 @@ pub async fn supervise(
     make_executor: &(dyn Fn() -> BoxExecutor + Send + Sync),
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let mut delay = Duration::from_millis(500);
+    let mut delay = FIRST_RESTART_DELAY;
     // Where the last run got to. With checkpoints on the store is the truth; with them off this
     // is what keeps a restart after a database error from jumping to the tail and losing events.
     let mut resume: Option<Position> = None;
     loop {
         let started = Instant::now();
+        let processed_before = ctx.metrics.events_processed.get();
         match run(ctx, make_executor, shutdown.clone(), &mut resume).await {
             Ok(()) => return Ok(()),
             Err(RunError::Store(e @ (StoreError::NotMigrated(_) | StoreError::Privileges(_)))) => {
@@ -105,9 +106,8 @@ pub async fn supervise(
                 if shutdown.is_cancelled() {
                     return Err(e);
                 }
-                if started.elapsed() > Duration::from_secs(60) {
-                    delay = Duration::from_millis(500);
-                }
+                let progressed = ctx.metrics.events_processed.get() > processed_before;
+                delay = restart_delay(delay, progressed, started.elapsed());
                 if e.is_unreachable() {
                     tracing::warn!(database = %ctx.database, error = %e, retry_in_ms = delay.as_millis() as u64,
                         "cannot connect to the database at {}; waiting and retrying", ctx.database);
@@ -121,6 +121,25 @@ pub async fn supervise(
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
+    }
+}
+
+/// The first wait after a failure, and where the backoff starts over.
+const FIRST_RESTART_DELAY: Duration = Duration::from_millis(500);
+
+/// The wait before restarting a run that failed, given the wait of the previous restart.
+///
+/// The backoff exists so a run that keeps failing (the database unreachable, the same error at
+/// the same place) does not spin. A run that completed work, or lasted over a minute, was not
+/// such a loop: the next restart starts over at the first delay. (Before this, only the minute
+/// counted, so a daemon that had waited for the database at start and then delivered for a few
+/// seconds waited up to 8 s — up to 30 s after more failures — to reconnect after the next
+/// database restart; found by the `pg-restart` fault scenario.)
+fn restart_delay(previous: Duration, progressed: bool, ran_for: Duration) -> Duration {
+    if progressed || ran_for > Duration::from_secs(60) {
+        FIRST_RESTART_DELAY
+    } else {
+        previous
     }
 }
 
@@ -443,7 +462,11 @@ pub async fn run(
     // never waits for a commit. One job at a time: while it is busy, work keeps accumulating here.
     let (jobs, job_rx) = mpsc::channel::<WriteJob>(1);
     let (writer_failed_tx, mut writer_failed) = tokio::sync::oneshot::channel::<StoreError>();
+    // Set while the writer cannot record completed work: reading pauses, so what would be
+    // redelivered after a crash (and what is held in memory) stops growing.
+    let writer_stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = tokio::spawn(write_loop(
+        writer_stalled.clone(),
         book,
         Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record),
         ctx.checkpoint.clone().zip(epoch),
@@ -503,7 +526,8 @@ pub async fn run(
                     inflight.spawn(async move { (work, fut.await) });
                 }
             }
-            batch = rx.recv(), if tracker.pending() < max_pending => {
+            batch = rx.recv(), if tracker.pending() < max_pending
+                && !writer_stalled.load(std::sync::atomic::Ordering::Relaxed) => {
                 let items = match batch {
                     Some(Ok(items)) => items,
                     Some(Err(e)) => break Err(RunError::Reader(e)),
@@ -609,8 +633,12 @@ fn write_job(recorder: &mut Recorder, tracker: &Tracker, progress: &Progress) ->
 
 /// Writes jobs in order: the action log, dead letters and the checkpoint in one transaction per
 /// job. A failed write keeps its work and is retried (later jobs are merged into it); after five
-/// failures in a row the run is ended (`failed`) and resumes from the durable checkpoint.
+/// failures in a row the run is ended (`failed`) and resumes from the durable checkpoint —
+/// unless the server refuses the write for now ([`StoreError::is_write_refused`]: disk full,
+/// read-only, …): then it keeps the work and retries (backing off to 5 s) for as long as that
+/// lasts, with `stalled` set so the loop stops reading, and the checkpoint stays where it is.
 async fn write_loop(
+    stalled: Arc<std::sync::atomic::AtomicBool>,
     mut client: tokio_postgres::Client,
     mut pending: Recorder,
     checkpoint: Option<(Arc<dyn CheckpointStore>, i64)>,
@@ -645,6 +673,14 @@ async fn write_loop(
             Ok(()) => {
                 saved_events = progress.events;
                 latest = None;
+                if failures > 0 {
+                    tracing::info!(
+                        failed_attempts = failures,
+                        listener,
+                        "recording completed work again"
+                    );
+                    stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
                 failures = 0;
             }
             Err(e @ StoreError::Fenced { .. }) => {
@@ -659,12 +695,19 @@ async fn write_loop(
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %e, buffered = pending.buffered(), listener, "could not record completed work; keeping it and retrying");
-                if failures >= 5 {
+                let refused = e.is_write_refused();
+                if refused {
+                    stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::warn!(error = %e, buffered = pending.buffered(), listener, failed_attempts = failures,
+                    "could not record completed work (action log, dead letters, checkpoint); the checkpoint stays before it; {}",
+                    if refused { "reading is paused until the database accepts the write" } else { "retrying (the run restarts after 5 failures in a row)" });
+                if !refused && failures >= 5 {
                     let _ = failed.send(e);
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
+                tokio::time::sleep(Duration::from_millis((200 * u64::from(failures)).min(5000)))
+                    .await;
             }
         }
     }
@@ -1031,6 +1074,26 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_that_completed_work_restarts_the_backoff() {
+        let long_wait = Duration::from_secs(8);
+        // Regression (pg-restart fault scenario): after waiting for the database at start, a
+        // run that delivered for a few seconds and then lost the database waited 8 s.
+        assert_eq!(
+            restart_delay(long_wait, true, Duration::from_secs(2)),
+            FIRST_RESTART_DELAY
+        );
+        assert_eq!(
+            restart_delay(long_wait, false, Duration::from_secs(61)),
+            FIRST_RESTART_DELAY
+        );
+        // A run that failed before doing anything keeps backing off.
+        assert_eq!(
+            restart_delay(long_wait, false, Duration::from_secs(2)),
+            long_wait
+        );
+    }
 
     #[test]
     fn delays_follow_the_policy() {

@@ -20,7 +20,7 @@ use crate::schema::Objects;
 /// Errors of the bookkeeping store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database: {0}")]
+    #[error("database: {}", crate::pg_error(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -32,6 +32,24 @@ pub enum StoreError {
     NotMigrated(String),
     #[error("the database role lacks what the daemon needs: {0}")]
     Privileges(String),
+}
+
+impl StoreError {
+    /// The server is up but refuses the write for now — disk full or other exhausted resource
+    /// (SQLSTATE class 53), an I/O error (58), a read-only database (25006), a conflict (40), a
+    /// lock or statement timeout (55P03, 57014). Starting the run again cannot help (it only
+    /// redelivers what was already delivered); waiting and writing again can.
+    pub fn is_write_refused(&self) -> bool {
+        let StoreError::Db(e) = self else {
+            return false;
+        };
+        let Some(code) = e.code() else {
+            return false;
+        };
+        let c = code.code();
+        ["53", "58", "40"].iter().any(|class| c.starts_with(class))
+            || ["25006", "55P03", "57014"].contains(&c)
+    }
 }
 
 /// What a checkpoint save records besides the position.
@@ -290,5 +308,45 @@ pub fn explain_missing(e: tokio_postgres::Error) -> StoreError {
             )
         }
         _ => StoreError::Db(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real server error with `code` (from the shared test Postgres).
+    async fn server_error(code: &str) -> tokio_postgres::Error {
+        let url = std::env::var("TEST_DATABASE_ADMIN_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test Postgres");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "DO $$ BEGIN RAISE EXCEPTION 'No space left on device (injected)' USING ERRCODE = '{code}'; END $$"
+            ))
+            .await
+            .expect_err("the DO block raises")
+    }
+
+    // Regression (dlq-write-fail fault scenario): a full disk or read-only database made the
+    // writer end the run after five failures, which redelivered everything after the checkpoint
+    // every few seconds; and the log said only "database: db error".
+    #[tokio::test]
+    async fn a_refused_write_is_recognised_and_explained() {
+        for code in ["53100", "25006", "58030", "40001"] {
+            let e = StoreError::Db(server_error(code).await);
+            assert!(e.is_write_refused(), "{code} refuses the write for now");
+            let text = e.to_string();
+            assert!(
+                text.contains("No space left on device")
+                    && text.contains(&format!("SQLSTATE {code}")),
+                "{text}"
+            );
+        }
+        let e = StoreError::Db(server_error("42P01").await);
+        assert!(!e.is_write_refused());
     }
 }

@@ -24,6 +24,7 @@ use serde_json::Value;
 pub use observer_core::executor::idempotency_key;
 
 pub mod action_helpers;
+pub mod fault;
 pub mod lookup;
 pub mod redis_server;
 
