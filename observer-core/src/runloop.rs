@@ -634,7 +634,7 @@ fn write_job(recorder: &mut Recorder, tracker: &Tracker, progress: &Progress) ->
 /// Writes jobs in order: the action log, dead letters and the checkpoint in one transaction per
 /// job. A failed write keeps its work and is retried (later jobs are merged into it); after five
 /// failures in a row the run is ended (`failed`) and resumes from the durable checkpoint —
-/// unless the server refuses the write for now ([`StoreError::is_write_refused`]: disk full,
+/// unless the server refuses the write while a condition lasts ([`StoreError::is_write_refused`]: disk full,
 /// read-only, …): then it keeps the work and retries (backing off to 5 s) for as long as that
 /// lasts, with `stalled` set so the loop stops reading, and the checkpoint stays where it is.
 async fn write_loop(

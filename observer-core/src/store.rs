@@ -35,7 +35,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The server is up but refuses the write for now — disk full or other exhausted resource
+    /// The server is up but refuses the write while a condition lasts — disk full or other exhausted resource
     /// (SQLSTATE class 53), an I/O error (58), a read-only database (25006), a conflict (40), a
     /// lock or statement timeout (55P03, 57014). Starting the run again cannot help (it only
     /// redelivers what was already delivered); waiting and writing again can.
@@ -338,7 +338,10 @@ mod tests {
     async fn a_refused_write_is_recognised_and_explained() {
         for code in ["53100", "25006", "58030", "40001"] {
             let e = StoreError::Db(server_error(code).await);
-            assert!(e.is_write_refused(), "{code} refuses the write for now");
+            assert!(
+                e.is_write_refused(),
+                "{code} refuses the write while a condition lasts"
+            );
             let text = e.to_string();
             assert!(
                 text.contains("No space left on device")
