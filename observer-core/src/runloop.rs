@@ -438,7 +438,7 @@ pub async fn run(
     });
     let _stop_reader_conn = AbortOnDrop(reader_conn);
     let window_reader = ChangeLog::new(ctx.objects.change_log.clone())
-        .reader(reader_client)
+        .reader(reader_client, ctx.objects.wake_locks())
         .await?;
     let reader = tokio::spawn(read_loop(
         window_reader,
@@ -1014,6 +1014,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// How soon the reader looks again while a writer that did not notify is committing: from
+/// 1 ms, doubling while it still is (a commit waiting on a synchronous standby can take long).
+const BUSY_WAIT_MIN: Duration = Duration::from_millis(1);
+const BUSY_WAIT_MAX: Duration = Duration::from_millis(32);
+
 /// Walks the change log window by window, sending batches until stopped.
 async fn read_loop(
     reader: crate::change_log::WindowReader,
@@ -1032,6 +1037,10 @@ async fn read_loop(
     let outcome: Result<(), String> = async {
         // Items to hand over with the next send (a window end travels with the rows after it).
         let mut items: Vec<Item> = Vec::new();
+        // The first look is at once: a writer may have been committing when the start snapshot
+        // was taken, after the notification that would otherwise cover it.
+        let mut wait = Duration::ZERO;
+        let mut busy = false;
         loop {
             // Read the current window to its end, a page at a time.
             loop {
@@ -1051,16 +1060,26 @@ async fn read_loop(
                     break;
                 }
             }
-            // Drained: the next window starts when the snapshot moves; wait for news until it does.
-            let mut next = reader.snapshot().await.map_err(snapshot_err)?;
-            while next == pos.hi {
+            // Drained: wait for news (a notification, the poll, or sooner while writers that
+            // did not notify are committing), then read the window up to the new snapshot.
+            let next = loop {
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = wake.notified() => {}
-                    _ = tokio::time::sleep(poll) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                next = reader.snapshot().await.map_err(snapshot_err)?;
-            }
+                let (quiet, next) = reader.quiet_snapshot().await.map_err(snapshot_err)?;
+                let cap = poll.min(BUSY_WAIT_MAX);
+                wait = match (quiet, busy) {
+                    (true, _) => poll,
+                    (false, false) => BUSY_WAIT_MIN.min(cap),
+                    (false, true) => (wait * 2).min(cap),
+                };
+                busy = !quiet;
+                if next != pos.hi {
+                    break next;
+                }
+            };
             pos = Position { lo: pos.hi.clone(), hi: next, after_pk: 0 };
             items.push(Item::WindowEnd(Position::at(pos.lo.clone())));
         }
