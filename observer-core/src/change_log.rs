@@ -151,9 +151,21 @@ pub struct WindowReader {
     client: tokio_postgres::Client,
     select: tokio_postgres::Statement,
     snapshot: tokio_postgres::Statement,
+    quiet: tokio_postgres::Statement,
 }
 
 impl WindowReader {
+    /// Whether no writer of the change log is committing right now, then the snapshot, in one
+    /// round trip (pipelined, and in that order: a writer that has finished committing is in
+    /// the snapshot; see [`crate::schema::WakeLocks`]).
+    pub async fn quiet_snapshot(&self) -> Result<(bool, Snapshot), tokio_postgres::Error> {
+        let (quiet, snap) = futures::join!(
+            self.client.query_one(&self.quiet, &[]),
+            self.client.query_one(&self.snapshot, &[])
+        );
+        Ok((quiet?.get(0), snapshot_from_row(&snap?)))
+    }
+
     /// The database's current snapshot.
     pub async fn snapshot(&self) -> Result<Snapshot, tokio_postgres::Error> {
         Ok(snapshot_from_row(
@@ -214,12 +226,16 @@ const MAX_OBJECT_ID: usize = 1024;
 
 impl ChangeLog {
     pub fn new(table: TableName) -> ChangeLog {
+        // At a window's start (`$5` = 0) the pk condition folds away in the custom plan. Left in
+        // as `pk > 0`, it let the planner AND a scan of the whole pk index with the txid range
+        // (its estimate of `pk > 0` lags a growing table): 10 ms per read at 120,000 rows
+        // instead of 0.2 ms, and p50 commit-to-delivery rose from 3.5 to 16 ms at 1,000/s.
         let select = format!(
             "SELECT {COLUMNS} FROM {t}
              WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
                AND txid < $3::text::xid8
                AND pg_visible_in_snapshot(txid, $4::text::pg_snapshot)
-               AND pk_entity_change_log > $5
+               AND (pk_entity_change_log > $5 OR $5 = 0)
              ORDER BY pk_entity_change_log LIMIT $6",
             t = table.sql()
         );
@@ -243,6 +259,7 @@ impl ChangeLog {
     pub async fn reader(
         &self,
         client: tokio_postgres::Client,
+        wake: crate::schema::WakeLocks,
     ) -> Result<WindowReader, tokio_postgres::Error> {
         // A generic plan of the window query could walk the pk index from the window's start
         // through the whole table; custom plans always use the txid index for the window bounds.
@@ -251,10 +268,12 @@ impl ChangeLog {
             .await?;
         let select = client.prepare(&self.select).await?;
         let snapshot = client.prepare(SNAPSHOT_SQL).await?;
+        let quiet = client.prepare(&wake.quiet_sql()).await?;
         Ok(WindowReader {
             client,
             select,
             snapshot,
+            quiet,
         })
     }
 
