@@ -173,6 +173,27 @@ impl WindowReader {
         ))
     }
 
+    /// The rest of window (`lo`, `hi`) after `after_pk`, in pk order, through one cursor: the
+    /// query runs (and sorts) once and [`WindowCursor::next_page`] fetches from it. Paging a
+    /// large window with one LIMIT query per page re-scanned and re-sorted what was left of it
+    /// every time: 145 ms for the first page of a 100,000-row window, falling page by page.
+    pub async fn rest(
+        &mut self,
+        lo: &Snapshot,
+        hi: &Snapshot,
+        after_pk: i64,
+    ) -> Result<WindowCursor<'_>, tokio_postgres::Error> {
+        let (lo_xmax, xip, hi_xmax, hi_text) = window_params(lo, hi);
+        let tx = self.client.transaction().await?;
+        let portal = tx
+            .bind(
+                &self.select,
+                &[&lo_xmax, &xip, &hi_xmax, &hi_text, &after_pk, &i64::MAX],
+            )
+            .await?;
+        Ok(WindowCursor { tx, portal })
+    }
+
     /// Up to `limit` rows of window (`lo`, `hi`) with pk above `after_pk`, in pk order.
     pub async fn read(
         &self,
@@ -190,6 +211,27 @@ impl WindowReader {
             )
             .await?;
         Ok(rows.iter().map(decode_row).collect())
+    }
+}
+
+/// An open cursor over the rest of a window (see [`WindowReader::rest`]). Every row of the
+/// window is committed, so the cursor's own snapshot sees all of them.
+pub struct WindowCursor<'a> {
+    tx: tokio_postgres::Transaction<'a>,
+    portal: tokio_postgres::Portal,
+}
+
+impl WindowCursor<'_> {
+    /// The next `n` rows; fewer (or none) at the window's end.
+    pub async fn next_page(&self, n: i64) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
+        let n = i32::try_from(n).unwrap_or(i32::MAX);
+        let rows = self.tx.query_portal(&self.portal, n).await?;
+        Ok(rows.iter().map(decode_row).collect())
+    }
+
+    /// Closes the cursor and its (read-only) transaction.
+    pub async fn finish(self) -> Result<(), tokio_postgres::Error> {
+        self.tx.commit().await
     }
 }
 

@@ -1019,9 +1019,31 @@ impl Drop for AbortOnDrop {
 const BUSY_WAIT_MIN: Duration = Duration::from_millis(1);
 const BUSY_WAIT_MAX: Duration = Duration::from_millis(32);
 
+/// Sends `rows` (after whatever `items` holds) to the dispatcher, moving `pos` past them. False
+/// when the run is stopping.
+async fn hand_over(
+    rows: Vec<crate::change_log::ChangeRow>,
+    pos: &mut Position,
+    items: &mut Vec<Item>,
+    tx: &mpsc::Sender<Result<Vec<Item>, String>>,
+    stop: &CancellationToken,
+) -> bool {
+    for row in rows {
+        pos.after_pk = row.pk();
+        items.push(Item::Row(row, pos.clone()));
+    }
+    if items.is_empty() {
+        return true;
+    }
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        sent = tx.send(Ok(std::mem::take(items))) => sent.is_ok(),
+    }
+}
+
 /// Walks the change log window by window, sending batches until stopped.
 async fn read_loop(
-    reader: crate::change_log::WindowReader,
+    mut reader: crate::change_log::WindowReader,
     start: Position,
     batch: i64,
     poll: Duration,
@@ -1042,23 +1064,29 @@ async fn read_loop(
         let mut wait = Duration::ZERO;
         let mut busy = false;
         loop {
-            // Read the current window to its end, a page at a time.
-            loop {
-                let rows = reader.read(&pos.lo, &pos.hi, pos.after_pk, batch).await.map_err(read_err)?;
-                let full = rows.len() as i64 >= batch;
-                for row in rows {
-                    pos.after_pk = row.pk();
-                    items.push(Item::Row(row, pos.clone()));
-                }
-                if !items.is_empty() {
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        sent = tx.send(Ok(std::mem::take(&mut items))) => if sent.is_err() { return Ok(()) },
+            // Read the current window to its end, a page at a time: the first with one query
+            // (a window is usually small), the rest of a large one through a cursor.
+            let rows = reader
+                .read(&pos.lo, &pos.hi, pos.after_pk, batch)
+                .await
+                .map_err(read_err)?;
+            let mut full = rows.len() as i64 >= batch;
+            if !hand_over(rows, &mut pos, &mut items, &tx, &stop).await {
+                return Ok(());
+            }
+            if full {
+                let cursor = reader
+                    .rest(&pos.lo, &pos.hi, pos.after_pk)
+                    .await
+                    .map_err(read_err)?;
+                while full {
+                    let rows = cursor.next_page(batch).await.map_err(read_err)?;
+                    full = rows.len() as i64 >= batch;
+                    if !hand_over(rows, &mut pos, &mut items, &tx, &stop).await {
+                        return Ok(());
                     }
                 }
-                if !full {
-                    break;
-                }
+                cursor.finish().await.map_err(read_err)?;
             }
             // Drained: wait for news (a notification, the poll, or sooner while writers that
             // did not notify are committing), then read the window up to the new snapshot.
@@ -1080,7 +1108,11 @@ async fn read_loop(
                     break next;
                 }
             };
-            pos = Position { lo: pos.hi.clone(), hi: next, after_pk: 0 };
+            pos = Position {
+                lo: pos.hi.clone(),
+                hi: next,
+                after_pk: 0,
+            };
             items.push(Item::WindowEnd(Position::at(pos.lo.clone())));
         }
     }
