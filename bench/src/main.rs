@@ -86,6 +86,14 @@ struct Args {
     /// The sink waits this long before answering each request (a slow receiver).
     #[arg(long, default_value_t = 0)]
     sink_delay_ms: u64,
+    /// Batch the webhook: `batch = { max_events = N, max_wait_ms = --batch-wait-ms }` (0 = one
+    /// request per delivery). Batches form from deliveries in flight together, so this needs
+    /// `--feature concurrent`.
+    #[arg(long, default_value_t = 0)]
+    batch: u32,
+    /// `max_wait_ms` of `--batch`.
+    #[arg(long, default_value_t = 5)]
+    batch_wait_ms: u32,
     /// Switch on a layer (`OBSERVER__FEATURES__<NAME>=true`); repeatable.
     #[arg(long = "feature")]
     features: Vec<String>,
@@ -95,6 +103,10 @@ struct Args {
     /// `[action_log] record` of the daemon (`all`, `failures`, `none`).
     #[arg(long, default_value = "all")]
     record: String,
+    /// Pause between phases, seconds (the daemon finishes recording the previous phase's
+    /// deliveries and Postgres its background work; see docs/benchmarks.md).
+    #[arg(long, default_value_t = 3)]
+    settle_secs: u64,
     /// Skip the fixed-rate latency phase.
     #[arg(long)]
     skip_latency: bool,
@@ -119,7 +131,10 @@ struct Rec {
 struct SinkState {
     delay_ms: u64,
     recs: Mutex<Vec<Rec>>,
+    /// Deliveries seen (events; a request that could not be parsed counts one).
     total: AtomicU64,
+    /// HTTP requests seen.
+    requests: AtomicU64,
     unparsed: AtomicU64,
 }
 
@@ -147,10 +162,8 @@ fn skip_colon(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Parses only what the bench needs from the envelope: `event_id` and `data.id`.
-/// A byte scan, not a JSON parse, so recording costs next to nothing.
-fn parse_envelope(b: &[u8]) -> Option<(u128, i64)> {
-    let k = find(b, b"\"event_id\"", 0)?;
+/// The uuid after the key at `k` (`"event_id"`), as a u128.
+fn uuid_after(b: &[u8], k: usize) -> Option<u128> {
     let mut i = skip_colon(b, k + 10);
     if b.get(i) != Some(&b'"') {
         return None;
@@ -166,10 +179,11 @@ fn parse_envelope(b: &[u8]) -> Option<(u128, i64)> {
         }
         i += 1;
     }
-    if n != 32 {
-        return None;
-    }
-    let d = find(b, b"\"data\"", 0)?;
+    (n == 32).then_some(id)
+}
+
+/// The integer `id` inside the `"data"` object at `d`.
+fn data_id_after(b: &[u8], d: usize) -> Option<i64> {
     let k = find(b, b"\"id\"", d + 6)?;
     let mut i = skip_colon(b, k + 4);
     let mut v: i64 = 0;
@@ -179,10 +193,22 @@ fn parse_envelope(b: &[u8]) -> Option<(u128, i64)> {
         digits += 1;
         i += 1;
     }
-    if digits == 0 {
-        return None;
+    (digits > 0).then_some(v)
+}
+
+/// Parses only what the bench needs from a body: `event_id` and `data.id` of its envelope, or
+/// of each envelope of an array (a batched webhook). The n-th `"event_id"` key belongs with the
+/// n-th `"data"` key: the bench's rows have neither key inside them. A byte scan, not a JSON
+/// parse, so recording costs next to nothing. None when the body is not what the bench sends.
+fn parse_envelopes(b: &[u8]) -> Option<Vec<(u128, i64)>> {
+    let mut out = Vec::new();
+    let (mut e, mut d) = (0, 0);
+    while let (Some(ek), Some(dk)) = (find(b, b"\"event_id\"", e), find(b, b"\"data\"", d)) {
+        out.push((uuid_after(b, ek)?, data_id_after(b, dk)?));
+        e = ek + 10;
+        d = dk + 6;
     }
-    Some((id, v))
+    (!out.is_empty()).then_some(out)
 }
 
 async fn hook(State(s): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
@@ -190,13 +216,27 @@ async fn hook(State(s): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
     if s.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(s.delay_ms)).await;
     }
-    match parse_envelope(&body) {
-        Some((event, order)) => s.recs.lock().unwrap().push(Rec { at, event, order }),
+    // One envelope, or an array of them (a batched webhook).
+    let n = match parse_envelopes(&body) {
+        Some(found) => {
+            let n = found.len() as u64;
+            s.recs
+                .lock()
+                .unwrap()
+                .extend(
+                    found
+                        .into_iter()
+                        .map(|(event, order)| Rec { at, event, order }),
+                );
+            n
+        }
         None => {
             s.unparsed.fetch_add(1, Ordering::Relaxed);
+            0
         }
-    }
-    s.total.fetch_add(1, Ordering::Relaxed);
+    };
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    s.total.fetch_add(n.max(1), Ordering::Relaxed);
     StatusCode::NO_CONTENT
 }
 
@@ -573,6 +613,7 @@ impl Bench {
         let a = &self.args;
         self.sink.take();
         self.sink.total.store(0, Ordering::Relaxed);
+        let requests0 = self.sink.requests.load(Ordering::Relaxed);
         let n = a.events;
         let conns = a.insert_conns.max(1);
         let mut clients = Vec::new();
@@ -649,7 +690,8 @@ impl Bench {
             "events_per_s": (acc.distinct as f64 / e2e_s).round(),
             "delivery_window_events_per_s": (acc.distinct as f64 / delivery_s).round(),
             "delivered_distinct": acc.distinct,
-            "requests": recs.len(),
+            "deliveries": recs.len(),
+            "http_requests": self.sink.requests.load(Ordering::Relaxed) - requests0,
             "duplicates": acc.duplicates,
             "missing": n as i64 - acc.distinct as i64,
             "complete": complete,
@@ -939,8 +981,16 @@ events = ["INSERT"]
   [[observers.actions]]
   type = "webhook"
   url = "http://127.0.0.1:{port}/hook"
-"#,
-            record = args.record
+{batch}"#,
+            record = args.record,
+            batch = if args.batch > 0 {
+                format!(
+                    "  batch = {{ max_events = {}, max_wait_ms = {} }}\n",
+                    args.batch, args.batch_wait_ms
+                )
+            } else {
+                String::new()
+            }
         ),
     )?;
     let config_text = std::fs::read_to_string(&config)?;
@@ -1033,7 +1083,7 @@ events = ["INSERT"]
     let throughput = bench.throughput().await?;
     phases.insert("throughput".into(), throughput);
     // Let the daemon flush and settle between phases.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     if !args.skip_latency {
         let latency = bench
             .paced("latency", args.rate as f64, args.rate * args.latency_secs)
@@ -1088,6 +1138,9 @@ events = ["INSERT"]
         "warmup_seconds": r3(warmup_s),
         "orders_rows_total": change_log_rows,
         "sink_unparsed_requests": sink.unparsed.load(Ordering::Relaxed),
+        "sink_requests": sink.requests.load(Ordering::Relaxed),
+        "webhook_batch": args.batch,
+        "action_log_record": args.record,
         "rss": rss,
         "phases": Value::Object(phases),
         "daemon_log_warnings": daemon_log_warnings,
@@ -1113,7 +1166,22 @@ fn print_report(r: &Value) {
         m["kernel"].as_str().unwrap_or("?"),
         m["mem_total_kb"].as_str().unwrap_or("?")
     );
-    println!("  config    one webhook observer → in-process sink (204), checkpoints on, action_log record=all");
+    let features: Vec<&str> = r["features"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!(
+        "  config    one webhook observer → in-process sink (204 after {} ms); checkpoint{}{}; action_log record={}; webhook batch {}",
+        r["sink_delay_ms"],
+        if features.is_empty() { "" } else { " + " },
+        features.join(" + "),
+        r["action_log_record"].as_str().unwrap_or("?"),
+        match r["webhook_batch"].as_u64() {
+            Some(n) if n > 0 => format!("≤ {n} events/request"),
+            _ => "off".into(),
+        }
+    );
+
     let p = &r["phases"];
     let t = &p["throughput"];
     if !t.is_null() {
@@ -1141,8 +1209,8 @@ fn print_report(r: &Value) {
             t["delivery_window_events_per_s"]
         );
         println!(
-            "  delivered distinct / dupes / missing  {} / {} / {}",
-            t["delivered_distinct"], t["duplicates"], t["missing"]
+            "  delivered distinct / dupes / missing  {} / {} / {}  (in {} HTTP requests)",
+            t["delivered_distinct"], t["duplicates"], t["missing"], t["http_requests"]
         );
         println!(
             "  CPU: daemon {} cores, postgres {} cores (avg over the phase)",
@@ -1234,9 +1302,19 @@ mod tests {
     #[test]
     fn parses_the_envelope_fields() {
         let b = br#"{"before":null,"created_at":"x","data":{"customer":"c","id":42,"total":1},"entity":"Order","entity_id":"42","event_id":"0191e7a2-0000-7000-8000-00000000000a","observer":"o"}"#;
-        let (e, o) = parse_envelope(b).unwrap();
-        assert_eq!(o, 42);
-        assert_eq!(e, 0x0191e7a2_0000_7000_8000_00000000000a);
+        let v = parse_envelopes(b).unwrap();
+        assert_eq!(v, [(0x0191e7a2_0000_7000_8000_00000000000a, 42)]);
+        // A batch: an array of envelopes, in either key order.
+        let b = br#"[{"data":{"id":1},"event_id":"0191e7a2-0000-7000-8000-000000000001"},{"event_id":"0191e7a2-0000-7000-8000-000000000002","data":{"id":2}}]"#;
+        let v = parse_envelopes(b).unwrap();
+        assert_eq!(
+            v,
+            [
+                (0x0191e7a2_0000_7000_8000_000000000001, 1),
+                (0x0191e7a2_0000_7000_8000_000000000002, 2)
+            ]
+        );
+        assert!(parse_envelopes(b"not json").is_none());
     }
 
     #[test]
