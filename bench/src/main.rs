@@ -107,6 +107,10 @@ struct Args {
     /// deliveries and Postgres its background work; see docs/benchmarks.md).
     #[arg(long, default_value_t = 3)]
     settle_secs: u64,
+    /// Do not run CHECKPOINT after the throughput phase (without it, the flush of that phase's
+    /// dirty pages can land in the latency phase and stall every commit, the bench's own too).
+    #[arg(long)]
+    no_checkpoint_between: bool,
     /// Skip the fixed-rate latency phase.
     #[arg(long)]
     skip_latency: bool,
@@ -1084,6 +1088,12 @@ events = ["INSERT"]
     phases.insert("throughput".into(), throughput);
     // Let the daemon flush and settle between phases.
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    if !args.no_checkpoint_between {
+        match client.batch_execute("CHECKPOINT").await {
+            Ok(()) => eprintln!("[bench] CHECKPOINT after the throughput phase"),
+            Err(e) => eprintln!("[bench] CHECKPOINT failed ({e}); going on without it"),
+        }
+    }
     if !args.skip_latency {
         let latency = bench
             .paced("latency", args.rate as f64, args.rate * args.latency_secs)
@@ -1140,6 +1150,7 @@ events = ["INSERT"]
         "sink_unparsed_requests": sink.unparsed.load(Ordering::Relaxed),
         "sink_requests": sink.requests.load(Ordering::Relaxed),
         "webhook_batch": args.batch,
+        "checkpoint_between_phases": !args.no_checkpoint_between,
         "action_log_record": args.record,
         "rss": rss,
         "phases": Value::Object(phases),
