@@ -153,9 +153,10 @@ impl Enricher {
                 Ok(None) => ctx.metrics.record_cache(false),
                 Err(e) => {
                     // The cache is an optimisation: count it, look up uncached, skip the put
-                    // (it would most likely wait out the same trouble).
+                    // (it would most likely wait out the same trouble). The backend logs the
+                    // outage once; per lookup it is only a debug line.
                     ctx.metrics.cache_errors.inc();
-                    tracing::warn!(lookup = %self.name, error = %e, "lookup cache unavailable; looking up uncached");
+                    tracing::debug!(lookup = %self.name, error = %e, "lookup cache failed; looked up uncached");
                     cache_ok = false;
                 }
             }

@@ -336,6 +336,15 @@ async fn an_unreachable_cache_never_fails_the_delivery() {
     daemon
         .wait_log("lookup cache unavailable; looking up uncached", WAIT)
         .await;
+    assert_eq!(
+        daemon
+            .logs()
+            .matches("lookup cache unavailable; looking up uncached")
+            .count(),
+        1,
+        "one warning per outage, not per lookup: {}",
+        daemon.logs()
+    );
     assert!(daemon.stop().await.success());
 }
 
