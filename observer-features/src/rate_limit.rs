@@ -50,6 +50,9 @@ redis.call('SET', KEYS[1], string.format('%.3f', new), 'PX', math.ceil(new - now
 return 0
 ";
 
+/// Bucket count at which idle (refilled) buckets are forgotten.
+const PRUNE_AT: usize = 1_024;
+
 struct Bucket {
     tokens: f64,
     last: Instant,
@@ -85,6 +88,15 @@ impl RateState {
         let burst = per_second.max(1.0);
         let now = Instant::now();
         let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= PRUNE_AT && !map.contains_key(destination) {
+            // A bucket idle long enough to have refilled is the same as a new one: forget it, so
+            // destinations rendered from event data (a host per tenant) cannot grow this map
+            // without bound.
+            map.retain(|d, b| {
+                let rate = self.limit(d).per_second.max(f64::MIN_POSITIVE);
+                b.tokens + now.duration_since(b.last).as_secs_f64() * rate < rate.max(1.0)
+            });
+        }
         let b = map.entry(destination.clone()).or_insert(Bucket {
             tokens: burst,
             last: now,
@@ -125,6 +137,9 @@ impl Drop for Slot {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.destination) {
             *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.destination);
+            }
         }
     }
 }
@@ -322,5 +337,28 @@ mod tests {
         // 0 = no cap
         let many: Vec<_> = (0..100).map(|_| st.reserve(&d, 0).unwrap()).collect();
         assert_eq!(many.len(), 100);
+        drop(many);
+        drop(_b);
+        // No slot left: the destination's entry is gone, not kept at zero.
+        assert!(st.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn refilled_buckets_are_forgotten_once_there_are_many() {
+        let st = RateState::new(&RateLimitConfig::default()); // 100/s by default
+        for i in 0..PRUNE_AT {
+            let d: Arc<str> = format!("tenant-{i}.example:443").into();
+            assert_eq!(st.take_local(&d, 100.0), None);
+        }
+        let busy: Arc<str> = "busy.example:443".into();
+        assert!(st.buckets.lock().unwrap().len() == PRUNE_AT);
+        // Every bucket refills (one token short of a hundred) within 10 ms at 100/s.
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        for _ in 0..50 {
+            st.take_local(&busy, 100.0);
+        }
+        let map = st.buckets.lock().unwrap();
+        assert_eq!(map.len(), 1, "only the bucket in use is kept");
+        assert!(map.contains_key(&busy));
     }
 }
