@@ -118,7 +118,7 @@ pub async fn supervise(
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(MAX_RESTART_DELAY);
+                delay = next_restart_delay(delay);
             }
         }
     }
@@ -132,6 +132,11 @@ const FIRST_RESTART_DELAY: Duration = Duration::from_millis(500);
 /// the `pg-restart` fault scenario took 11.4 s from "database up" to the next delivery after a
 /// 20 s outage (the backoff had reached 16 s). Kafka clients cap reconnects at 1 s by default.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(4);
+
+/// The backoff's next step: double, up to [`MAX_RESTART_DELAY`].
+fn next_restart_delay(delay: Duration) -> Duration {
+    (delay * 2).min(MAX_RESTART_DELAY)
+}
 
 /// The wait before restarting a run that failed, given the wait of the previous restart.
 ///
@@ -1150,6 +1155,19 @@ mod tests {
             restart_delay(long_wait, false, Duration::from_secs(2)),
             long_wait
         );
+    }
+
+    #[test]
+    fn the_reconnect_backoff_doubles_up_to_four_seconds() {
+        let mut d = FIRST_RESTART_DELAY;
+        let mut seen = vec![d.as_millis()];
+        for _ in 0..6 {
+            d = next_restart_delay(d);
+            seen.push(d.as_millis());
+        }
+        // Regression (pg-restart long form): capped at 30 s, the backoff reached 16 s during a
+        // 20 s outage and the daemon delivered again 11.4 s after the database was back.
+        assert_eq!(seen, [500, 1000, 2000, 4000, 4000, 4000, 4000]);
     }
 
     #[test]
