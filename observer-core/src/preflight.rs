@@ -149,7 +149,37 @@ pub async fn check(
     if !missing.is_empty() {
         return Err(StoreError::Privileges(missing.join("; ")));
     }
-    row_security(client, &objects.change_log).await
+    let mut warnings = row_security(client, &objects.change_log).await?;
+    warnings.extend(wake_up(client, &objects.change_log).await?);
+    Ok(warnings)
+}
+
+/// Whether the change log carries the wake-up `migrate` installs (a deferred constraint
+/// trigger). Without it deliveries wait for the poll; with the per-statement NOTIFY trigger of
+/// earlier builds they arrive, but every notifying commit of the application waits for the one
+/// before it.
+async fn wake_up(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+) -> Result<Option<String>, StoreError> {
+    let deferred: Option<bool> = client
+        .query_opt(
+            "SELECT t.tgdeferrable FROM pg_trigger t
+              WHERE t.tgrelid = $1::text::regclass AND t.tgname = 'fraiseql_observers_notify'
+                AND t.tgenabled <> 'D'",
+            &[&table.sql()],
+        )
+        .await?
+        .map(|r| r.get(0));
+    Ok(match deferred {
+        Some(true) => None,
+        Some(false) => Some(format!(
+            "the wake-up trigger on {table} is from an earlier build (one NOTIFY per statement,              which makes the application's concurrent commits wait for each other): run              `fraiseql-observers migrate` to replace it"
+        )),
+        None => Some(format!(
+            "no enabled wake-up trigger (fraiseql_observers_notify) on {table}: changes are              read every listener.poll_interval_ms instead of at once; run `fraiseql-observers              migrate`"
+        )),
+    })
 }
 
 /// Whether row-level security filters what this role reads from the change log. No applicable

@@ -192,3 +192,44 @@ async fn a_rolled_back_savepoint_does_not_swallow_the_wake_up() {
     assert_eq!(got.len(), 5);
     daemon.stop().await;
 }
+
+/// A change log still carrying the per-statement NOTIFY trigger of earlier builds (not
+/// migrated since the upgrade): the daemon says so at start and still delivers; with no wake-up
+/// trigger at all it says deliveries wait for the poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_or_missing_wake_up_trigger_is_reported_at_start() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    db.exec(
+        "DROP TRIGGER fraiseql_observers_notify ON tb_entity_change_log;
+         CREATE FUNCTION old_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_notify('fraiseql_observers', 'x'); RETURN NULL; END $$;
+         CREATE TRIGGER fraiseql_observers_notify AFTER INSERT ON tb_entity_change_log
+           FOR EACH STATEMENT EXECUTE FUNCTION old_notify();",
+    )
+    .await;
+    let mut daemon = Daemon::start(&db, &config(&db, &rx)).await;
+    daemon
+        .wait_log("is from an earlier build", Duration::from_secs(10))
+        .await;
+    db.insert_order(1, "new", 1.0).await;
+    rx.wait_for(1, Duration::from_secs(10)).await;
+    daemon.stop().await;
+
+    db.exec("DROP TRIGGER fraiseql_observers_notify ON tb_entity_change_log")
+        .await;
+    let mut daemon = Daemon::start(&db, &config(&db, &rx)).await;
+    daemon
+        .wait_log("no enabled wake-up trigger", Duration::from_secs(10))
+        .await;
+    daemon.stop().await;
+
+    // `migrate` puts the current one back, and the warning goes away.
+    assert!(db.cli(&["migrate"]).await.status.success());
+    let mut daemon = Daemon::start(&db, &config(&db, &rx)).await;
+    db.insert_order(2, "new", 1.0).await;
+    rx.wait_for(2, Duration::from_secs(10)).await;
+    let logs = daemon.logs();
+    assert!(!logs.contains("wake-up trigger"), "{logs}");
+    daemon.stop().await;
+}
