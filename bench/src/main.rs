@@ -89,10 +89,10 @@ struct Args {
     /// Batch the webhook: `batch = { max_events = N, max_wait_ms = --batch-wait-ms }` (0 = one
     /// request per delivery). Batches form from deliveries in flight together, so this needs
     /// `--feature concurrent`.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     batch: u32,
-    /// `max_wait_ms` of `--batch`.
-    #[arg(long, default_value_t = 5)]
+    /// `max_wait_ms` of `--batch` (1..=60000, as the daemon accepts).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=60_000))]
     batch_wait_ms: u32,
     /// Switch on a layer (`OBSERVER__FEATURES__<NAME>=true`); repeatable.
     #[arg(long = "feature")]

@@ -166,13 +166,6 @@ impl WindowReader {
         Ok((quiet?.get(0), snapshot_from_row(&snap?)))
     }
 
-    /// The database's current snapshot.
-    pub async fn snapshot(&self) -> Result<Snapshot, tokio_postgres::Error> {
-        Ok(snapshot_from_row(
-            &self.client.query_one(&self.snapshot, &[]).await?,
-        ))
-    }
-
     /// The rest of window (`lo`, `hi`) after `after_pk`, in pk order, through one cursor: the
     /// query runs (and sorts) once and [`WindowCursor::next_page`] fetches from it. Paging a
     /// large window with one LIMIT query per page re-scanned and re-sorted what was left of it

@@ -185,9 +185,9 @@ impl Objects {
 
     /// The commit-time half of the wake-up. A NOTIFY makes every notifying commit in the
     /// database wait for the one before it (Postgres serialises them on one lock, held through
-    /// the WAL flush, so commits stop sharing flushes): a trigger that notified on every commit
-    /// cut single-row INSERT throughput into a captured table from 2,100 to 490 a second with
-    /// 16 clients (docs/benchmarks.md, "The write path"). So only one committing transaction at
+    /// the WAL flush, so commits stop sharing flushes): with a NOTIFY on every statement, 16
+    /// clients doing single-row INSERTs into a captured table reached 2,100 a second against
+    /// 4,488 with no wake-up at all (docs/benchmarks.md, "The write path"). So only one committing transaction at
     /// a time notifies: it holds the `notifying` lock until its commit ends. Every writer holds
     /// the `committing` lock (shared) from here until its commit ends, and the reader, after a
     /// notification, keeps looking while any writer still holds it. A writer that skips the
