@@ -107,12 +107,13 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
-    // `[runtime] worker_threads` (default 1). One thread when one dispatch runs at a time:
-    // threads bought only cross-thread wake-ups (observer-bench: +26 % events/s, -22 % CPU
-    // against the multi-threaded runtime). With `concurrent`, more workers use more cores. A
-    // config that does not load here is reported by the command itself.
+    // `[runtime] worker_threads` (default automatic: `RuntimeConfig::threads`). One thread when
+    // one dispatch runs at a time: threads bought only cross-thread wake-ups (observer-bench:
+    // +26 % events/s, -22 % CPU against the multi-threaded runtime). With `concurrent`, one
+    // worker per core. A config that does not load here is reported by the command itself.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = observer_core::config::load(cli.config.as_deref())
-        .map(|c| c.runtime.worker_threads)
+        .map(|c| c.runtime.threads(c.features.concurrent, cores))
         .unwrap_or(1);
     let mut builder = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

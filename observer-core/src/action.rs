@@ -111,12 +111,20 @@ impl ActionContext {
 
     /// Parses a rendered URL and checks an IP-literal host against the guard (names are checked
     /// after resolution by the client's resolver). `Err` is a permanent failure's message.
-    pub fn checked_url(&self, url: &str, shown: &str) -> Result<reqwest::Url, String> {
-        let parsed =
-            reqwest::Url::parse(url).map_err(|e| format!("`{shown}` is not a URL: {e}"))?;
+    /// `shown` names the URL in an error; it is called only then (it may parse the URL again).
+    pub fn checked_url(
+        &self,
+        url: &str,
+        shown: impl FnOnce() -> String,
+    ) -> Result<reqwest::Url, String> {
+        let parsed = match reqwest::Url::parse(url) {
+            Ok(p) => p,
+            Err(e) => return Err(format!("`{}` is not a URL: {e}", shown())),
+        };
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(format!(
-                "`{shown}`: scheme `{}` is not http or https",
+                "`{}`: scheme `{}` is not http or https",
+                shown(),
                 parsed.scheme()
             ));
         }
@@ -562,21 +570,19 @@ impl Webhook {
             Ok(u) => u,
             Err(e) => return permanent(format!("url template: {e}")),
         };
-        let parsed = match ctx.checked_url(&url, &shown_url(&url, self.url_secret)) {
+        let parsed = match ctx.checked_url(&url, || shown_url(&url, self.url_secret)) {
             Ok(p) => p,
             Err(e) => return permanent(e),
         };
-        let body = match &self.body {
+        let key = scope.idempotency_key.unwrap_or_default();
+        let observer = scope.observer.unwrap_or_default();
+        let rendered_body = match &self.body {
             Some(t) => match t.render(scope) {
-                Ok(b) => b,
+                Ok(b) => Some(b),
                 Err(e) => return permanent(format!("body template: {e}")),
             },
-            None => scope
-                .event
-                .envelope(scope.observer.unwrap_or_default())
-                .to_string(),
+            None => None,
         };
-        let key = scope.idempotency_key.unwrap_or_default();
         let mut rendered = Vec::with_capacity(self.headers.len());
         for (name, t) in &self.headers {
             match t.render(scope).map_err(|e| e.to_string()).and_then(|v| {
@@ -595,8 +601,13 @@ impl Webhook {
                 policy: self.policy.clone(),
                 url_secret: self.url_secret,
             };
-            return b.submit(send, url, rendered, &body, key).await;
+            let element = match &rendered_body {
+                Some(body) => crate::actions::webhook_batch::element(body, key),
+                None => scope.event.envelope_json(observer, Some(key)),
+            };
+            return b.submit(send, url, rendered, element, key).await;
         }
+        let body = rendered_body.unwrap_or_else(|| scope.event.envelope_json(observer, None));
         let mut req = ctx
             .http
             .request(self.method.clone(), parsed)

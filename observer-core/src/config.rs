@@ -82,14 +82,29 @@ fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// 1: everything on one thread (fastest when one dispatch runs at a time); more: a
-    /// multi-threaded runtime with this many workers (for `concurrent` on a multi-core host).
+    /// 0 (the default): automatic, see [`RuntimeConfig::threads`]. 1: everything on one thread
+    /// (fastest when one dispatch runs at a time); more: a multi-threaded runtime with this many
+    /// workers (for `concurrent` on a multi-core host).
     pub worker_threads: usize,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { worker_threads: 1 }
+        RuntimeConfig { worker_threads: 0 }
+    }
+}
+
+impl RuntimeConfig {
+    /// The worker threads to start: `worker_threads` when set; automatically one while
+    /// `concurrent` is off (one dispatch at a time gains nothing from threads but cross-thread
+    /// wake-ups), and one per available core while it is on (dispatches in flight together then
+    /// use every core: docs/benchmarks.md).
+    pub fn threads(&self, concurrent: bool, cores: usize) -> usize {
+        match self.worker_threads {
+            0 if concurrent => cores.clamp(1, 256),
+            0 => 1,
+            n => n,
+        }
     }
 }
 
@@ -860,7 +875,7 @@ impl Config {
         range(
             "runtime.worker_threads",
             self.runtime.worker_threads as i128,
-            1,
+            0,
             256,
             "",
         );
@@ -1298,6 +1313,17 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn worker_threads_follow_concurrent_unless_set() {
+        let auto = RuntimeConfig::default();
+        assert_eq!(auto.threads(false, 8), 1);
+        assert_eq!(auto.threads(true, 8), 8);
+        assert_eq!(auto.threads(true, 0), 1);
+        let set = RuntimeConfig { worker_threads: 3 };
+        assert_eq!(set.threads(false, 8), 3);
+        assert_eq!(set.threads(true, 2), 3);
     }
 
     #[test]

@@ -78,18 +78,79 @@ impl ChangeEvent {
         (self.entity.clone(), self.entity_id.clone())
     }
 
-    /// The default webhook body of the design brief.
+    /// The default webhook body of the design brief, as a JSON value.
     pub fn envelope(&self, observer: &str) -> Value {
-        serde_json::json!({
-            "event_id": self.id,
-            "entity": self.entity,
-            "entity_id": self.entity_id,
-            "operation": self.operation.as_str(),
-            "data": self.data,
-            "before": self.before,
-            "tenant_id": self.tenant_id,
-            "created_at": self.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            "observer": observer,
-        })
+        serde_json::to_value(self.envelope_ref(observer, None))
+            .expect("an envelope serializes: its keys are strings")
+    }
+
+    /// The default webhook body serialized straight from the event (no value tree, no copy of
+    /// `data`), with `idempotency_key` added when given: the per-delivery form of
+    /// [`ChangeEvent::envelope`], byte for byte the same keys in the same order.
+    pub fn envelope_json(&self, observer: &str, idempotency_key: Option<&str>) -> String {
+        serde_json::to_string(&self.envelope_ref(observer, idempotency_key))
+            .expect("an envelope serializes: its keys are strings")
+    }
+
+    fn envelope_ref<'a>(&'a self, observer: &'a str, key: Option<&'a str>) -> Envelope<'a> {
+        Envelope {
+            before: &self.before,
+            created_at: self
+                .created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            data: &self.data,
+            entity: &self.entity,
+            entity_id: &self.entity_id,
+            event_id: &self.id,
+            idempotency_key: key,
+            observer,
+            operation: self.operation.as_str(),
+            tenant_id: &self.tenant_id,
+        }
+    }
+}
+
+/// The envelope's fields in the order a JSON object value keeps them (sorted), so the direct
+/// and the value form write the same bytes.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    before: &'a Option<Value>,
+    created_at: String,
+    data: &'a Option<Value>,
+    entity: &'a str,
+    entity_id: &'a Option<String>,
+    event_id: &'a Uuid,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<&'a str>,
+    observer: &'a str,
+    operation: &'static str,
+    tenant_id: &'a Option<Uuid>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_direct_envelope_writes_the_value_forms_bytes() {
+        let e = ChangeEvent {
+            pk: 7,
+            id: Uuid::from_u128(42),
+            created_at: DateTime::from_timestamp(1_700_000_000, 123_456_000).unwrap(),
+            entity: "Order".into(),
+            entity_id: Some("[\"9\"]".into()),
+            operation: Operation::Update,
+            data: Some(serde_json::json!({"id": 9, "note": "a \"quote\" \u{e9}", "z": [1, {"b": null}]})),
+            before: None,
+            tenant_id: Some(Uuid::from_u128(3)),
+            txid: 1,
+        };
+        assert_eq!(e.envelope_json("o", None), e.envelope("o").to_string());
+        let mut with_key = e.envelope("o");
+        with_key
+            .as_object_mut()
+            .unwrap()
+            .insert("idempotency_key".into(), "k-1".into());
+        assert_eq!(e.envelope_json("o", Some("k-1")), with_key.to_string());
     }
 }

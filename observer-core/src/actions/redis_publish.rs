@@ -134,13 +134,9 @@ impl RedisPublish {
                 Ok(b) => b,
                 Err(e) => return permanent(format!("body template: {e}")),
             },
-            None => {
-                let mut v = scope.event.envelope(scope.observer.unwrap_or_default());
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("idempotency_key".into(), key.into());
-                }
-                v.to_string()
-            }
+            None => scope
+                .event
+                .envelope_json(scope.observer.unwrap_or_default(), Some(key)),
         };
         let mut conn = match redis.conn().await {
             Ok(c) => c,

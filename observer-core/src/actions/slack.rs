@@ -182,7 +182,7 @@ impl Slack {
         };
         let key = scope.idempotency_key.unwrap_or_default();
         // The URL is the credential: messages show neither it nor its path.
-        if let Err(e) = ctx.checked_url(&self.url, "<slack webhook_url>") {
+        if let Err(e) = ctx.checked_url(&self.url, || "<slack webhook_url>".into()) {
             return permanent(format!("Slack: {e}"));
         }
         let req = ctx

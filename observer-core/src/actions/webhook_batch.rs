@@ -77,7 +77,8 @@ pub(crate) struct BatchSend {
 struct Item {
     url: String,
     headers: Vec<(HeaderName, HeaderValue)>,
-    element: Value,
+    /// The array element, serialized.
+    element: String,
     key: String,
     reply: oneshot::Sender<Outcome>,
 }
@@ -134,23 +135,16 @@ impl Batcher {
         })
     }
 
-    /// Adds one delivery's body to a batch and waits for the outcome of the request it went in.
+    /// Adds one delivery's array element (see [`element`]) to a batch and waits for the outcome
+    /// of the request it went in.
     pub(crate) async fn submit(
         &self,
         send: impl FnOnce() -> BatchSend,
         url: String,
         headers: Vec<(HeaderName, HeaderValue)>,
-        body: &str,
+        element: String,
         key: &str,
     ) -> Outcome {
-        let element = match serde_json::from_str::<Value>(body) {
-            Ok(Value::Object(mut o)) => {
-                o.insert("idempotency_key".into(), key.into());
-                Value::Object(o)
-            }
-            Ok(other) => serde_json::json!({"idempotency_key": key, "body": other}),
-            Err(_) => serde_json::json!({"idempotency_key": key, "body": body}),
-        };
         let tx = self.tx.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(run(rx, send(), self.max_events, self.max_wait));
@@ -177,6 +171,20 @@ impl Batcher {
             Some("the batch request was abandoned before it finished".into()),
         ))
     }
+}
+
+/// The array element of a delivery whose body a template rendered: the body with
+/// `"idempotency_key"` set when it is a JSON object, else wrapped as `{"idempotency_key", "body"}`.
+pub(crate) fn element(body: &str, key: &str) -> String {
+    match serde_json::from_str::<Value>(body) {
+        Ok(Value::Object(mut o)) => {
+            o.insert("idempotency_key".into(), key.into());
+            Value::Object(o)
+        }
+        Ok(other) => serde_json::json!({"idempotency_key": key, "body": other}),
+        Err(_) => serde_json::json!({"idempotency_key": key, "body": body}),
+    }
+    .to_string()
 }
 
 async fn run(
@@ -232,7 +240,15 @@ async fn flush(send: BatchSend, (url, headers): GroupKey, items: Vec<Item>) {
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
     let id = batch_key(&keys);
     let n = items.len();
-    let body = Value::Array(items.iter().map(|i| i.element.clone()).collect()).to_string();
+    let mut body = String::with_capacity(items.iter().map(|i| i.element.len() + 1).sum::<usize>() + 2);
+    body.push('[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&item.element);
+    }
+    body.push(']');
     let mut req = send
         .http
         .request(send.method.clone(), &url)
