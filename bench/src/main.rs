@@ -111,12 +111,28 @@ struct Args {
     /// dirty pages can land in the latency phase and stall every commit, the bench's own too).
     #[arg(long)]
     no_checkpoint_between: bool,
+    /// Throughput phase as a backlog: the daemon is paused (SIGSTOP) while the events are
+    /// inserted and resumed (SIGCONT) once they are all committed, so the drain rate (resume →
+    /// last delivery) is the daemon's alone, not shared with the inserting load.
+    #[arg(long)]
+    backlog: bool,
     /// Skip the fixed-rate latency phase.
     #[arg(long)]
     skip_latency: bool,
     /// Skip the idle probe.
     #[arg(long)]
     skip_idle: bool,
+}
+
+/// Sends `kill -SIG pid` (STOP or CONT).
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .with_context(|| format!("kill -{sig} {pid}"))?;
+    anyhow::ensure!(status.success(), "kill -{sig} {pid}: {status}");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,6 +641,9 @@ impl Bench {
             clients.push(connect(&self.db_url).await?);
         }
         let per_tx = a.rows_per_stmt * a.stmts_per_tx;
+        if a.backlog {
+            signal(self.daemon_pid, "STOP")?;
+        }
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for (c, client) in clients.into_iter().enumerate() {
@@ -651,11 +670,23 @@ impl Bench {
                 Ok::<Instant, anyhow::Error>(Instant::now())
             }));
         }
-        let mut insert_end = t0;
+        let mut insert_end = Ok(t0);
         for t in tasks {
-            insert_end = insert_end.max(t.await??);
+            insert_end = match (insert_end, t.await) {
+                (Ok(end), Ok(Ok(t))) => Ok(end.max(t)),
+                (Err(e), _) | (_, Ok(Err(e))) => Err(e),
+                (_, Err(e)) => Err(e.into()),
+            };
         }
-        let insert_s = (insert_end - t0).as_secs_f64();
+        // Resumed whatever happened: a paused daemon would not even stop on SIGTERM.
+        let resumed = if a.backlog {
+            let r = Instant::now();
+            signal(self.daemon_pid, "CONT")?;
+            Some(r)
+        } else {
+            None
+        };
+        let insert_s = (insert_end? - t0).as_secs_f64();
         eprintln!("[bench]   inserted {n} rows in {insert_s:.2} s; waiting for deliveries");
         let complete = wait_delivered(&self.sink, n, Duration::from_secs(a.stall_secs)).await;
         let wait_end = Instant::now();
@@ -681,8 +712,15 @@ impl Bench {
             per_sec[s] += 1;
         }
         let secs = (wait_end - t0).as_secs_f64();
+        let drain_s = match (resumed, last) {
+            (Some(r), Some(l)) => Some((l - r).as_secs_f64()),
+            _ => None,
+        };
         Ok(json!({
             "loadavg_at_start": la,
+            "backlog": a.backlog,
+            "resume_to_last_delivery_s": drain_s.map(r3),
+            "drain_events_per_s": drain_s.map(|d| (acc.distinct as f64 / d).round()),
             "events": n,
             "insert_connections": conns,
             "rows_per_statement": a.rows_per_stmt,
@@ -1214,7 +1252,15 @@ fn print_report(r: &Value) {
             "  first insert → last delivery {} s",
             t["first_insert_to_last_delivery_s"]
         );
-        println!("  EVENTS/S (end to end)        {}", t["events_per_s"]);
+        if t["backlog"].as_bool() == Some(true) {
+            println!(
+                "  backlog: the daemon was paused during the inserts; resume → last delivery {} s",
+                t["resume_to_last_delivery_s"]
+            );
+            println!("  DRAIN EVENTS/S               {}", t["drain_events_per_s"]);
+        } else {
+            println!("  EVENTS/S (end to end)        {}", t["events_per_s"]);
+        }
         println!(
             "  events/s (first→last delivery) {}",
             t["delivery_window_events_per_s"]

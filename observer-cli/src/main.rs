@@ -97,9 +97,22 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: sets one integer option of the allocator; mimalloc reads options atomically.
-        unsafe {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS)
-        };
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
+    disable_transparent_huge_pages();
+}
+
+/// No transparent huge pages for this process. With them, RSS counts every 2 MiB region the
+/// allocator has touched, a purge of part of one frees nothing, and khugepaged collapses a
+/// region with a single page in use back into a whole huge page: an hour-long soak's RSS climbed
+/// from 25 to 43 MiB with 30 of its 31 MiB of anonymous memory in huge pages
+/// (`AnonHugePages` in /proc/PID/smaps_rollup). mimalloc is built with
+/// `no_thp` (it never asks for them); this also covers hosts whose THP mode is `always`.
+fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes an integer flag and no pointers.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
@@ -174,5 +187,14 @@ mod tests {
         // SAFETY: as above.
         let set = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
         assert_eq!(set, PURGE_DELAY_MS);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn transparent_huge_pages_are_off_after_start() {
+        disable_transparent_huge_pages();
+        // SAFETY: PR_GET_THP_DISABLE takes no arguments and returns the flag.
+        let off = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+        assert_eq!(off, 1);
     }
 }

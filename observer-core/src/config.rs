@@ -79,19 +79,13 @@ fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 }
 
 /// `[runtime]`: the process's async runtime.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// 0 (the default): automatic, see [`RuntimeConfig::threads`]. 1: everything on one thread
     /// (fastest when one dispatch runs at a time); more: a multi-threaded runtime with this many
     /// workers (for `concurrent` on a multi-core host).
     pub worker_threads: usize,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig { worker_threads: 0 }
-    }
 }
 
 impl RuntimeConfig {

@@ -140,7 +140,9 @@ mod tests {
             entity: "Order".into(),
             entity_id: Some("[\"9\"]".into()),
             operation: Operation::Update,
-            data: Some(serde_json::json!({"id": 9, "note": "a \"quote\" \u{e9}", "z": [1, {"b": null}]})),
+            data: Some(
+                serde_json::json!({"id": 9, "note": "a \"quote\" \u{e9}", "z": [1, {"b": null}]}),
+            ),
             before: None,
             tenant_id: Some(Uuid::from_u128(3)),
             txid: 1,

@@ -240,7 +240,8 @@ async fn flush(send: BatchSend, (url, headers): GroupKey, items: Vec<Item>) {
     let keys: Vec<&str> = items.iter().map(|i| i.key.as_str()).collect();
     let id = batch_key(&keys);
     let n = items.len();
-    let mut body = String::with_capacity(items.iter().map(|i| i.element.len() + 1).sum::<usize>() + 2);
+    let mut body =
+        String::with_capacity(items.iter().map(|i| i.element.len() + 1).sum::<usize>() + 2);
     body.push('[');
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
