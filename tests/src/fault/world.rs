@@ -373,9 +373,25 @@ impl Drop for DaemonProc {
 
 /// Resident set of a process, kB.
 pub fn rss_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmRSS:")
+}
+
+/// Of the resident set, anonymous memory (the heap, stacks), kB.
+pub fn rss_anon_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "RssAnon:")
+}
+
+/// Of the resident set, file-backed pages (the executable's code and read-only data, shared
+/// libraries), kB. Bounded by the size of those mappings; it grows as code runs for the first
+/// time (the kernel maps up to 64 KiB around each fault).
+pub fn rss_file_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "RssFile:")
+}
+
+fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
