@@ -9,6 +9,39 @@ use observer_core::change_log::{ChangeLog, READER_SESSION_SQL};
 use observer_core::schema::TableName;
 use observer_tests::*;
 
+/// Opens a session with the reader's settings (after `extra`, if any), then returns the plan
+/// (`explain` is `EXPLAIN` or `EXPLAIN ANALYZE`) and the rows of the window of transaction ids
+/// [`lo`, `hi`) at its start (`$5` = 0), as the reader sends it.
+async fn plan_and_read(
+    db: &TestDb,
+    extra: &str,
+    explain: &str,
+    lo: &str,
+    hi: &str,
+) -> (String, Vec<tokio_postgres::Row>) {
+    let log = ChangeLog::new(TableName::parse("tb_entity_change_log").expect("table name"));
+    let client = db.connect().await;
+    client
+        .batch_execute(&format!("{extra}{READER_SESSION_SQL}"))
+        .await
+        .expect("the reader's session settings");
+    let snapshot = format!("{hi}:{hi}:");
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&lo, &Vec::<String>::new(), &hi, &snapshot, &0i64, &1000i64];
+    let plan: Vec<String> = client
+        .query(&format!("{explain} {}", log.window_sql()), &params)
+        .await
+        .expect("explain")
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    let rows = client
+        .query(log.window_sql(), &params)
+        .await
+        .expect("window read");
+    (plan.join("\n"), rows)
+}
+
 #[tokio::test]
 async fn a_window_in_a_large_table_is_read_through_the_txid_index() {
     let db = TestDb::new().await;
@@ -21,30 +54,8 @@ async fn a_window_in_a_large_table_is_read_through_the_txid_index() {
          ANALYZE tb_entity_change_log",
     )
     .await;
-    let log = ChangeLog::new(TableName::parse("tb_entity_change_log").expect("table name"));
-    let client = db.connect().await;
-    client
-        .batch_execute(READER_SESSION_SQL)
-        .await
-        .expect("the reader's session settings");
-    // A window of 14 transaction ids in the middle of the table, at its start (`$5` = 0), as
-    // the reader sends it.
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-        &"1004000",
-        &Vec::<String>::new(),
-        &"1004014",
-        &"1004014:1004014:",
-        &0i64,
-        &1000i64,
-    ];
-    let plan: Vec<String> = client
-        .query(&format!("EXPLAIN ANALYZE {}", log.window_sql()), &params)
-        .await
-        .expect("explain")
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .collect();
-    let plan = plan.join("\n");
+    // A window of 14 transaction ids in the middle of the table.
+    let (plan, rows) = plan_and_read(&db, "", "EXPLAIN ANALYZE", "1004000", "1004014").await;
     assert!(
         plan.contains("tb_entity_change_log_txid_idx"),
         "the window is not read through the txid index:\n{plan}"
@@ -53,10 +64,6 @@ async fn a_window_in_a_large_table_is_read_through_the_txid_index() {
         !plan.contains("pkey"),
         "the window query walks the pk index:\n{plan}"
     );
-    let rows = client
-        .query(log.window_sql(), &params)
-        .await
-        .expect("window read");
     assert_eq!(rows.len(), 140, "rows of txids 1004000..1004014");
     let pks: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
     assert!(pks.windows(2).all(|w| w[0] < w[1]), "pk order: {pks:?}");
@@ -76,42 +83,12 @@ async fn a_window_is_never_read_by_parallel_workers() {
          FROM generate_series(1, 20000) g",
     )
     .await;
-    let log = ChangeLog::new(TableName::parse("tb_entity_change_log").expect("table name"));
-    let client = db.connect().await;
-    client
-        .batch_execute(
-            "SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0;
-             SET min_parallel_table_scan_size = 0; SET min_parallel_index_scan_size = 0",
-        )
-        .await
-        .expect("parallel costs");
-    client
-        .batch_execute(READER_SESSION_SQL)
-        .await
-        .expect("the reader's session settings");
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
-        &"1000500",
-        &Vec::<String>::new(),
-        &"1001500",
-        &"1001500:1001500:",
-        &0i64,
-        &1000i64,
-    ];
-    let plan: Vec<String> = client
-        .query(&format!("EXPLAIN {}", log.window_sql()), &params)
-        .await
-        .expect("explain")
-        .iter()
-        .map(|r| r.get::<_, String>(0))
-        .collect();
-    let plan = plan.join("\n");
+    let cheap_parallel = "SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; \
+         SET min_parallel_table_scan_size = 0; SET min_parallel_index_scan_size = 0; ";
+    let (plan, rows) = plan_and_read(&db, cheap_parallel, "EXPLAIN", "1000500", "1001500").await;
     assert!(
         !plan.contains("Gather") && !plan.contains("Parallel"),
         "the window query is planned with parallel workers:\n{plan}"
     );
-    let rows = client
-        .query(log.window_sql(), &params)
-        .await
-        .expect("window read");
     assert_eq!(rows.len(), 1000, "the first page of txids 1000500..1001500");
 }
