@@ -997,7 +997,9 @@ pub async fn soak(setup: &Setup, size: Size) -> Result<Report> {
         let anon = col("rss_anon_kb");
         let anon_first = anon.first().copied().unwrap_or(0.0);
         let (rf, rl, _) = flat(&rss, 0.0);
-        let (af, al, anon_ok) = flat(&anon, (anon_first * 0.10).max(8192.0));
+        let (af, al, anon_flat) = flat(&anon, (anon_first * 0.10).max(8192.0));
+        // A sample without `RssAnon` (unreadable /proc, a kernel before 4.5) must not pass as flat.
+        let anon_ok = anon_flat && anon.len() == samples.len();
         let file = col("rss_file_kb");
         // Descriptors other than connections to the sink must stay flat; the connection pool to
         // the sink may grow with a burst (it is bounded by max_in_flight, 64, and idles out).
@@ -1050,7 +1052,9 @@ pub async fn soak(setup: &Setup, size: Size) -> Result<Report> {
             anon_ok,
             format!(
                 "anonymous memory flat (first third max {af} kB, last third max {al} kB; \
-                 all of RSS {rf} → {rl} kB)"
+                 all of RSS {rf} → {rl} kB; RssAnon read in {} of {} samples)",
+                anon.len(),
+                samples.len()
             ),
         );
         r.check(
