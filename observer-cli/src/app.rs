@@ -38,7 +38,8 @@ impl App {
         pg_config.connect_timeout(Duration::from_millis(
             config.database.connect_timeout_ms.max(1),
         ));
-        pg_config.application_name("fraiseql-observers");
+        // The pid tells an operator (and the failover tests) which process a session belongs to.
+        pg_config.application_name(format!("fraiseql-observers pid {}", std::process::id()));
         Ok(App {
             config: Arc::new(config),
             config_path: path.map(Path::to_path_buf),

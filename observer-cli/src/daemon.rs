@@ -76,12 +76,17 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         checkpoint.clone(),
     )
     .await?;
-    let owner = format!(
-        "{}:{}",
-        std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "host".into()),
-        std::process::id()
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    let owner = format!("{host}:{}", std::process::id());
+    let leadership = stack::leadership(
+        &cfg,
+        &host,
+        &app.objects,
+        &app.pg_config,
+        &app.tls,
+        &metrics,
     );
     let (observers_tx, observers_rx) = tokio::sync::watch::channel(Arc::new(observers));
     let ctx = RunContext {
@@ -92,6 +97,7 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         pg_config: app.pg_config.clone(),
         tls: app.tls.clone(),
         checkpoint,
+        leadership: leadership.clone(),
         owner,
         metrics: metrics.clone(),
     };
@@ -102,6 +108,7 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         change_log = %app.objects.change_log,
         observers = ctx.observers.borrow().list.len(),
         checkpoint = cfg.features.checkpoint,
+        failover = cfg.features.failover,
         "starting"
     );
     let shutdown = CancellationToken::new();
@@ -131,6 +138,7 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     ));
     let result = runloop::supervise(&ctx, &make, shutdown.clone()).await;
     shutdown.cancel();
+    leadership.retire().await;
     if let Some(endpoint) = endpoint {
         endpoint.stop().await;
     }

@@ -23,6 +23,7 @@ pub const BUILT: &[(&str, bool)] = &[
     ("rate_limit", cfg!(feature = "rate_limit")),
     ("metrics", cfg!(feature = "metrics")),
     ("caching", cfg!(feature = "caching")),
+    ("failover", cfg!(feature = "failover")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.
@@ -38,6 +39,10 @@ pub fn check_features(cfg: &Config) -> Result<()> {
         }
     }
     let f = &cfg.features;
+    if f.failover && !f.checkpoint {
+        bail!("features.failover is on but features.checkpoint is off: a standby that takes over resumes from the checkpoint, \
+               so without one it would skip what the old leader had not finished. Set features.checkpoint = true (the default)");
+    }
     if f.dedup
         && cfg.dedup.backend == observer_core::config::DedupBackend::Redis
         && cfg.redis.url.is_none()
@@ -72,6 +77,34 @@ pub fn lookup_cache(
             Arc::new(NoCache)
         }
     }
+}
+
+/// How this process becomes the one active instance of its listener: the `failover` layer's
+/// lease when it is on, else the core's advisory lock.
+pub fn leadership(
+    cfg: &Config,
+    host: &str,
+    objects: &observer_core::schema::Objects,
+    pg: &tokio_postgres::Config,
+    tls: &observer_core::tls::PgTls,
+    metrics: &Arc<Metrics>,
+) -> Arc<dyn observer_core::leadership::Leadership> {
+    #[cfg(feature = "failover")]
+    if cfg.features.failover {
+        return Arc::new(observer_features::failover::LeaseLeadership::new(
+            &cfg.listener.id,
+            host,
+            &cfg.failover,
+            objects,
+            pg.clone(),
+            tls.clone(),
+            metrics.clone(),
+        ));
+    }
+    let _ = (host, objects, pg, tls, metrics);
+    Arc::new(observer_core::leadership::AdvisoryLock::new(
+        &cfg.listener.id,
+    ))
 }
 
 /// Process-wide state of the layers (see the module comment).

@@ -29,6 +29,7 @@ pub struct Config {
     pub circuit_breaker: CircuitBreakerConfig,
     pub rate_limit: RateLimitConfig,
     pub metrics: MetricsConfig,
+    pub failover: FailoverConfig,
     pub runtime: RuntimeConfig,
     pub outbound: OutboundConfig,
     pub observers: Vec<ObserverConfig>,
@@ -446,6 +447,39 @@ impl Default for MetricsConfig {
             listen: "127.0.0.1:9464".into(),
             ready_max_lag_secs: 300,
             refresh_secs: 5,
+        }
+    }
+}
+
+/// `[failover]`: the leader lease of the `failover` layer (docs/architecture.md, "Failover").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// How long a lease lasts without renewal: the longest a stuck leader keeps the listener.
+    pub lease_ms: u64,
+    /// How often the leader renews its lease; 0 = a third of `lease_ms`.
+    pub renew_ms: u64,
+    /// How often a standby checks whether it can take over.
+    pub poll_ms: u64,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            lease_ms: 5_000,
+            renew_ms: 0,
+            poll_ms: 250,
+        }
+    }
+}
+
+impl FailoverConfig {
+    /// `renew_ms`, with 0 meaning a third of the lease.
+    pub fn renew_every_ms(&self) -> u64 {
+        if self.renew_ms == 0 {
+            (self.lease_ms / 3).max(1)
+        } else {
+            self.renew_ms
         }
     }
 }
@@ -872,6 +906,28 @@ impl Config {
             0,
             256,
             "",
+        );
+        let fo = &self.failover;
+        range(
+            "failover.lease_ms",
+            fo.lease_ms as i128,
+            500,
+            600_000,
+            " ms",
+        );
+        range(
+            "failover.renew_ms",
+            fo.renew_ms as i128,
+            0,
+            (fo.lease_ms / 2) as i128,
+            " ms (0 = a third of lease_ms; at most half the lease, so one late renewal does not lose it)",
+        );
+        range(
+            "failover.poll_ms",
+            fo.poll_ms as i128,
+            10,
+            fo.lease_ms as i128,
+            " ms (at most lease_ms)",
         );
         range(
             "redis.timeout_ms",

@@ -14,6 +14,9 @@ pub const BREAKER_CLOSED: i64 = 0;
 pub const BREAKER_HALF_OPEN: i64 = 1;
 pub const BREAKER_OPEN: i64 = 2;
 
+/// The `reason` labels of `observer_leader_takeovers_total`.
+pub const TAKEOVER_REASONS: [&str; 3] = ["vacant", "expired", "holder_gone"];
+
 pub struct Metrics {
     pub registry: Registry,
     /// Change-log rows read (events and poison rows).
@@ -72,6 +75,16 @@ pub struct Metrics {
     pub breaker_opened: IntCounterVec,
     /// Whether the listener holds its lock and runs (1) or stands by (0).
     pub listener_active: IntGauge,
+    /// 1 while this process leads its listener (holds the lock or the failover lease).
+    pub leader: IntGauge,
+    /// Times this process became the leader, by how (`vacant`: no leader or handed back;
+    /// `expired`: the leader's lease ran out; `holder_gone`: the leader's session ended).
+    pub takeovers: IntCounterVec,
+    /// Lease renewals that failed (no answer in time or an error); the lease is lost when they
+    /// keep failing until it expires.
+    pub lease_renew_failures: IntCounter,
+    /// Seconds since this leader last renewed its lease (0 while not leading).
+    pub lease_since_renewal: Gauge,
     /// Seconds from commit (change-log `created_at`) to completion.
     pub commit_to_done: Histogram,
 }
@@ -269,6 +282,27 @@ impl Metrics {
                 "observer_listener_active",
                 "1 while this process holds the listener lock and runs",
             ),
+            leader: gauge_i(
+                &r,
+                "observer_leader",
+                "1 while this process leads its listener",
+            ),
+            takeovers: counter_vec(
+                &r,
+                "observer_leader_takeovers_total",
+                "Times this process became the leader of its listener, by how",
+                &["reason"],
+            ),
+            lease_renew_failures: counter(
+                &r,
+                "observer_lease_renew_failures_total",
+                "Failover lease renewals that failed",
+            ),
+            lease_since_renewal: gauge_f(
+                &r,
+                "observer_lease_seconds_since_renewal",
+                "Seconds since this leader last renewed its failover lease",
+            ),
             commit_to_done,
             registry: r,
         };
@@ -282,6 +316,9 @@ impl Metrics {
         }
         for action in ["processed", "waited"] {
             m.dedup_unavailable.with_label_values(&[action]);
+        }
+        for reason in TAKEOVER_REASONS {
+            m.takeovers.with_label_values(&[reason]);
         }
         for source in ["cache", "http", "sql"] {
             m.enrich_duration.with_label_values(&[source]);

@@ -50,6 +50,18 @@ pub fn needs(objects: &Objects, cfg: &Config) -> Vec<Need> {
             "saving the checkpoint",
         ));
     }
+    if cfg.features.failover {
+        for p in ["SELECT", "INSERT", "UPDATE"] {
+            v.push(need(&objects.leases, p, "holding the failover lease"));
+        }
+        for p in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
+            v.push(need(
+                &objects.instances,
+                p,
+                "registering this instance of the listener group",
+            ));
+        }
+    }
     let r = &cfg.retention;
     if r.interval_secs > 0 {
         if r.change_log_days > 0 && cfg.features.checkpoint {
@@ -90,12 +102,18 @@ pub async fn check(
     objects: &Objects,
     needs: &[Need],
 ) -> Result<Vec<String>, StoreError> {
-    for t in [
+    let mut tables = vec![
         &objects.change_log,
         &objects.checkpoints,
         &objects.dead_letters,
         &objects.action_log,
-    ] {
+    ];
+    for n in needs {
+        if !tables.contains(&&n.table) {
+            tables.push(&n.table);
+        }
+    }
+    for t in tables {
         let row = client
             .query_one(
                 "SELECT has_schema_privilege(current_user, $1, 'USAGE'),

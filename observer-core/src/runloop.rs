@@ -36,6 +36,7 @@ use crate::change_log::{ChangeLog, ChangeRow, Position, Snapshot};
 use crate::config::{Backoff, Config, RetryConfig, StartFrom};
 use crate::event::ChangeEvent;
 use crate::executor::{idempotency_key, BoxError, BoxExecutor, Delivery, Dispatch, DispatchResult};
+use crate::leadership::{Leadership, Session, Term};
 use crate::observer::Observers;
 use crate::schema::Objects;
 use crate::store::{CheckpointStore, NewActionLog, NewDeadLetter, Progress, Recorder, StoreError};
@@ -49,6 +50,11 @@ pub enum RunError {
     Db(#[from] tokio_postgres::Error),
     #[error("the LISTEN connection (which holds the listener lock) was lost")]
     ListenLost,
+    /// Another instance leads the listener now (or this one could no longer prove it does).
+    #[error("lost the leadership of the listener: {0}")]
+    LeaseLost(String),
+    #[error(transparent)]
+    Leadership(crate::leadership::LeadershipError),
     #[error("change-log reader stopped: {0}")]
     Reader(String),
     /// A task of the run (writer, dispatch, executor) failed in a way that ends the run.
@@ -56,7 +62,29 @@ pub enum RunError {
     Task(String),
 }
 
+impl From<crate::leadership::LeadershipError> for RunError {
+    fn from(e: crate::leadership::LeadershipError) -> RunError {
+        use crate::leadership::LeadershipError as L;
+        match e {
+            // Missing tables or grants stop the daemon, whichever part found them.
+            L::Store(s) => RunError::Store(s),
+            L::Db(d) => RunError::Db(d),
+            L::SessionLost => RunError::ListenLost,
+            other => RunError::Leadership(other),
+        }
+    }
+}
+
 impl RunError {
+    /// True when the run ended because another instance took the listener over.
+    fn is_lost_leadership(&self) -> bool {
+        matches!(
+            self,
+            RunError::LeaseLost(_)
+                | RunError::Store(StoreError::LeaseLost { .. } | StoreError::Fenced { .. })
+        )
+    }
+
     /// True when the database could not be reached at all (as opposed to failing mid-run).
     fn is_unreachable(&self) -> bool {
         match self {
@@ -79,6 +107,8 @@ pub struct RunContext {
     /// The connector for every connection (TLS only when `sslmode=require`).
     pub tls: crate::tls::PgTls,
     pub checkpoint: Option<Arc<dyn CheckpointStore>>,
+    /// How this process becomes the one active instance of the listener.
+    pub leadership: Arc<dyn Leadership>,
     /// Identifies this process in the checkpoint row (`host:pid`).
     pub owner: String,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -101,6 +131,13 @@ pub async fn supervise(
             Ok(()) => return Ok(()),
             Err(RunError::Store(e @ (StoreError::NotMigrated(_) | StoreError::Privileges(_)))) => {
                 return Err(e.into())
+            }
+            Err(e) if e.is_lost_leadership() && !shutdown.is_cancelled() => {
+                // Not a failure to back off from: another instance leads now, and this one
+                // goes straight back to standing by.
+                tracing::warn!(listener = %ctx.config.listener.id, error = %e,
+                    "this instance no longer leads the listener; going back to standby");
+                delay = FIRST_RESTART_DELAY;
             }
             Err(e) => {
                 if shutdown.is_cancelled() {
@@ -194,46 +231,6 @@ async fn listen_connection(
         lost,
         _task: task,
     })
-}
-
-/// Takes the per-listener advisory lock, waiting as a standby while another process holds it.
-async fn acquire_lock(
-    conn: &ListenConnection,
-    listener: &str,
-    shutdown: &CancellationToken,
-) -> Result<bool, RunError> {
-    let mut announced = false;
-    loop {
-        let got: bool = conn
-            .client
-            .query_one(
-                "SELECT pg_try_advisory_lock(hashtextextended('fraiseql_observers:' || $1, 0))",
-                &[&listener],
-            )
-            .await?
-            .get(0);
-        if got {
-            if announced {
-                tracing::info!(
-                    listener,
-                    "listener lock acquired; this instance is now active"
-                );
-            }
-            return Ok(true);
-        }
-        if !announced {
-            tracing::info!(
-                listener,
-                "listener is active in another process; standing by"
-            );
-            announced = true;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(false),
-            _ = conn.lost.cancelled() => return Err(RunError::ListenLost),
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
-    }
 }
 
 /// A delivery and the attempts made so far.
@@ -378,9 +375,18 @@ pub async fn run(
     let listener = cfg.listener.id.as_str();
     let wake = Arc::new(Notify::new());
     let listen = listen_connection(ctx, wake.clone()).await?;
-    if !acquire_lock(&listen, listener, &shutdown).await? {
-        return Ok(());
-    }
+    let session = Session {
+        client: &listen.client,
+        lost: &listen.lost,
+    };
+    let term: Arc<dyn Term> = match ctx.leadership.acquire(session, &shutdown).await? {
+        Some(term) => Arc::from(term),
+        None => return Ok(()),
+    };
+    // Until the run ends, whichever way: 1 while this process leads.
+    metrics.leader.set(1);
+    let _not_leader = LeaderGauge(metrics.clone());
+    let term_lost = term.lost();
     listen
         .client
         .batch_execute(&format!(
@@ -481,6 +487,7 @@ pub async fn run(
         book,
         Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record),
         ctx.checkpoint.clone().zip(epoch),
+        term.clone(),
         listener.to_string(),
         job_rx,
         writer_failed_tx,
@@ -500,6 +507,7 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break Ok(()),
             _ = listen.lost.cancelled() => break Err(RunError::ListenLost),
+            _ = term_lost.cancelled() => break Err(RunError::LeaseLost(format!("term {} ended", term.token()))),
             failed = &mut writer_failed => match failed {
                 Ok(e) => break Err(e.into()),
                 Err(_) => break Err(RunError::Task("the writer task ended unexpectedly".into())),
@@ -529,6 +537,10 @@ pub async fn run(
             r = executor.ready(), if !sched.ready.is_empty() => {
                 if let Err(e) = r {
                     break Err(RunError::Task(format!("executor failed: {e}")));
+                }
+                // A process paused past its lease learns it here, before it starts anything.
+                if !term.holds() {
+                    break Err(RunError::LeaseLost(format!("the lease of term {} could not be renewed in time", term.token())));
                 }
                 if let Some(work) = sched.ready.pop_front() {
                     let Some(ev) = sched.events.get(&work.seq) else { continue };
@@ -566,9 +578,15 @@ pub async fn run(
     };
     metrics.listener_active.set(0);
 
-    // Shutdown (or failure): stop reading, let in-flight dispatches finish within the deadline.
+    // Shutdown (or failure): stop reading, let in-flight dispatches finish within the deadline —
+    // unless another instance leads now: then nothing this run finishes could be recorded.
     reader_stop.cancel();
     reader.abort();
+    let lost_leadership = matches!(&result, Err(e) if e.is_lost_leadership());
+    if lost_leadership {
+        metrics.leader.set(0);
+        inflight.abort_all();
+    }
     let deadline = tokio::time::sleep(Duration::from_millis(cfg.listener.shutdown_timeout_ms));
     tokio::pin!(deadline);
     let in_flight_at_stop = inflight.len();
@@ -615,8 +633,21 @@ pub async fn run(
     if let Some(p) = &tracker.watermark {
         tracing::info!(listener, reached = %describe(p), "stopped");
     }
+    // Only after the last write: a standby that takes over from here resumes where we stopped.
+    if !lost_leadership {
+        term.release().await;
+    }
     *resume = tracker.watermark.clone();
     result
+}
+
+/// Sets the `leader` gauge back to 0 when the run ends.
+struct LeaderGauge(Arc<crate::metrics::Metrics>);
+
+impl Drop for LeaderGauge {
+    fn drop(&mut self) {
+        self.0.leader.set(0);
+    }
 }
 
 /// Fails with `NotMigrated` when the change log or one of our tables is missing.
@@ -648,11 +679,13 @@ fn write_job(recorder: &mut Recorder, tracker: &Tracker, progress: &Progress) ->
 /// unless the server refuses the write while a condition lasts ([`StoreError::is_write_refused`]: disk full,
 /// read-only, …): then it keeps the work and retries (backing off to 5 s) for as long as that
 /// lasts, with `stalled` set so the loop stops reading, and the checkpoint stays where it is.
+#[allow(clippy::too_many_arguments)]
 async fn write_loop(
     stalled: Arc<std::sync::atomic::AtomicBool>,
     mut client: tokio_postgres::Client,
     mut pending: Recorder,
     checkpoint: Option<(Arc<dyn CheckpointStore>, i64)>,
+    term: Arc<dyn Term>,
     listener: String,
     mut jobs: mpsc::Receiver<WriteJob>,
     failed: tokio::sync::oneshot::Sender<StoreError>,
@@ -680,7 +713,7 @@ async fn write_loop(
             (Some((store, epoch)), Some(pos)) => Some((store.as_ref(), *epoch, pos, &progress)),
             _ => None,
         };
-        match pending.flush(&mut client, cp).await {
+        match pending.flush(&mut client, cp, Some(term.as_ref())).await {
             Ok(()) => {
                 saved_events = progress.events;
                 latest = None;
@@ -694,7 +727,9 @@ async fn write_loop(
                 }
                 failures = 0;
             }
-            Err(e @ StoreError::Fenced { .. }) => {
+            Err(e @ (StoreError::Fenced { .. } | StoreError::LeaseLost { .. })) => {
+                tracing::warn!(error = %e, buffered = pending.buffered(), listener,
+                    "write refused: another instance leads the listener; what this instance did since is not recorded and will be done by the leader");
                 let _ = failed.send(e);
                 return;
             }

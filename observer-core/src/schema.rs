@@ -122,6 +122,9 @@ pub struct Objects {
     pub checkpoints: TableName,
     pub dead_letters: TableName,
     pub action_log: TableName,
+    /// The failover layer's leases (one row per listener) and instance registry.
+    pub leases: TableName,
+    pub instances: TableName,
     /// The NOTIFY channel.
     pub channel: String,
 }
@@ -132,6 +135,8 @@ impl Objects {
             checkpoints: change_log.sibling("observer_checkpoints"),
             dead_letters: change_log.sibling("observer_dead_letters"),
             action_log: change_log.sibling("observer_action_log"),
+            leases: change_log.sibling("observer_leases"),
+            instances: change_log.sibling("observer_instances"),
             change_log,
             channel: channel.to_string(),
         }
@@ -331,6 +336,38 @@ impl Objects {
             format!(
                 "CREATE INDEX IF NOT EXISTS observer_action_log_finished_idx ON {} (finished_at)",
                 self.action_log.sql()
+            ),
+            // The failover layer (observer-features/src/failover.rs): who leads each listener,
+            // under which fencing token, until when; and every instance of the group.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    listener_id TEXT PRIMARY KEY,
+                    token BIGINT NOT NULL DEFAULT 0,
+                    holder UUID,
+                    holder_name TEXT,
+                    backend_pid INT,
+                    backend_start TIMESTAMPTZ,
+                    acquired_at TIMESTAMPTZ,
+                    renewed_at TIMESTAMPTZ,
+                    expires_at TIMESTAMPTZ,
+                    lease_ms BIGINT
+                )",
+                self.leases.sql()
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                    listener_id TEXT NOT NULL,
+                    instance_id UUID NOT NULL,
+                    host TEXT NOT NULL,
+                    pid INT NOT NULL,
+                    role TEXT NOT NULL CHECK (role IN ('leader', 'standby')),
+                    role_since TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                    lease_expires_at TIMESTAMPTZ,
+                    PRIMARY KEY (listener_id, instance_id)
+                )",
+                self.instances.sql()
             ),
         ]
     }

@@ -26,6 +26,10 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("listener `{listener}` was claimed by another instance after us (our epoch {epoch}); stopping")]
     Fenced { listener: String, epoch: i64 },
+    /// The failover lease of `listener` is held under a newer token than ours: every write of
+    /// this instance is refused from now on.
+    #[error("listener `{listener}`: our lease (token {token}) was taken over by another instance; write refused")]
+    LeaseLost { listener: String, token: i64 },
     #[error("stored checkpoint of `{listener}` is unreadable: {message}")]
     Corrupt { listener: String, message: String },
     #[error("our tables are missing ({0}): run `fraiseql-observers migrate` first")]
@@ -209,14 +213,19 @@ impl Recorder {
         self.log.len() + self.dead.len()
     }
 
-    /// Writes everything buffered (and the checkpoint, when given) in one transaction; the buffer
-    /// is cleared only after the commit succeeded.
+    /// Writes everything buffered (and the checkpoint, when given) in one transaction, fenced
+    /// first by the leadership term when given; the buffer is cleared only after the commit
+    /// succeeded.
     pub async fn flush(
         &mut self,
         client: &mut tokio_postgres::Client,
         checkpoint: Option<(&dyn CheckpointStore, i64, &Position, &Progress)>,
+        fence: Option<&dyn crate::leadership::Term>,
     ) -> Result<(), StoreError> {
         let tx = client.transaction().await?;
+        if let Some(term) = fence {
+            term.fence(&tx).await?;
+        }
         if !self.log.is_empty() {
             let ids: Vec<Uuid> = self.log.iter().map(|r| r.event_id).collect();
             let pks: Vec<i64> = self.log.iter().map(|r| r.change_log_pk).collect();

@@ -13,6 +13,9 @@ pub mod dedup;
 #[cfg(feature = "circuit_breaker")]
 pub mod circuit_breaker;
 
+#[cfg(feature = "failover")]
+pub mod failover;
+
 #[cfg(feature = "metrics")]
 pub mod metrics;
 #[cfg(feature = "rate_limit")]

@@ -54,7 +54,7 @@ async fn sslmode_require_verifies_the_server_and_encrypts_every_connection() {
     let rows = db
         .json_rows(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a ON a.pid = s.pid
-             WHERE a.application_name = 'fraiseql-observers' AND a.datname = current_database()",
+             WHERE a.application_name LIKE 'fraiseql-observers pid %' AND a.datname = current_database()",
         )
         .await;
     assert!(rows.len() >= 3, "the daemon's connections: {rows:?}");

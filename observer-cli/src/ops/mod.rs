@@ -51,8 +51,9 @@ pub struct CheckpointRow {
     pub last_error_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// Whether a process holds the listener's advisory lock right now: an active daemon does,
-    /// for its whole life; a stopped or crashed one cannot (the lock dies with its session).
+    /// Whether a daemon leads the listener right now: it holds the listener's advisory lock (an
+    /// active daemon does, for its whole life; a stopped or crashed one cannot: the lock dies
+    /// with its session), or, with the `failover` layer, an unexpired lease.
     pub active: bool,
 }
 
@@ -98,6 +99,16 @@ pub async fn checkpoints(
     objects: &Objects,
     listener: Option<&str>,
 ) -> Result<Vec<CheckpointRow>> {
+    // A lease table exists once `migrate` of a build with the failover layer has run.
+    let leased = if has_table(client, &objects.leases).await? {
+        format!(
+            " OR EXISTS (SELECT 1 FROM {} f WHERE f.listener_id = c.listener_id
+                         AND f.holder IS NOT NULL AND f.expires_at > now())",
+            objects.leases.sql()
+        )
+    } else {
+        String::new()
+    };
     let sql = format!(
         "SELECT listener_id, owner, epoch, window_lo::text, window_hi::text, after_pk, last_event_id,
                 last_event_pk, last_event_at, events_processed, heartbeat_at,
@@ -106,8 +117,8 @@ pub async fn checkpoints(
                         WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                           AND ((l.classid::int8 << 32) | l.objid::int8)
-                              = hashtextextended('fraiseql_observers:' || listener_id, 0))
-         FROM {} WHERE $1::text IS NULL OR listener_id = $1 ORDER BY listener_id",
+                              = hashtextextended('fraiseql_observers:' || listener_id, 0)){leased}
+         FROM {} c WHERE $1::text IS NULL OR listener_id = $1 ORDER BY listener_id",
         objects.checkpoints.sql()
     );
     let rows = client.query(&sql, &[&listener]).await.map_err(db_err)?;
@@ -133,6 +144,140 @@ pub async fn checkpoints(
             active: r.get(16),
         })
         .collect())
+}
+
+/// Whether `table` exists.
+pub async fn has_table(
+    client: &tokio_postgres::Client,
+    table: &observer_core::schema::TableName,
+) -> Result<bool> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table.sql()])
+        .await
+        .map_err(db_err)?
+        .get(0))
+}
+
+/// The failover lease of a listener, as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Lease {
+    pub token: i64,
+    /// The instance id of the holder; none when the lease was handed back.
+    pub holder: Option<Uuid>,
+    pub holder_name: Option<String>,
+    pub acquired_at: Option<DateTime<Utc>>,
+    pub renewed_at: Option<DateTime<Utc>>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Seconds until expiry by the database's clock (negative once expired).
+    pub expires_in_secs: Option<f64>,
+    pub lease_ms: Option<i64>,
+    /// Held and not expired.
+    pub held: bool,
+}
+
+/// One instance of a listener group (`observer_instances`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Instance {
+    pub instance_id: Uuid,
+    pub host: String,
+    pub pid: i32,
+    /// `leader`, `standby`, or `gone` (no heartbeat for longer than a lease: killed, or
+    /// stopped without deregistering).
+    pub role: String,
+    /// Whether it holds the unexpired lease now.
+    pub leads: bool,
+    pub since: DateTime<Utc>,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub heartbeat_age_secs: f64,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+/// The lease and the registered instances of `listener`; `None` when the failover tables do
+/// not exist (not migrated by a build with the layer).
+pub async fn group(
+    client: &tokio_postgres::Client,
+    objects: &Objects,
+    listener: &str,
+) -> Result<Option<(Option<Lease>, Vec<Instance>)>> {
+    if !has_table(client, &objects.leases).await? || !has_table(client, &objects.instances).await? {
+        return Ok(None);
+    }
+    let lease = client
+        .query_opt(
+            &format!(
+                "SELECT token, holder, holder_name, acquired_at, renewed_at, expires_at,
+                        EXTRACT(EPOCH FROM expires_at - now())::float8, lease_ms,
+                        holder IS NOT NULL AND expires_at > now()
+                 FROM {} WHERE listener_id = $1",
+                objects.leases.sql()
+            ),
+            &[&listener],
+        )
+        .await
+        .map_err(db_err)?
+        .map(|r| Lease {
+            token: r.get(0),
+            holder: r.get(1),
+            holder_name: r.get(2),
+            acquired_at: r.get(3),
+            renewed_at: r.get(4),
+            expires_at: r.get(5),
+            expires_in_secs: r.get(6),
+            lease_ms: r.get(7),
+            held: r.get::<_, Option<bool>>(8).unwrap_or(false),
+        });
+    let stale_after = lease
+        .as_ref()
+        .and_then(|l| l.lease_ms)
+        .unwrap_or(5_000)
+        .max(1_000) as f64
+        / 1000.0;
+    let rows = client
+        .query(
+            &format!(
+                "SELECT instance_id, host, pid, role, role_since, started_at, heartbeat_at,
+                        EXTRACT(EPOCH FROM now() - heartbeat_at)::float8, lease_expires_at
+                 FROM {} WHERE listener_id = $1 ORDER BY started_at, instance_id",
+                objects.instances.sql()
+            ),
+            &[&listener],
+        )
+        .await
+        .map_err(db_err)?;
+    let instances = rows
+        .iter()
+        .map(|r| {
+            let id: Uuid = r.get(0);
+            let age: f64 = r.get::<_, Option<f64>>(7).unwrap_or(f64::INFINITY);
+            let leads = lease
+                .as_ref()
+                .is_some_and(|l| l.held && l.holder == Some(id));
+            let role: String = r.get(3);
+            Instance {
+                instance_id: id,
+                host: r.get(1),
+                pid: r.get(2),
+                role: if leads {
+                    "leader".into()
+                } else if age > stale_after {
+                    "gone".into()
+                } else if role == "leader" {
+                    // Its lease was lost or handed back and it has not stood by again yet.
+                    "standby".into()
+                } else {
+                    role
+                },
+                leads,
+                since: r.get(4),
+                started_at: r.get(5),
+                heartbeat_at: r.get(6),
+                heartbeat_age_secs: age,
+                lease_expires_at: r.get(8),
+            }
+        })
+        .collect();
+    Ok(Some((lease, instances)))
 }
 
 /// Fails with "run `migrate`" when our bookkeeping tables are not there.

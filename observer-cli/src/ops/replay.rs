@@ -173,7 +173,7 @@ pub async fn run(config: Option<&Path>, a: ReplayArgs) -> Result<ExitCode> {
             }
         }
         if !recorder.is_empty() {
-            recorder.flush(&mut client, None).await?;
+            recorder.flush(&mut client, None, None).await?;
         }
     }
     if a.json {

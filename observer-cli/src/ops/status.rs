@@ -8,7 +8,10 @@ use chrono::Utc;
 use clap::Args;
 use observer_core::change_log::ChangeLog;
 
-use super::{checkpoints, db_err, metrics, or_dash, print_json, require_migrated, CheckpointRow};
+use super::{
+    checkpoints, db_err, group, metrics, or_dash, print_json, require_migrated, CheckpointRow,
+    Instance, Lease,
+};
 use crate::app::App;
 
 #[derive(Debug, Args)]
@@ -39,6 +42,10 @@ struct ListenerStatus {
     dead_letters: DeadLetterCounts,
     last_error: Option<String>,
     last_error_at: Option<chrono::DateTime<Utc>>,
+    /// The failover lease (absent when the listener never ran with `features.failover`).
+    lease: Option<Lease>,
+    /// Every registered instance of the listener group (empty without the failover layer).
+    instances: Vec<Instance>,
     /// The live in-process figures of the daemon's metrics endpoint (`[metrics] listen`), for
     /// the listener that endpoint serves; `reachable: false` with the reason when it does not
     /// answer. Absent for other listeners.
@@ -143,7 +150,12 @@ async fn status_of(
         .query_one(&sql, &[&row.listener])
         .await
         .map_err(db_err)?;
+    let (lease, instances) = group(client, &app.objects, &row.listener)
+        .await?
+        .unwrap_or_default();
     Ok(ListenerStatus {
+        lease,
+        instances,
         state: row.state(),
         alive: row.alive(),
         heartbeat_at: row.heartbeat_at,
@@ -242,8 +254,42 @@ fn print_text(s: &ListenerStatus) {
         ),
         (None, _) => println!("last error    -"),
     }
+    print_group(s);
     if let Some(live) = &s.live {
         print_live(live);
+    }
+}
+
+fn print_group(s: &ListenerStatus) {
+    let Some(lease) = &s.lease else {
+        return;
+    };
+    let held = match (lease.held, &lease.holder_name, lease.expires_in_secs) {
+        (true, Some(h), Some(e)) => format!("held by {h}, expires in {e:.1}s"),
+        (false, _, _) if lease.holder.is_none() => "vacant (handed back)".to_string(),
+        (false, h, e) => format!(
+            "expired {:.1}s ago (last holder {})",
+            -e.unwrap_or(0.0),
+            h.as_deref().unwrap_or("-")
+        ),
+        (true, h, _) => format!("held by {}", h.as_deref().unwrap_or("-")),
+    };
+    println!("lease         token {}, {held}", lease.token);
+    println!("instances     {}", s.instances.len());
+    for i in &s.instances {
+        let mark = if i.leads { "*" } else { " " };
+        let lease = match (&i.lease_expires_at, i.leads) {
+            (Some(at), true) => format!("  lease until {}", at.to_rfc3339()),
+            _ => String::new(),
+        };
+        println!(
+            "  {mark} {}:{}  {:<8} since {}  heartbeat {:.1}s ago{lease}",
+            i.host,
+            i.pid,
+            i.role,
+            i.since.to_rfc3339(),
+            i.heartbeat_age_secs
+        );
     }
 }
 
