@@ -158,7 +158,8 @@ pub enum StartFrom {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Names the checkpoint; two daemons with the same id never run at once (advisory lock).
+    /// Names the checkpoint and the listener group: two daemons with the same id never run at
+    /// once (advisory lock, or the `failover` lease).
     pub id: String,
     /// The NOTIFY channel the change-log trigger signals on.
     pub channel: String,

@@ -512,6 +512,23 @@ pub async fn run(
                 Ok(e) => break Err(e.into()),
                 Err(_) => break Err(RunError::Task("the writer task ended unexpectedly".into())),
             },
+            // Before the work branches: under a backlog they are always ready, and a biased
+            // select that served them first wrote no checkpoint until the backlog was gone
+            // (a takeover after a pause redelivered a thousand events, the fault suite found).
+            _ = flush_tick.tick() => {
+                metrics.in_flight.set(inflight.len() as i64);
+                observe_lag(&tracker, &metrics);
+                let moved = tracker.watermark != sent_watermark;
+                if recorder.is_empty() && !moved && last_sent.elapsed() < Duration::from_secs(5) {
+                    continue;
+                }
+                // Busy writer: keep accumulating; the next tick tries again.
+                if let Ok(permit) = jobs.try_reserve() {
+                    permit.send(write_job(&mut recorder, &tracker, &progress));
+                    sent_watermark = tracker.watermark.clone();
+                    last_sent = Instant::now();
+                }
+            }
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                 let (work, result) = match done {
                     Ok(v) => v,
@@ -546,7 +563,14 @@ pub async fn run(
                     let Some(ev) = sched.events.get(&work.seq) else { continue };
                     let dispatch = Dispatch { event: ev.event.clone(), deliveries: work.states.iter().map(|s| s.delivery.clone()).collect() };
                     let fut = executor.call(dispatch);
-                    inflight.spawn(async move { (work, fut.await) });
+                    let term = term.clone();
+                    inflight.spawn(async move {
+                        // A task that first runs after a pause past the lease sends nothing.
+                        if !term.holds() {
+                            return (work, Err(BoxError::from("the leadership was lost before the dispatch ran")));
+                        }
+                        (work, fut.await)
+                    });
                 }
             }
             batch = rx.recv(), if tracker.pending() < max_pending
@@ -558,20 +582,6 @@ pub async fn run(
                 };
                 for item in items {
                     accept(item, &observers, &mut tracker, &mut sched, &mut recorder, &mut progress, &metrics);
-                }
-            }
-            _ = flush_tick.tick() => {
-                metrics.in_flight.set(inflight.len() as i64);
-                observe_lag(&tracker, &metrics);
-                let moved = tracker.watermark != sent_watermark;
-                if recorder.is_empty() && !moved && last_sent.elapsed() < Duration::from_secs(5) {
-                    continue;
-                }
-                // Busy writer: keep accumulating; the next tick tries again.
-                if let Ok(permit) = jobs.try_reserve() {
-                    permit.send(write_job(&mut recorder, &tracker, &progress));
-                    sent_watermark = tracker.watermark.clone();
-                    last_sent = Instant::now();
                 }
             }
         }

@@ -354,6 +354,12 @@ impl Objects {
                 )",
                 self.leases.sql()
             ),
+            // Makes `token` a key column: a takeover (which changes it) conflicts with the
+            // writer's FOR KEY SHARE fence, a renewal (which does not) conflicts with nothing.
+            format!(
+                "CREATE UNIQUE INDEX IF NOT EXISTS observer_leases_token_key ON {} (listener_id, token)",
+                self.leases.sql()
+            ),
             format!(
                 "CREATE TABLE IF NOT EXISTS {} (
                     listener_id TEXT NOT NULL,

@@ -15,9 +15,11 @@
 //!   renewal plus the lease, less a margin. That is before the database-clock expiry a standby
 //!   waits for, so the two never dispatch at once unless a session ended under a live leader
 //!   (then the leader learns it from its connection within milliseconds).
-//! * Every transaction of the leader's writer starts with a share lock on the lease row and a
-//!   check of the token ([`Term::fence`]), so a takeover and a write are serialised and a write
-//!   under an old token rolls back whole: action log, dead letters and checkpoint.
+//! * Every transaction of the leader's writer starts with a key-share lock on the lease row and
+//!   a check of the token ([`Term::fence`]), so a takeover (which changes the token, a key
+//!   column) and a write are serialised and a write under an old token rolls back whole: action
+//!   log, dead letters and checkpoint. Renewals change no key column, so they and the writer
+//!   never wait for each other.
 //! * Every instance registers in `observer_instances` (role, since, heartbeat, lease expiry),
 //!   which `status` lists.
 
@@ -121,13 +123,16 @@ impl Statements {
                         expires_at = now()
                  WHERE listener_id = $1 AND token = $2 AND holder = $3"
             ),
-            // One round trip: lock the lease row until our commit (a takeover waits for it, and
-            // we see any takeover that committed before), check the token, and let the server
-            // end the transaction if this connection wedges inside it while holding that lock.
+            // One round trip: lock the lease row until our commit, check the token, and let the
+            // server end the transaction if this connection wedges inside it while holding that
+            // lock. `token` is a key column (unique index with listener_id), so a takeover, which
+            // changes it, conflicts with this KEY SHARE lock and waits for our commit, and we see
+            // any takeover that committed before; a renewal changes no key column and never waits
+            // for a write, nor a write for a renewal.
             fence: format!(
                 "SELECT l.token = $2 AND l.holder IS NOT DISTINCT FROM $3,
                         set_config('idle_in_transaction_session_timeout', $4, true)
-                 FROM {l} l WHERE l.listener_id = $1 FOR SHARE"
+                 FROM {l} l WHERE l.listener_id = $1 FOR KEY SHARE"
             ),
             register: format!(
                 "WITH gone AS (
@@ -337,17 +342,28 @@ impl Leadership for LeaseLeadership {
             let Some(c) = standby.as_ref() else {
                 continue;
             };
-            if !registered {
-                self.register(c).await?;
-                registered = true;
-                last_heartbeat = tokio::time::Instant::now();
+            // The instance row is for `status`: a row lock or timeout delays it to the next
+            // round rather than failing the run.
+            let beat = if !registered {
+                self.register(c).await
             } else if last_heartbeat.elapsed() >= self.renew {
                 c.execute(
                     self.sql.heartbeat.as_str(),
                     &[&self.listener, &self.instance],
                 )
-                .await?;
-                last_heartbeat = tokio::time::Instant::now();
+                .await
+                .map(|_| ())
+                .map_err(LeadershipError::from)
+            } else {
+                Ok(())
+            };
+            match beat {
+                Ok(()) => {
+                    registered = true;
+                    last_heartbeat = tokio::time::Instant::now();
+                }
+                Err(e) if transient(&e) => {}
+                Err(e) => return Err(e),
             }
             let sent = boottime_ns();
             let attempt = async {
@@ -362,7 +378,8 @@ impl Leadership for LeaseLeadership {
                         continue;
                     };
                     let lease_ms = self.lease.as_millis() as i64;
-                    client
+                    // The lease is ours from here; the instance row only shows it.
+                    if let Err(e) = client
                         .execute(
                             self.sql.become_leader.as_str(),
                             &[
@@ -373,7 +390,10 @@ impl Leadership for LeaseLeadership {
                                 &lease_ms,
                             ],
                         )
-                        .await?;
+                        .await
+                    {
+                        tracing::warn!(error = %observer_core::pg_error(&e), "could not mark this instance as the leader in the instance registry");
+                    }
                     self.metrics.takeovers.with_label_values(&[reason]).inc();
                     let from = seen
                         .as_ref()

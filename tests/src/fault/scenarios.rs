@@ -38,8 +38,11 @@ impl Size {
 }
 
 /// Every scenario name, in the order `all` runs them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 13] = [
     "kill9",
+    "failover-kill9",
+    "failover-term",
+    "failover-stop",
     "pg-restart",
     "redis-restart",
     "receiver-500",
@@ -57,6 +60,9 @@ pub async fn run(name: &str, setup: &Setup, size: Size) -> Result<Report> {
     say(format!("scenario {name} ({size:?}), loadavg {}", loadavg()));
     let mut r = match name {
         "kill9" => kill9(setup, size).await,
+        "failover-kill9" => failover(setup, size, name, LeaderFault::Kill9).await,
+        "failover-term" => failover(setup, size, name, LeaderFault::Term).await,
+        "failover-stop" => failover(setup, size, name, LeaderFault::Stop).await,
         "pg-restart" => pg_restart(setup, size).await,
         "redis-restart" => redis_restart(setup, size).await,
         "receiver-500" => receiver(setup, size, name, Fault::Error500 { p: 0.5 }).await,
@@ -342,6 +348,300 @@ async fn kill9(setup: &Setup, size: Size) -> Result<Report> {
     finish(&mut r, result, &d);
     s.drop_db().await;
     Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover: the leader of a two-instance group killed, stopped or paused
+// ---------------------------------------------------------------------------------------------
+
+/// What is done to the leader of the group.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum LeaderFault {
+    /// `kill -9`, then started again as a standby.
+    Kill9,
+    /// SIGTERM (hands the lease back), then started again as a standby.
+    Term,
+    /// SIGSTOP past the lease, then SIGCONT: it must find it lost the lease and stand by.
+    Stop,
+}
+
+/// The failover layer's lease, shorter than the default so a paused leader costs seconds.
+const FAILOVER_LEASE_MS: u64 = 2_000;
+
+/// Two daemons with the `failover` layer on one listener, paced inserts, and `faults` times the
+/// current leader is hit by `fault`. Promises: loss 0; a standby delivers again within the
+/// bound of the fault (kill -9: 5 s, SIGTERM: 1 s, SIGSTOP: lease + 1 s); every duplicate was
+/// in flight at a fault (delivered, not covered by the checkpoint then) and carried its key;
+/// between faults (steady state, two instances) nothing is delivered twice.
+async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> Result<Report> {
+    let mut r = Report::new(name);
+    let faults = size.pick(3, 10);
+    let rate = size.pick(500.0, 1_000.0);
+    // Inserts outlast the faults, so there is always a next event to take the takeover time
+    // from: a second of steady state before each fault, plus the fault's own cycle.
+    let cycle_s = match fault {
+        LeaderFault::Stop => 5.0,
+        LeaderFault::Kill9 | LeaderFault::Term => 2.5,
+    };
+    let n = (rate * (faults as f64 * cycle_s + 3.0)) as u64;
+    let s = Scratch::create(setup, &setup.admin_url, &name.replace('-', "_")).await?;
+    let sink = Sink::start(setup.seed).await?;
+    let cfg = daemon_config(
+        &s.url,
+        &sink.url("/hook"),
+        &["concurrent", "failover"],
+        &format!(
+            "[concurrent]\nmax_in_flight = 64\n\n[failover]\nlease_ms = {FAILOVER_LEASE_MS}\n"
+        ),
+        FAST_RETRY,
+        false,
+    );
+    let bound = match fault {
+        LeaderFault::Kill9 => Duration::from_secs(5),
+        LeaderFault::Term => Duration::from_secs(1),
+        LeaderFault::Stop => Duration::from_millis(FAILOVER_LEASE_MS) + Duration::from_secs(1),
+    };
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(s.dir.join(d))?;
+    }
+    let mut ds = [
+        DaemonProc::new(&setup.bin, &s.dir.join("a"), &cfg, &[])?,
+        DaemonProc::new(&setup.bin, &s.dir.join("b"), &cfg, &[])?,
+    ];
+    let result = async {
+        ds[0].start()?;
+        ds[0].wait_log(&["now the leader"], Duration::from_secs(60)).await?;
+        ds[1].start()?;
+        ds[1].wait_log(&["standing by"], Duration::from_secs(60)).await?;
+        let ins = Inserter::spawn(&s.url, n, 20, Some(rate));
+        let mut takeovers: Vec<f64> = Vec::new();
+        let mut fault_log = Vec::new();
+        let mut in_flight: Vec<(Instant, HashSet<u128>, usize)> = Vec::new();
+        for i in 0..faults {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if ins.is_finished() {
+                bail!("the inserts ended before fault #{}: nothing left to measure a takeover by", i + 1);
+            }
+            let leader = leader_index(&s, &ds).await?;
+            let other = 1 - leader;
+            let standing_by = ds[leader].log().matches("standing by").count();
+            let at = Instant::now();
+            match fault {
+                LeaderFault::Kill9 => ds[leader].kill9(),
+                LeaderFault::Term => ds[leader].signal("TERM")?,
+                LeaderFault::Stop => ds[leader].signal("STOP")?,
+            }
+            // What the checkpoint leaves uncovered once the leader is stopped or gone (a
+            // snapshot before the signal would miss events it delivered in between).
+            let uncovered: HashSet<u128> = s
+                .uncovered(LISTENER)
+                .await?
+                .iter()
+                .map(|u| u.as_u128())
+                .collect();
+            // The lease moves to the other instance; from then on only it delivers.
+            let deadline = at + Duration::from_secs(60);
+            while leader_index(&s, &ds).await.ok() != Some(other) {
+                if Instant::now() > deadline {
+                    bail!("no takeover within 60 s of fault #{}", i + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let moved = Instant::now();
+            // Takeover: from the fault to the first delivery after the lease moved (inserts
+            // keep coming, so there is always one to make).
+            let after_move = |d: &[super::sink::Delivery]| d.iter().any(|x| x.at >= moved);
+            while !after_move(&sink.deliveries()) {
+                if Instant::now() > deadline {
+                    bail!("no delivery within 60 s of fault #{}", i + 1);
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let took = at.elapsed().as_secs_f64();
+            takeovers.push(took);
+            // What the old leader had delivered without its checkpoint covering it.
+            let delivered_uncovered = sink
+                .deliveries()
+                .iter()
+                .filter(|x| x.at < moved && uncovered.contains(&x.event))
+                .map(|x| x.event)
+                .collect::<HashSet<u128>>()
+                .len();
+            say(format!(
+                "{name} #{}: leader {leader} hit; the other delivered again {took:.3} s later",
+                i + 1
+            ));
+            // The old leader rejoins as a standby.
+            match fault {
+                LeaderFault::Kill9 => ds[leader].start()?,
+                LeaderFault::Term => {
+                    let t0 = Instant::now();
+                    while ds[leader].exited().is_none() {
+                        if t0.elapsed() > Duration::from_secs(30) {
+                            bail!("the leader did not exit within 30 s of SIGTERM");
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    ds[leader].start()?
+                }
+                LeaderFault::Stop => ds[leader].signal("CONT")?,
+            }
+            let t0 = Instant::now();
+            let fresh = fault != LeaderFault::Stop;
+            while ds[leader].log().matches("standing by").count() <= if fresh { 0 } else { standing_by } {
+                if t0.elapsed() > Duration::from_secs(60) {
+                    bail!("the old leader did not stand by within 60 s; log:\n{}", ds[leader].log());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            fault_log.push(json!({
+                "fault": i + 1,
+                "takeover_s": r3(took),
+                "lease_moved_after_s": r3((moved - at).as_secs_f64()),
+                "uncovered_by_checkpoint_at_fault": uncovered.len(),
+                "in_flight_delivered_not_checkpointed": delivered_uncovered,
+            }));
+            in_flight.push((at, uncovered, delivered_uncovered));
+        }
+        ins.finish(Duration::from_secs(600)).await?;
+        let events = s.order_events().await?;
+        let all = wait_all_delivered(&sink, &events, OBSERVER, Duration::from_secs(120)).await;
+        let caught = wait_caught_up(&s, Duration::from_secs(120)).await;
+        account_into(&mut r, &events, &sink);
+        r.check(all.is_some(), "every event delivered");
+        r.check(caught.is_ok(), "the checkpoint covers every event at the end");
+        let dups = duplicate_arrivals(&sink.deliveries());
+        let key_event: HashMap<u128, u128> =
+            sink.deliveries().iter().map(|d| (d.key, d.event)).collect();
+        let mut not_in_flight = 0;
+        let mut unexplained = Vec::new();
+        let mut per_fault = vec![0usize; in_flight.len()];
+        for (key, arrivals) in &dups {
+            let ev = key_event.get(key).copied().unwrap_or(0);
+            let mut arrivals = arrivals.clone();
+            arrivals.sort();
+            for w in arrivals.windows(2) {
+                match in_flight
+                    .iter()
+                    .rposition(|(at, unc, _)| w[1] >= *at && unc.contains(&ev))
+                {
+                    Some(k) => per_fault[k] += 1,
+                    None => {
+                        not_in_flight += 1;
+                        // Where the two arrivals fall against each fault, for the report.
+                        let rel: Vec<String> = in_flight
+                            .iter()
+                            .map(|(at, unc, _)| {
+                                let f = |t: Instant| {
+                                    if t >= *at {
+                                        (t - *at).as_secs_f64()
+                                    } else {
+                                        -(*at - t).as_secs_f64()
+                                    }
+                                };
+                                format!("{:+.3}/{:+.3} uncovered={}", f(w[0]), f(w[1]), unc.contains(&ev))
+                            })
+                            .collect();
+                        unexplained.push(json!({"event": Uuid::from_u128(ev).to_string(), "against_each_lease_move": rel}));
+                    }
+                }
+            }
+        }
+        r.set("duplicates_unexplained", unexplained);
+        let mut sorted = takeovers.clone();
+        sorted.sort_by(f64::total_cmp);
+        let p50 = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+        let max = sorted.last().copied().unwrap_or(0.0);
+        r.set("faults", faults);
+        r.set("fault", format!("{fault:?}"));
+        r.set("lease_ms", FAILOVER_LEASE_MS);
+        r.set("takeover_p50_s", r3(p50));
+        r.set("takeover_max_s", r3(max));
+        r.set("fault_log", fault_log);
+        r.set("duplicates_per_fault", &per_fault);
+        r.set("duplicates_not_in_flight", not_in_flight);
+        r.check(
+            max <= bound.as_secs_f64(),
+            format!("a standby delivers within {bound:?} of each fault (max {max:.3} s)"),
+        );
+        r.check(
+            not_in_flight == 0,
+            format!("every duplicate was in flight at a fault ({not_in_flight} were not): steady state delivers once"),
+        );
+        // In flight at a fault: what the checkpoint did not cover when the leader stopped
+        // (read or dispatched and not completed, or committed and not yet read).
+        let over: Vec<usize> = (0..in_flight.len())
+            .filter(|k| per_fault[*k] > in_flight[*k].1.len())
+            .collect();
+        r.check(
+            over.is_empty(),
+            format!(
+                "duplicates of each fault ≤ what its checkpoint left uncovered: {per_fault:?} vs {:?}",
+                in_flight.iter().map(|x| x.1.len()).collect::<Vec<_>>()
+            ),
+        );
+        for d in ds.iter_mut() {
+            let st = d.stop(Duration::from_secs(30)).await;
+            r.check(st.contains("exit status: 0"), format!("clean exit after SIGTERM ({st})"));
+        }
+        Ok(())
+    }
+    .await;
+    let warnings: Vec<String> = ds.iter().flat_map(|d| d.warnings(8)).collect();
+    if let Err(e) = result {
+        r.check(false, format!("scenario error: {e:#}"));
+    }
+    if !r.passed {
+        // Both logs, to see who held what when it went wrong.
+        let tails: Vec<Vec<String>> = ds
+            .iter()
+            .map(|d| {
+                let all = d.all_logs();
+                let lines: Vec<&str> = all.lines().collect();
+                lines[lines.len().saturating_sub(200)..]
+                    .iter()
+                    .map(|l| l.to_string())
+                    .collect()
+            })
+            .collect();
+        r.set("daemon_log_tails", tails);
+        // And what every session of the database was doing then.
+        if let Ok(c) = s.client().await {
+            if let Ok(rows) = c
+                .query(
+                    "SELECT format('%s | %s | %s/%s | %s', application_name, state, wait_event_type, wait_event, left(query, 160))
+                     FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+            {
+                let sessions: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                r.set("sessions_at_failure", sessions);
+            }
+        }
+    }
+    r.set("daemon_warnings", warnings);
+    for d in ds.iter_mut() {
+        d.kill9();
+    }
+    s.drop_db().await;
+    Ok(r)
+}
+
+/// Which of the two daemons holds the lease now, by the pid in the lease row.
+async fn leader_index(s: &Scratch, ds: &[DaemonProc; 2]) -> Result<usize> {
+    let c = s.client().await?;
+    let holder: Option<String> = c
+        .query_opt(
+            "SELECT holder_name FROM observer_leases WHERE listener_id = $1 AND expires_at > now()",
+            &[&LISTENER],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+    let holder = holder.context("no instance holds the lease")?;
+    ds.iter()
+        .position(|d| d.pid().is_some_and(|p| holder.ends_with(&format!(":{p}"))))
+        .with_context(|| format!("the lease holder {holder} is neither daemon"))
 }
 
 /// A scenario's error becomes a failed report (with the daemon's warnings) rather than an abort.

@@ -289,6 +289,18 @@ impl DaemonProc {
         st
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`, `TERM`) to the running child, without waiting.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().context("the daemon is not running")?;
+        let st = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()?;
+        if !st.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
