@@ -151,7 +151,7 @@ impl CompiledAction {
     /// then uses the action target `observer/index`).
     pub fn destination(&self) -> Option<String> {
         match self {
-            CompiledAction::Webhook(w) => static_authority(w.url.source()),
+            CompiledAction::Webhook(w) => static_authority(&w.url.literal_text("{{}}")),
             CompiledAction::Sql(_) => Some("postgres".into()),
             CompiledAction::Log(_) => Some("log".into()),
             CompiledAction::Slack(s) => s.destination(),
@@ -315,6 +315,27 @@ pub(crate) fn secret(
     }
 }
 
+/// Compiles a template whose text may hold `${env:…}`/`${file:…}` references. The text as
+/// written is parsed; with `Secrets::Resolve` each reference becomes its value as literal text
+/// ([`Template::parse_with_references`]), so a secret is never read as template syntax nor
+/// quoted in an error. With `Secrets::Unresolved` the references stay as written.
+pub(crate) fn secret_template(
+    value: &str,
+    location: &str,
+    target: Target,
+    mode: Secrets,
+) -> Result<Template, crate::template::TemplateError> {
+    match mode {
+        Secrets::Resolve => Template::parse_with_references(value, target, &mut |reference| {
+            resolve_secret(reference, location).map_err(|e| match e {
+                crate::config::ConfigError::Secret { message, .. } => message,
+                other => other.to_string(),
+            })
+        }),
+        Secrets::Unresolved => Template::parse(value, target),
+    }
+}
+
 /// Compiles one action; every problem is returned with its location.
 pub fn compile(
     config: &ActionConfig,
@@ -355,34 +376,30 @@ fn compile_webhook(
             None
         }
     };
-    let url = match secret(&w.url, "url", mode) {
-        Ok(u) => match Template::parse(&u, Target::UrlComponent) {
-            Ok(t) => {
-                if t.is_static() {
-                    match reqwest::Url::parse(&u) {
-                        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
-                        Ok(parsed) => issue(
-                            "url",
-                            format!("scheme `{}` is not http or https", parsed.scheme()),
+    let url = match secret_template(&w.url, "url", Target::UrlComponent, mode) {
+        Ok(t) => {
+            // The URL as it renders, placeholders aside (it may hold resolved secrets).
+            let u = t.literal_text("{{}}");
+            if t.is_static() {
+                match reqwest::Url::parse(&u) {
+                    Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                    Ok(parsed) => issue(
+                        "url",
+                        format!("scheme `{}` is not http or https", parsed.scheme()),
+                    ),
+                    Err(e) => issue(
+                        "url",
+                        format!(
+                            "`{}` is not a URL: {e}",
+                            shown_url(&u, w.url.contains("${"))
                         ),
-                        Err(e) => issue(
-                            "url",
-                            format!(
-                                "`{}` is not a URL: {e}",
-                                shown_url(&u, w.url.contains("${"))
-                            ),
-                        ),
-                    }
-                } else if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    issue("url", "must start with http:// or https://".into());
+                    ),
                 }
-                Some(t)
+            } else if !(u.starts_with("http://") || u.starts_with("https://")) {
+                issue("url", "must start with http:// or https://".into());
             }
-            Err(e) => {
-                issue("url", e.to_string());
-                None
-            }
-        },
+            Some(t)
+        }
         Err(e) => {
             issue("url", e.to_string());
             None
@@ -415,12 +432,9 @@ fn compile_webhook(
             );
             continue;
         }
-        match resolve_secret(value, &field)
-            .map_err(|e| e.to_string())
-            .and_then(|v| Template::parse(&v, Target::Header).map_err(|e| e.to_string()))
-        {
+        match secret_template(value, &field, Target::Header, mode) {
             Ok(t) => headers.push((hn, t)),
-            Err(e) => issue(&field, e),
+            Err(e) => issue(&field, e.to_string()),
         }
     }
     let body = match &w.body {

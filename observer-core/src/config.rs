@@ -1286,7 +1286,9 @@ fn read_secret_file(path: &str) -> Result<String, String> {
 }
 
 /// Resolves `${env:NAME}` and `${file:/path}` references in a config string. Text without a
-/// reference is returned unchanged. The resolved value is never logged by this crate.
+/// reference is returned unchanged. The resolved value is never logged by this crate. Where the
+/// result is a template (webhook URLs and headers), use `Template::parse_with_references`
+/// instead, so a value is never read as template syntax.
 pub fn resolve_secret(value: &str, location: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;

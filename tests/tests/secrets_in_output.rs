@@ -242,3 +242,60 @@ async fn no_secret_reaches_logs_or_cli_output() {
         s.assert_absent(&format!("{args:?} without a database"), &output_text(&out));
     }
 }
+
+/// Issue 18, item 6: a resolved secret is literal text. One holding `{{ … }}` is neither read as
+/// a placeholder (so `validate` and `run` accept it and never quote it in an error) nor
+/// substituted: the receiver gets it byte for byte, in a header and in the URL.
+#[tokio::test]
+async fn resolved_secrets_are_literal_text_not_templates() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let env_secret = format!("{{{{ {} }}}}", token("tplenv"));
+    let file_secret = format!("abc{{{{ data.id }}}}{}", token("tplfile"));
+    let path_secret = format!("p{{{{ data.id }}}}{}", token("tplpath"));
+    let file = db.write_file("tpl-secret", &format!("{file_secret}\n"));
+    let observers = webhook_observer(
+        "tpl",
+        "Order",
+        &rx.url("/tpl/${env:OBS_T_TPL_PATH}"),
+        "",
+        &format!(
+            "  headers = {{ X-Api-Auth = \"${{env:OBS_T_TPL}}\", X-File = \"${{file:{}}}\" }}",
+            file.display()
+        ),
+    );
+    let config = db.config(&observers);
+    let env = [
+        ("OBS_T_TPL", env_secret.as_str()),
+        ("OBS_T_TPL_PATH", path_secret.as_str()),
+    ];
+    let leaked = |text: &str| {
+        ["tplenv", "tplfile", "tplpath"]
+            .into_iter()
+            .find(|t| text.contains(t))
+    };
+
+    let cfg = db.write_file("tpl.toml", &config);
+    let mut c = command();
+    c.arg("validate").arg(&cfg).envs(env);
+    let out = c.output().await.expect("run validate");
+    let text = output_text(&out);
+    assert!(
+        out.status.success(),
+        "validate read a secret as a template: {text}"
+    );
+    assert_eq!(leaked(&text), None, "validate printed a secret: {text}");
+
+    let mut d = Daemon::start_with_env(&db, &config, &env).await;
+    db.insert_order(7, "new", 1.0).await;
+    let got = rx.wait_for(1, Duration::from_secs(30)).await;
+    d.stop().await;
+    assert_eq!(got[0].header("x-api-auth"), Some(env_secret.as_str()));
+    assert_eq!(got[0].header("x-file"), Some(file_secret.as_str()));
+    assert_eq!(
+        percent_decode(&got[0].path),
+        format!("/tpl/{path_secret}"),
+        "the URL secret was substituted as a template"
+    );
+    assert_eq!(leaked(&d.logs()), None, "the daemon logged a secret");
+}
