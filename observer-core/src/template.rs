@@ -49,6 +49,10 @@ pub enum Target {
     UrlComponent,
     /// An HTTP header value: like `Text`, but CR, LF and NUL are refused.
     Header,
+    /// A Redis glob pattern (`SCAN … MATCH`): literal text is the pattern as written, so its
+    /// `*`, `?` and `[…]` match; placeholder values are rendered like `Text` with `*`, `?`,
+    /// `[`, `]` and `\` escaped, so a value matches only itself.
+    Glob,
 }
 
 /// A filter after `|` in a placeholder.
@@ -175,7 +179,7 @@ impl Template {
         match target {
             Target::Json => check_json(source, &mut raw)?,
             Target::Header => check_header(source, &raw)?,
-            Target::Text | Target::UrlComponent => {}
+            Target::Text | Target::UrlComponent | Target::Glob => {}
         }
         let pieces = raw
             .into_iter()
@@ -309,6 +313,7 @@ impl Template {
                 }
                 out.push_str(&text);
             }
+            (Target::Glob, _) => glob_escape(&text_form(&value)?, out),
             (Target::Text, _) => out.push_str(&text_form(&value)?),
         }
         Ok(())
@@ -359,6 +364,17 @@ fn escape_json_content(s: &str, out: &mut String) {
             }
             c => out.push(c),
         }
+    }
+}
+
+/// Escapes the metacharacters of a Redis glob (`*`, `?`, `[`, `]`, `\`) so `s` matches only
+/// itself.
+pub fn glob_escape(s: &str, out: &mut String) {
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
     }
 }
 
@@ -984,6 +1000,21 @@ mod tests {
     }
 
     #[test]
+    fn glob_target_escapes_values_not_the_pattern() {
+        let out = render(
+            "user:{{ data.id }}:*",
+            Target::Glob,
+            json!({"id": "a*b?[c]\\d"}),
+        )
+        .unwrap();
+        assert_eq!(out, "user:a\\*b\\?\\[c\\]\\\\d:*");
+        assert_eq!(
+            render("k:{{ data.n }}", Target::Glob, json!({"n": 5})).unwrap(),
+            "k:5"
+        );
+    }
+
+    #[test]
     fn references_resolve_to_literal_text() {
         let mut resolve = |r: &str| -> Result<String, String> {
             match r {
@@ -1157,6 +1188,7 @@ mod tests {
                 Target::Json,
                 Target::UrlComponent,
                 Target::Header,
+                Target::Glob,
             ] {
                 let Ok(t) = Template::parse(&src, target) else {
                     continue;
