@@ -216,17 +216,50 @@ pub struct Sql {
 }
 
 /// A URL as messages show it: not at all when it came from a secret reference, and never with
-/// a password.
+/// a password or the values of its query (`?token=…` is a common way to pass a credential):
+/// `https://h/p?token=redacted&id=redacted`.
 pub fn shown_url(url: &str, secret: bool) -> String {
     if secret {
         return "<url from a secret reference>".into();
     }
+    let redact_query = |query: &str| {
+        query
+            .split('&')
+            .map(|c| match c.split_once('=') {
+                Some((name, _)) => format!("{name}=redacted"),
+                None => "redacted".to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    };
     match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("redacted"));
+        Ok(mut u) if u.password().is_some() || u.query().is_some() => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("redacted"));
+            }
+            if let Some(q) = u.query().map(redact_query) {
+                u.set_query(Some(&q));
+            }
             u.to_string()
         }
-        _ => url.to_string(),
+        Ok(_) => url.to_string(),
+        // Not a URL: shown up to its query.
+        Err(_) => match url.split_once('?') {
+            Some((base, _)) => format!("{base}?redacted"),
+            None => url.to_string(),
+        },
+    }
+}
+
+/// A reqwest error as messages show it: reqwest puts the request's URL in its errors, so it is
+/// removed when the URL came from a secret reference and shown as [`shown_url`] otherwise.
+pub(crate) fn shown_error(e: reqwest::Error, url: &str, secret: bool) -> reqwest::Error {
+    if secret || e.url().is_none() {
+        return e.without_url();
+    }
+    match reqwest::Url::parse(&shown_url(url, false)) {
+        Ok(u) => e.with_url(u),
+        Err(_) => e.without_url(),
     }
 }
 
@@ -647,8 +680,8 @@ impl Webhook {
         let resp = match req.body(body).send().await {
             Ok(r) => r,
             Err(e) => {
-                // reqwest names the URL in its errors; not when it holds a secret.
-                let e = if self.url_secret { e.without_url() } else { e };
+                // reqwest names the URL in its errors: never a secret or a query value.
+                let e = shown_error(e, &url, self.url_secret);
                 if e.is_builder() {
                     return permanent(format!(
                         "cannot build request to `{}`: {e}",
@@ -786,6 +819,23 @@ impl Sql {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_urls_hide_secrets_passwords_and_query_values() {
+        assert_eq!(
+            shown_url("https://u:pw@h.example/p?token=abc&id=7&flag", false),
+            "https://u:redacted@h.example/p?token=redacted&id=redacted&redacted"
+        );
+        assert_eq!(
+            shown_url("https://h.example/p", false),
+            "https://h.example/p"
+        );
+        assert_eq!(shown_url("nope?token=abc", false), "nope?redacted");
+        assert_eq!(
+            shown_url("https://h.example/?t=abc", true),
+            "<url from a secret reference>"
+        );
+    }
 
     #[test]
     fn retry_after_forms() {
