@@ -8,6 +8,7 @@ use chrono::Utc;
 use clap::Args;
 use observer_core::change_log::ChangeLog;
 
+use super::shown;
 use super::{checkpoints, db_err, metrics, or_dash, print_json, require_migrated, CheckpointRow};
 use crate::app::App;
 
@@ -237,7 +238,8 @@ fn print_text(s: &ListenerStatus) {
     );
     match (&s.last_error, &s.last_error_at) {
         (Some(e), at) => println!(
-            "last error    {e} (at {})",
+            "last error    {} (at {})",
+            shown(e),
             or_dash(&at.map(|t| t.to_rfc3339()))
         ),
         (None, _) => println!("last error    -"),
@@ -250,7 +252,7 @@ fn print_text(s: &ListenerStatus) {
 fn print_live(live: &serde_json::Value) {
     let url = live["url"].as_str().unwrap_or("?");
     if let Some(e) = live["error"].as_str() {
-        println!("live          {e}");
+        println!("live          {}", shown(e));
         return;
     }
     let num = |k: &str| match &live[k] {
@@ -274,7 +276,7 @@ fn print_live(live: &serde_json::Value) {
         .as_object()
         .map(|m| {
             m.iter()
-                .map(|(d, st)| format!("{d} {}", st.as_str().unwrap_or("?")))
+                .map(|(d, st)| format!("{} {}", shown(d), shown(st.as_str().unwrap_or("?"))))
                 .collect()
         })
         .unwrap_or_default();
