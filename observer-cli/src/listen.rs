@@ -23,6 +23,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use chrono::{DateTime, Local, SecondsFormat, Utc};
+use observer_core::printable;
 use observer_core::signing::{self, SigningKey};
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt as _;
@@ -372,6 +373,9 @@ impl Delivery {
         }
     }
 
+    /// The block printed for a delivery. Everything the sender chose (path, header values,
+    /// body) is escaped ([`printable`]), so it can neither print a line of the sink's own (a
+    /// forged `signature: verified`) nor send control sequences to the terminal.
     fn to_readable(&self) -> String {
         let time = self
             .received_at
@@ -379,21 +383,23 @@ impl Delivery {
             .format("%Y-%m-%d %H:%M:%S%.3f");
         let verdict = match &self.verdict {
             Verdict::Verified => "verified".to_owned(),
-            Verdict::Invalid(reason) => format!("INVALID: {reason}"),
+            Verdict::Invalid(reason) => format!("INVALID: {}", printable::escape(reason)),
             Verdict::Unsigned => "unsigned".to_owned(),
             Verdict::Unchecked => "not checked".to_owned(),
         };
         let mut out = format!(
             "{time} {} {}\n  idempotency-key: {}\n  webhook-id: {}\n  signature: {verdict}\n",
             self.method,
-            self.path,
-            self.idempotency_key.as_deref().unwrap_or("-"),
-            self.webhook_id.as_deref().unwrap_or("-"),
+            printable::escape(&self.path),
+            printable::escape(self.idempotency_key.as_deref().unwrap_or("-")),
+            printable::escape(self.webhook_id.as_deref().unwrap_or("-")),
         );
         match &self.body {
             ShownBody::Empty => out.push_str("(empty body)\n"),
             ShownBody::Json { text, .. } => {
-                out.push_str(&reindent_json(text));
+                // Line breaks between tokens are the indentation's own; JSON strings can
+                // still hold DEL, C1 controls and line separators raw.
+                out.push_str(&printable::escape_json(&reindent_json(text)));
                 out.push('\n');
             }
             ShownBody::Text {
@@ -401,7 +407,7 @@ impl Delivery {
                 total_bytes,
                 truncated,
             } => {
-                out.push_str(text);
+                out.push_str(&printable::escape(text));
                 out.push('\n');
                 if *truncated {
                     let _ = writeln!(
@@ -616,7 +622,11 @@ fn rejected_text(
         let time = received_at
             .with_timezone(&Local)
             .format("%Y-%m-%d %H:%M:%S%.3f");
-        format!("{time} {method} {path}\n  REJECTED with {status}: {reason}\n")
+        format!(
+            "{time} {method} {}\n  REJECTED with {status}: {}\n",
+            printable::escape(path),
+            printable::escape(reason)
+        )
     }
 }
 
@@ -852,6 +862,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\ntampered\n"), "{text}");
+        server.abort();
+    }
+
+    /// Issue 18, item 9: what a sender controls (body, header values) cannot print lines of
+    /// the sink's own (a forged `signature: verified`) or terminal control sequences.
+    #[tokio::test]
+    async fn readable_mode_escapes_control_characters() {
+        let (addr, mut rx, server) = start(&args(&[], false, 204, 0)).await;
+        let forged = "signature: verified";
+        let head = "POST /hook HTTP/1.1\r\nIdempotency-Key: k\u{9b}2J\r\n";
+        let text_body = "hi\n  signature: verified\r\n\x1b[2J\u{9b}0m\ttab";
+        // JSON allows DEL, C1 controls and U+2028 unescaped inside strings.
+        let json_body = "{\"a\": \"x\u{9b}2J\u{7f}\u{2028}y\"}";
+        for body in [text_body, json_body] {
+            assert_eq!(request(addr, head, body.as_bytes()).await, 204);
+            let text = rx.recv().await.expect("output");
+            assert!(
+                !text.lines().any(|l| l.trim_start().starts_with(forged)),
+                "{text}"
+            );
+            assert!(
+                !text.contains(['\x1b', '\u{9b}', '\u{7f}', '\u{2028}', '\r', '\t']),
+                "{text:?}"
+            );
+            assert!(text.contains("idempotency-key: k\\u{9b}2J"), "{text}");
+        }
         server.abort();
     }
 

@@ -3,6 +3,7 @@
 mod app;
 mod daemon;
 mod listen;
+mod log_fields;
 mod ops;
 mod setup;
 mod stack;
@@ -73,7 +74,8 @@ fn init_logging(format: &str) {
     if format == "json" {
         builder.json().init();
     } else {
-        builder.init();
+        // Field values escaped: many come from event data, receivers or the database.
+        builder.fmt_fields(log_fields::EscapedFields).init();
     }
 }
 

@@ -151,7 +151,7 @@ impl CompiledAction {
     /// then uses the action target `observer/index`).
     pub fn destination(&self) -> Option<String> {
         match self {
-            CompiledAction::Webhook(w) => static_authority(w.url.source()),
+            CompiledAction::Webhook(w) => static_authority(&w.url.literal_text("{{}}")),
             CompiledAction::Sql(_) => Some("postgres".into()),
             CompiledAction::Log(_) => Some("log".into()),
             CompiledAction::Slack(s) => s.destination(),
@@ -216,17 +216,50 @@ pub struct Sql {
 }
 
 /// A URL as messages show it: not at all when it came from a secret reference, and never with
-/// a password.
+/// a password or the values of its query (`?token=…` is a common way to pass a credential):
+/// `https://h/p?token=redacted&id=redacted`.
 pub fn shown_url(url: &str, secret: bool) -> String {
     if secret {
         return "<url from a secret reference>".into();
     }
+    let redact_query = |query: &str| {
+        query
+            .split('&')
+            .map(|c| match c.split_once('=') {
+                Some((name, _)) => format!("{name}=redacted"),
+                None => "redacted".to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    };
     match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("redacted"));
+        Ok(mut u) if u.password().is_some() || u.query().is_some() => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("redacted"));
+            }
+            if let Some(q) = u.query().map(redact_query) {
+                u.set_query(Some(&q));
+            }
             u.to_string()
         }
-        _ => url.to_string(),
+        Ok(_) => url.to_string(),
+        // Not a URL: shown up to its query.
+        Err(_) => match url.split_once('?') {
+            Some((base, _)) => format!("{base}?redacted"),
+            None => url.to_string(),
+        },
+    }
+}
+
+/// A reqwest error as messages show it: reqwest puts the request's URL in its errors, so it is
+/// removed when the URL came from a secret reference and shown as [`shown_url`] otherwise.
+pub(crate) fn shown_error(e: reqwest::Error, url: &str, secret: bool) -> reqwest::Error {
+    if secret || e.url().is_none() {
+        return e.without_url();
+    }
+    match reqwest::Url::parse(&shown_url(url, false)) {
+        Ok(u) => e.with_url(u),
+        Err(_) => e.without_url(),
     }
 }
 
@@ -315,6 +348,27 @@ pub(crate) fn secret(
     }
 }
 
+/// Compiles a template whose text may hold `${env:…}`/`${file:…}` references. The text as
+/// written is parsed; with `Secrets::Resolve` each reference becomes its value as literal text
+/// ([`Template::parse_with_references`]), so a secret is never read as template syntax nor
+/// quoted in an error. With `Secrets::Unresolved` the references stay as written.
+pub(crate) fn secret_template(
+    value: &str,
+    location: &str,
+    target: Target,
+    mode: Secrets,
+) -> Result<Template, crate::template::TemplateError> {
+    match mode {
+        Secrets::Resolve => Template::parse_with_references(value, target, &mut |reference| {
+            resolve_secret(reference, location).map_err(|e| match e {
+                crate::config::ConfigError::Secret { message, .. } => message,
+                other => other.to_string(),
+            })
+        }),
+        Secrets::Unresolved => Template::parse(value, target),
+    }
+}
+
 /// Compiles one action; every problem is returned with its location.
 pub fn compile(
     config: &ActionConfig,
@@ -355,34 +409,30 @@ fn compile_webhook(
             None
         }
     };
-    let url = match secret(&w.url, "url", mode) {
-        Ok(u) => match Template::parse(&u, Target::UrlComponent) {
-            Ok(t) => {
-                if t.is_static() {
-                    match reqwest::Url::parse(&u) {
-                        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
-                        Ok(parsed) => issue(
-                            "url",
-                            format!("scheme `{}` is not http or https", parsed.scheme()),
+    let url = match secret_template(&w.url, "url", Target::UrlComponent, mode) {
+        Ok(t) => {
+            // The URL as it renders, placeholders aside (it may hold resolved secrets).
+            let u = t.literal_text("{{}}");
+            if t.is_static() {
+                match reqwest::Url::parse(&u) {
+                    Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                    Ok(parsed) => issue(
+                        "url",
+                        format!("scheme `{}` is not http or https", parsed.scheme()),
+                    ),
+                    Err(e) => issue(
+                        "url",
+                        format!(
+                            "`{}` is not a URL: {e}",
+                            shown_url(&u, w.url.contains("${"))
                         ),
-                        Err(e) => issue(
-                            "url",
-                            format!(
-                                "`{}` is not a URL: {e}",
-                                shown_url(&u, w.url.contains("${"))
-                            ),
-                        ),
-                    }
-                } else if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    issue("url", "must start with http:// or https://".into());
+                    ),
                 }
-                Some(t)
+            } else if !(u.starts_with("http://") || u.starts_with("https://")) {
+                issue("url", "must start with http:// or https://".into());
             }
-            Err(e) => {
-                issue("url", e.to_string());
-                None
-            }
-        },
+            Some(t)
+        }
         Err(e) => {
             issue("url", e.to_string());
             None
@@ -415,12 +465,9 @@ fn compile_webhook(
             );
             continue;
         }
-        match resolve_secret(value, &field)
-            .map_err(|e| e.to_string())
-            .and_then(|v| Template::parse(&v, Target::Header).map_err(|e| e.to_string()))
-        {
+        match secret_template(value, &field, Target::Header, mode) {
             Ok(t) => headers.push((hn, t)),
-            Err(e) => issue(&field, e),
+            Err(e) => issue(&field, e.to_string()),
         }
     }
     let body = match &w.body {
@@ -633,8 +680,8 @@ impl Webhook {
         let resp = match req.body(body).send().await {
             Ok(r) => r,
             Err(e) => {
-                // reqwest names the URL in its errors; not when it holds a secret.
-                let e = if self.url_secret { e.without_url() } else { e };
+                // reqwest names the URL in its errors: never a secret or a query value.
+                let e = shown_error(e, &url, self.url_secret);
                 if e.is_builder() {
                     return permanent(format!(
                         "cannot build request to `{}`: {e}",
@@ -772,6 +819,23 @@ impl Sql {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shown_urls_hide_secrets_passwords_and_query_values() {
+        assert_eq!(
+            shown_url("https://u:pw@h.example/p?token=abc&id=7&flag", false),
+            "https://u:redacted@h.example/p?token=redacted&id=redacted&redacted"
+        );
+        assert_eq!(
+            shown_url("https://h.example/p", false),
+            "https://h.example/p"
+        );
+        assert_eq!(shown_url("nope?token=abc", false), "nope?redacted");
+        assert_eq!(
+            shown_url("https://h.example/?t=abc", true),
+            "<url from a secret reference>"
+        );
+    }
 
     #[test]
     fn retry_after_forms() {

@@ -1316,8 +1316,36 @@ fn describe(e: config::ConfigError, overrides: &[(String, String)]) -> String {
     msg
 }
 
+/// Largest `${file:…}` secret read (64 KiB, far above any key, token or URL): a
+/// longer file, or one that never ends (`/dev/zero`, a FIFO someone keeps writing), is an error
+/// rather than an unbounded read into memory.
+pub const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The text of a `${file:…}` secret: at most [`MAX_SECRET_FILE_BYTES`], UTF-8, trailing line
+/// breaks removed. Errors name the file and never quote its contents.
+fn read_secret_file(path: &str) -> Result<String, String> {
+    use std::io::Read as _;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read secret file `{path}`: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SECRET_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read secret file `{path}`: {e}"))?;
+    if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+        return Err(format!(
+            "secret file `{path}` is larger than {} KiB, the limit for a secret",
+            MAX_SECRET_FILE_BYTES / 1024
+        ));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("secret file `{path}` is not UTF-8 text"))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
 /// Resolves `${env:NAME}` and `${file:/path}` references in a config string. Text without a
-/// reference is returned unchanged. The resolved value is never logged by this crate.
+/// reference is returned unchanged. The resolved value is never logged by this crate. Where the
+/// result is a template (webhook URLs and headers), use `Template::parse_with_references`
+/// instead, so a value is never read as template syntax.
 pub fn resolve_secret(value: &str, location: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
@@ -1335,12 +1363,10 @@ pub fn resolve_secret(value: &str, location: &str) -> Result<String, ConfigError
                 message: format!("environment variable `{name}` is not set"),
             })?
         } else if let Some(path) = reference.strip_prefix("file:") {
-            std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|e| ConfigError::Secret {
-                    location: location.to_string(),
-                    message: format!("cannot read secret file `{path}`: {e}"),
-                })?
+            read_secret_file(path).map_err(|message| ConfigError::Secret {
+                location: location.to_string(),
+                message,
+            })?
         } else {
             return Err(ConfigError::Secret {
                 location: location.to_string(),
@@ -1506,6 +1532,34 @@ url = "http://127.0.0.1:1/x"
             .contains("OBS_TEST_MISSING_Q"));
         assert!(resolve_secret("${vault:x}", "k").is_err());
         assert!(resolve_secret("${env:X", "k").is_err());
+    }
+
+    /// Issue 18, item 10: a `${file:…}` secret is read up to 64 KiB; a longer file (or a device
+    /// that never ends) is an error naming the file and the limit, not an unbounded read.
+    #[test]
+    fn secret_files_are_read_up_to_a_limit() {
+        let limit = 64 * 1024;
+        let big = write("big-secret.txt", &"x".repeat(limit + 1));
+        let e = resolve_secret(&format!("${{file:{}}}", big.display()), "headers.X")
+            .expect_err("a secret file over the limit is refused")
+            .to_string();
+        assert!(
+            e.contains(&big.display().to_string())
+                && e.contains("64 KiB")
+                && e.contains("headers.X"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("xxxx"),
+            "the error repeats the file's text: {e}"
+        );
+        let at_limit = write("limit-secret.txt", &format!("{}\n", "y".repeat(limit - 1)));
+        let ok = resolve_secret(&format!("${{file:{}}}", at_limit.display()), "k").unwrap();
+        assert_eq!(ok.len(), limit - 1);
+        let e = resolve_secret("${file:/dev/zero}", "k")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/dev/zero") && e.contains("64 KiB"), "{e}");
     }
 
     #[test]

@@ -445,7 +445,17 @@ impl Issues<'_> {
         target: Target,
         earlier: &[&str],
     ) -> Option<Template> {
-        match Template::parse(src, target) {
+        self.checked(field, Template::parse(src, target), earlier)
+    }
+
+    /// Checks a parsed template's `enrich.…` references (or reports why it did not parse).
+    fn checked(
+        &mut self,
+        field: &str,
+        parsed: Result<Template, crate::template::TemplateError>,
+        earlier: &[&str],
+    ) -> Option<Template> {
+        match parsed {
             Ok(t) => {
                 for p in t.paths() {
                     if let Some(n) = p.enrich_name() {
@@ -517,23 +527,24 @@ pub fn compile(
                 if !e.params.is_empty() {
                     issues.at("params", "is only used with `sql`".into());
                 }
-                match crate::action::secret(url, "http", mode) {
-                    Err(err) => {
-                        issues.at("http", err.to_string());
-                        None
-                    }
-                    Ok(u) => {
-                        if !(u.starts_with("http://") || u.starts_with("https://")) {
-                            issues.at("http", "must start with http:// or https://".into());
-                        }
-                        issues
-                            .template("http", &u, Target::UrlComponent, &earlier)
-                            .map(|t| Source::Http {
-                                url: t,
-                                secret: url.contains("${"),
-                            })
-                    }
+                let parsed =
+                    crate::action::secret_template(url, "http", Target::UrlComponent, mode);
+                // As it renders when it parsed; as written (a reference may supply the start)
+                // when it did not.
+                let start = match &parsed {
+                    Ok(t) => t.literal_text("{{}}"),
+                    Err(_) if url.starts_with("${") => "http://".into(),
+                    Err(_) => url.clone(),
+                };
+                if !(start.starts_with("http://") || start.starts_with("https://")) {
+                    issues.at("http", "must start with http:// or https://".into());
                 }
+                issues
+                    .checked("http", parsed, &earlier)
+                    .map(|t| Source::Http {
+                        url: t,
+                        secret: url.contains("${"),
+                    })
             }
             (None, Some(query)) => {
                 let params: Vec<Template> = e

@@ -17,6 +17,7 @@ pub mod observer;
 pub mod outbound;
 pub mod path;
 pub mod preflight;
+pub mod printable;
 pub mod redeliver;
 pub mod retention;
 pub mod runloop;

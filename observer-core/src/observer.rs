@@ -329,9 +329,14 @@ fn check_retry(r: &RetryConfig) -> Result<(), String> {
 }
 
 /// The action's config as stored with dead letters and shown by `dlq show`: `${env:…}` and
-/// `${file:…}` references are kept (they name where the secret lives), but a literal signing
-/// secret, a literal value of a credential-like header and a password in the URL are replaced,
+/// `${file:…}` references are kept (they name where the secret lives), and so are template
+/// placeholders, but every literal header value, every literal query value of a webhook URL, a
+/// literal signing secret, a Slack URL and any password in a URL are replaced by `<redacted>`,
 /// so no secret written into a config file ever reaches the database or the terminal.
+///
+/// Nothing reads a stored action back to deliver: `dlq retry` and `replay` compile the action of
+/// the current config (observer name and action index), so redaction loses nothing needed to
+/// retry.
 pub fn redacted(action: &ActionConfig) -> serde_json::Value {
     const HIDDEN: &str = "<redacted>";
     let is_reference = |v: &str| v.trim_start().starts_with("${") && v.trim_end().ends_with('}');
@@ -348,27 +353,9 @@ pub fn redacted(action: &ActionConfig) -> serde_json::Value {
             }
         }
         for (name, value) in &w.headers {
-            let n = name.to_ascii_lowercase();
-            let sensitive = [
-                "authorization",
-                "cookie",
-                "token",
-                "secret",
-                "key",
-                "password",
-                "signature",
-            ]
-            .iter()
-            .any(|s| n.contains(s));
-            if sensitive && !value.contains("${") {
-                v["headers"][name] = HIDDEN.into();
-            }
+            v["headers"][name] = redact_literals(value).into();
         }
-        if let Ok(mut url) = reqwest::Url::parse(&w.url) {
-            if url.password().is_some() && url.set_password(Some(HIDDEN)).is_ok() {
-                v["url"] = url.to_string().into();
-            }
-        }
+        v["url"] = redact_url(&w.url).into();
     }
     match action {
         // The incoming-webhook URL is the credential itself.
@@ -388,6 +375,96 @@ pub fn redacted(action: &ActionConfig) -> serde_json::Value {
         _ => {}
     }
     v
+}
+
+/// `text` with its `${…}` references, `{{ … }}` placeholders and whitespace kept and every other
+/// run of characters (literal text, which may be a credential) replaced by `<redacted>`:
+/// `Bearer abc ${env:K}` → `<redacted> <redacted> ${env:K}`.
+fn redact_literals(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut literal = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        let kept = if rest.starts_with("${") {
+            rest.find('}').map(|end| end + 1)
+        } else if rest.starts_with("{{") {
+            rest.find("}}").map(|end| end + 2)
+        } else if c.is_whitespace() {
+            Some(c.len_utf8())
+        } else {
+            None
+        };
+        match kept {
+            Some(len) => {
+                out.push_str(&rest[..len]);
+                rest = &rest[len..];
+                literal = false;
+            }
+            None => {
+                if !literal {
+                    out.push_str("<redacted>");
+                    literal = true;
+                }
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+    }
+    out
+}
+
+/// A webhook URL template with the password of its user info and the literal part of every
+/// query value redacted ([`redact_literals`]); the scheme, host, path, parameter names, references
+/// and placeholders are kept. A component without `=` is redacted whole (`?TOKEN`).
+fn redact_url(url: &str) -> String {
+    let (before_fragment, fragment) = match url.find('#') {
+        Some(i) => url.split_at(i),
+        None => (url, ""),
+    };
+    let (base, query) = match before_fragment.find('?') {
+        Some(i) => (&before_fragment[..i], Some(&before_fragment[i + 1..])),
+        None => (before_fragment, None),
+    };
+    let mut out = String::with_capacity(url.len());
+    // user:password@ in the authority.
+    let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let authority_end = base[authority_start..]
+        .find('/')
+        .map(|i| authority_start + i)
+        .unwrap_or(base.len());
+    match base[authority_start..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &base[authority_start..authority_start + at];
+            out.push_str(&base[..authority_start]);
+            match userinfo.split_once(':') {
+                Some((user, password)) => {
+                    out.push_str(user);
+                    out.push(':');
+                    out.push_str(&redact_literals(password));
+                }
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&base[authority_start + at..]);
+        }
+        None => out.push_str(base),
+    }
+    if let Some(query) = query {
+        out.push('?');
+        for (i, component) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match component.split_once('=') {
+                Some((name, value)) => {
+                    out.push_str(name);
+                    out.push('=');
+                    out.push_str(&redact_literals(value));
+                }
+                None => out.push_str(&redact_literals(component)),
+            }
+        }
+    }
+    out.push_str(fragment);
+    out
 }
 
 /// Re-exported so callers can name the config type next to the compiled one.
@@ -516,7 +593,28 @@ mod tests {
             v["headers"]["X-Api-Key"], "${env:API_KEY}",
             "references are kept"
         );
-        assert_eq!(v["headers"]["X-Team"], "billing");
+        assert_eq!(v["headers"]["X-Team"], "<redacted>", "every literal value");
+        let mut mixed = a.clone();
+        if let ActionConfig::Webhook(w) = &mut mixed {
+            w.url = "https://example.com/h/{{ data.id }}?token=lit-tok&id={{ data.id }}&k=${env:K}&flag"
+                .into();
+            w.headers.clear();
+            w.headers.insert(
+                "X-Api-Auth".into(),
+                "lit-auth ${env:AUTH} {{ data.id }}".into(),
+            );
+            w.headers.insert("X-Blank".into(), String::new());
+        }
+        let v = redacted(&mixed);
+        assert_eq!(
+            v["url"],
+            "https://example.com/h/{{ data.id }}?token=<redacted>&id={{ data.id }}&k=${env:K}&<redacted>"
+        );
+        assert_eq!(
+            v["headers"]["X-Api-Auth"],
+            "<redacted> ${env:AUTH} {{ data.id }}"
+        );
+        assert_eq!(v["headers"]["X-Blank"], "");
         let mut with_ref = a.clone();
         if let ActionConfig::Webhook(w) = &mut with_ref {
             w.secret = Some("${env:ORDERS_SECRET}".into());

@@ -49,6 +49,10 @@ pub enum Target {
     UrlComponent,
     /// An HTTP header value: like `Text`, but CR, LF and NUL are refused.
     Header,
+    /// A Redis glob pattern (`SCAN … MATCH`): literal text is the pattern as written, so its
+    /// `*`, `?` and `[…]` match; placeholder values are rendered like `Text` with `*`, `?`,
+    /// `[`, `]` and `\` escaped, so a value matches only itself.
+    Glob,
 }
 
 /// A filter after `|` in a placeholder.
@@ -89,6 +93,10 @@ enum Piece {
     Placeholder(Placeholder),
 }
 
+/// Resolves one `${…}` secret reference (the whole reference, `${env:NAME}`) to its value, or
+/// says why it cannot (the message must not quote the value).
+pub type Resolver<'a> = &'a mut dyn FnMut(&str) -> Result<String, String>;
+
 /// A compiled template: parse once with [`Template::parse`], render per delivery with
 /// [`Template::render`].
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +132,31 @@ impl Template {
     /// Parses and checks at load time: unknown roots/fields, bad filters, unclosed `{{`, and for
     /// `Target::Json` a template whose literal parts cannot form valid JSON are errors.
     pub fn parse(source: &str, target: Target) -> Result<Template, TemplateError> {
+        Template::parse_inner(source, target, None)
+    }
+
+    /// Like [`Template::parse`], for text that may hold `${…}` secret references (webhook URLs
+    /// and headers, lookup URLs): each reference in the literal text is replaced by what
+    /// `resolve` returns for it (the whole `${…}`) **as literal text**. A resolved value is
+    /// therefore never read as template syntax (a secret holding `{{` stays `{{`), is never
+    /// quoted in an error, and keeps the checks of the target (a header secret holding CR or LF
+    /// is refused, pointing at the reference). [`Template::source`] stays the text as written.
+    ///
+    /// `Target::Json` templates do not take references (their literal text is JSON whose
+    /// structure a value could change): a `${` there is an error.
+    pub fn parse_with_references(
+        source: &str,
+        target: Target,
+        resolve: Resolver<'_>,
+    ) -> Result<Template, TemplateError> {
+        Template::parse_inner(source, target, Some(resolve))
+    }
+
+    fn parse_inner(
+        source: &str,
+        target: Target,
+        resolve: Option<Resolver<'_>>,
+    ) -> Result<Template, TemplateError> {
         if source.len() > MAX_SOURCE_BYTES {
             return Err(TemplateError {
                 column: 1,
@@ -133,11 +166,20 @@ impl Template {
                 ),
             });
         }
-        let mut raw = tokenize(source)?;
+        if target == Target::Json && resolve.is_some() {
+            if let Some(at) = source.find("${") {
+                return Err(error(
+                    source,
+                    at,
+                    "`${…}` references are not resolved in a JSON template",
+                ));
+            }
+        }
+        let mut raw = tokenize(source, resolve)?;
         match target {
             Target::Json => check_json(source, &mut raw)?,
             Target::Header => check_header(source, &raw)?,
-            Target::Text | Target::UrlComponent => {}
+            Target::Text | Target::UrlComponent | Target::Glob => {}
         }
         let pieces = raw
             .into_iter()
@@ -185,9 +227,23 @@ impl Template {
         Ok(out)
     }
 
-    /// The template text as written.
+    /// The template text as written (secret references unresolved).
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The literal text with each placeholder replaced by `marker`: the shape of what renders
+    /// (e.g. to check that a URL starts with `http://` or has a fixed authority). For a static
+    /// template it is the rendered text. It may hold resolved secrets: never show it.
+    pub fn literal_text(&self, marker: &str) -> String {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Literal(text) => out.push_str(text),
+                Piece::Placeholder(_) => out.push_str(marker),
+            }
+        }
+        out
     }
 
     /// The target the template was compiled for.
@@ -257,6 +313,7 @@ impl Template {
                 }
                 out.push_str(&text);
             }
+            (Target::Glob, _) => glob_escape(&text_form(&value)?, out),
             (Target::Text, _) => out.push_str(&text_form(&value)?),
         }
         Ok(())
@@ -307,6 +364,17 @@ fn escape_json_content(s: &str, out: &mut String) {
             }
             c => out.push(c),
         }
+    }
+}
+
+/// Escapes the metacharacters of a Redis glob (`*`, `?`, `[`, `]`, `\`) so `s` matches only
+/// itself.
+pub fn glob_escape(s: &str, out: &mut String) {
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
     }
 }
 
@@ -375,14 +443,29 @@ fn skip_ws(source: &str, mut i: usize) -> usize {
     i
 }
 
-/// Splits the source into literal text and placeholders.
-fn tokenize(source: &str) -> Result<Vec<RawPiece>, TemplateError> {
+/// Splits the source into literal text and placeholders. With `resolve`, each `${…}` reference
+/// in literal text becomes literal text itself: its value, every byte of which is attributed to
+/// the reference's `$` (so an error in it points there and never quotes it).
+fn tokenize(
+    source: &str,
+    mut resolve: Option<Resolver<'_>>,
+) -> Result<Vec<RawPiece>, TemplateError> {
     let mut pieces = Vec::new();
     let mut text = String::new();
     let mut src = Vec::new();
     let mut i = 0;
     while i < source.len() {
         let rest = &source[i..];
+        if let (Some(resolve), true) = (resolve.as_mut(), rest.starts_with("${")) {
+            let Some(len) = rest.find('}') else {
+                return Err(error(source, i, "unterminated `${` reference"));
+            };
+            let value = resolve(&rest[..=len]).map_err(|m| error(source, i, m))?;
+            src.resize(src.len() + value.len(), i);
+            text.push_str(&value);
+            i += len + 1;
+            continue;
+        }
         if rest.starts_with("\\{{") {
             text.push_str("{{");
             src.extend([i + 1, i + 2]);
@@ -917,6 +1000,64 @@ mod tests {
     }
 
     #[test]
+    fn glob_target_escapes_values_not_the_pattern() {
+        let out = render(
+            "user:{{ data.id }}:*",
+            Target::Glob,
+            json!({"id": "a*b?[c]\\d"}),
+        )
+        .unwrap();
+        assert_eq!(out, "user:a\\*b\\?\\[c\\]\\\\d:*");
+        assert_eq!(
+            render("k:{{ data.n }}", Target::Glob, json!({"n": 5})).unwrap(),
+            "k:5"
+        );
+    }
+
+    #[test]
+    fn references_resolve_to_literal_text() {
+        let mut resolve = |r: &str| -> Result<String, String> {
+            match r {
+                "${env:TOKEN}" => Ok("t{{ data.x }}ok".into()),
+                "${env:LF}" => Ok("a\r\nX-Evil: 1".into()),
+                other => Err(format!("`{other}` is not set")),
+            }
+        };
+        let t = Template::parse_with_references(
+            "Bearer ${env:TOKEN} {{ data.x }}",
+            Target::Header,
+            &mut resolve,
+        )
+        .unwrap();
+        assert_eq!(t.source(), "Bearer ${env:TOKEN} {{ data.x }}");
+        assert_eq!(t.paths().len(), 1, "the secret's `{{` is not a placeholder");
+        let e = event(json!({"x": 7}));
+        assert_eq!(t.render(&scope(&e)).unwrap(), "Bearer t{{ data.x }}ok 7");
+        assert_eq!(t.literal_text("{{}}"), "Bearer t{{ data.x }}ok {{}}");
+        // Errors point at the reference and never quote its value.
+        let e = Template::parse_with_references("ab ${env:LF}", Target::Header, &mut resolve)
+            .unwrap_err();
+        assert_eq!(e.column, 4);
+        assert!(!e.message.contains("Evil"), "{e}");
+        let e = Template::parse_with_references("x${env:NOPE}", Target::Text, &mut resolve)
+            .unwrap_err();
+        assert_eq!(
+            (e.column, e.message.as_str()),
+            (2, "`${env:NOPE}` is not set")
+        );
+        let e =
+            Template::parse_with_references("x${env:A", Target::Text, &mut resolve).unwrap_err();
+        assert!(e.message.contains("unterminated"), "{e}");
+        let e =
+            Template::parse_with_references(r#"{"a": "${env:TOKEN}"}"#, Target::Json, &mut resolve)
+                .unwrap_err();
+        assert!(e.message.contains("not resolved in a JSON template"), "{e}");
+        // Without references, the same as `parse`; `\{{` is still a literal `{{`.
+        let t = Template::parse_with_references(r"\{{ $5", Target::Text, &mut resolve).unwrap();
+        assert_eq!(t.render(&scope(&event(json!({})))).unwrap(), "{{ $5");
+    }
+
+    #[test]
     fn parse_errors_have_columns() {
         let e = parse_err("hello {{ data.x", Target::Text);
         assert_eq!(e.column, 7);
@@ -1047,6 +1188,7 @@ mod tests {
                 Target::Json,
                 Target::UrlComponent,
                 Target::Header,
+                Target::Glob,
             ] {
                 let Ok(t) = Template::parse(&src, target) else {
                     continue;

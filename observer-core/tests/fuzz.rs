@@ -380,7 +380,8 @@ fn target() -> impl Strategy<Value = Target> {
         Just(Target::Text),
         Just(Target::Json),
         Just(Target::UrlComponent),
-        Just(Target::Header)
+        Just(Target::Header),
+        Just(Target::Glob)
     ]
 }
 
@@ -405,7 +406,7 @@ fn check_template(src: &str, target: Target, ev: &ChangeEvent) -> Result<(), Tes
                 !out.contains(['\r', '\n', '\0']),
                 "header with CR/LF/NUL: {out:?}"
             ),
-            Target::UrlComponent | Target::Text => {}
+            Target::UrlComponent | Target::Text | Target::Glob => {}
         }
     }
     Ok(())

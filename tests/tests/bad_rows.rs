@@ -307,3 +307,70 @@ async fn invalid_utf8_in_text_columns_is_dead_lettered() {
     cli_ok(&db, &config, &["status"]).await;
     assert!(daemon.stop().await.success());
 }
+
+/// Issue 18, item 9: control characters in event data (here a forged `signature: verified`
+/// line, an ANSI sequence and a C1 CSI in `object_data`; the text columns refuse them already)
+/// reach neither the daemon's log nor the text output of `dlq list|show`, `debug-event` and
+/// `status` raw: they are shown escaped (`\n`, `\u{1b}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_from_event_data_are_escaped_in_logs_and_cli_output() {
+    let db = TestDb::new().await;
+    // A function whose error message is the event's own text, as a real one might quote it.
+    db.exec(
+        "CREATE FUNCTION forge(p jsonb) RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'bad note: %', p->'data'->>'note'; END $$",
+    )
+    .await;
+    let observers = "[[observers]]\nname = \"forge\"\nentity = \"Order\"\n\n  \
+        [[observers.actions]]\n  type = \"sql\"\n  function = \"forge\"\n  \
+        retry = { max_attempts = 1, backoff = \"fixed\", initial_ms = 50, max_ms = 100 }\n\n  \
+        [[observers.actions]]\n  type = \"log\"\n  message = \"note {{ data.note }}\"\n";
+    let config = db.config(observers);
+    let mut daemon = Daemon::start(&db, &config).await;
+    let forged = "signature: verified";
+    let event = insert_raw(
+        &db,
+        "object_type, object_id, modification_type, object_data",
+        r#"'Order', '7', 'INSERT',
+           '{"note": "boom\n  signature: verified\u001b[31m\u009b2J"}'::jsonb"#,
+    )
+    .await;
+    eventually(T, "the dead letter", || async {
+        (!db.dead_letters().await.is_empty()).then_some(())
+    })
+    .await;
+    db.wait_caught_up("test", T).await;
+    assert!(daemon.stop().await.success());
+    let letter = &db.dead_letters().await[0];
+    let id = letter["id"].to_string();
+    assert!(
+        letter["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("boom\n  signature: verified\u{1b}[31m")),
+        "the stored error keeps the text as it was: {letter}"
+    );
+
+    let mut outputs = vec![("the daemon's log".to_string(), daemon.logs())];
+    for args in [
+        vec!["dlq", "list"],
+        vec!["dlq", "show", id.as_str()],
+        vec!["debug-event", &event.to_string()],
+        vec!["debug-event", "--history", "5"],
+        vec!["status"],
+    ] {
+        outputs.push((format!("{args:?}"), cli_ok(&db, &config, &args).await));
+    }
+    let mut problems = Vec::new();
+    for (what, text) in &outputs {
+        if let Some(line) = text.lines().find(|l| l.trim_start().starts_with(forged)) {
+            problems.push(format!("{what} prints a forged line `{line}`"));
+        }
+        if let Some(c) = text.chars().find(|c| matches!(c, '\u{1b}' | '\u{9b}')) {
+            problems.push(format!("{what} prints the control character {c:?} raw"));
+        }
+        if !text.contains(&format!("\\n  {forged}")) {
+            problems.push(format!("{what} does not show the escaped text:\n{text}"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

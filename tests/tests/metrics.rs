@@ -354,3 +354,27 @@ async fn an_address_in_use_is_a_start_up_error_naming_it() {
     assert!(db.checkpoints().await.is_empty(), "{logs}");
     drop(taken);
 }
+
+/// Issue 18, item 10: `metrics` (and `status`, which uses the same client) talk to the daemon's
+/// own endpoint directly: `HTTP_PROXY`/`ALL_PROXY` would send the request, and what it reads,
+/// through another host.
+#[tokio::test]
+async fn the_metrics_command_ignores_proxy_variables() {
+    let endpoint = Receiver::start().await;
+    let proxy = Receiver::start().await;
+    let mut c = observer_tests::command();
+    c.args(["metrics", "--url", &endpoint.url("/metrics")]);
+    for k in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        c.env(k, proxy.url("/"));
+    }
+    c.env_remove("NO_PROXY").env_remove("no_proxy");
+    let out = c.output().await.expect("run the CLI");
+    assert_eq!(
+        proxy.count(),
+        0,
+        "the metrics command went through HTTP_PROXY: {:?}",
+        proxy.requests()
+    );
+    assert_eq!(endpoint.requests_to("/metrics").len(), 1);
+    assert!(out.status.success(), "{}", output_text(&out));
+}

@@ -226,6 +226,68 @@ async fn cache_unlinks_keys_and_scanned_patterns_under_the_cache_prefix() {
     r.cleanup().await;
 }
 
+/// Issue 18, item 8: glob characters in event data match literally. `patterns` are globs in
+/// the config's own text only: a value `*` removes the key `user:*`, not every `user:` key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_patterns_match_event_values_literally() {
+    let db = TestDb::new().await;
+    let r = TestRedis::new().await;
+    let p = &r.prefix;
+    let cache = |k: &str| format!("{p}:cache:{k}");
+    // (event value, the one key it must remove)
+    let cases = [
+        ("*", "user:*:profile"),
+        ("?", "user:?:profile"),
+        ("[12]", "user:[12]:profile"),
+        ("a\\b", "user:a\\b:profile"),
+        ("c]", "user:c]:profile"),
+    ];
+    let keep = [
+        "user:1:profile",
+        "user:2:profile",
+        "user:12:profile",
+        "user:ab:profile",
+        "user:x:profile",
+    ];
+    for k in keep.iter().chain(cases.iter().map(|(_, k)| k)) {
+        r.set(&cache(k), "v").await;
+    }
+    let action = "  type = \"cache\"\n  patterns = [\"user:{{ data.uid }}:prof*\"]";
+    let config = format!(
+        "{}\n{}",
+        r.config_section(),
+        db.config(&observer("inv", action))
+    );
+    let mut daemon = Daemon::start(&db, &config).await;
+    for (i, (value, _)) in cases.iter().enumerate() {
+        db.insert_change(
+            "Order",
+            Some(&i.to_string()),
+            "INSERT",
+            Some(json!({ "uid": value })),
+        )
+        .await;
+    }
+    db.wait_caught_up("test", T).await;
+    let log = db.action_log().await;
+    assert_eq!(log.len(), cases.len(), "{log:?}");
+    assert!(log.iter().all(|l| l["outcome"] == "delivered"), "{log:?}");
+    for (value, k) in &cases {
+        assert!(
+            !r.exists(&cache(k)).await,
+            "{k} should be gone (value {value:?})"
+        );
+    }
+    for k in &keep {
+        assert!(
+            r.exists(&cache(k)).await,
+            "{k} was removed by an event value used as a glob"
+        );
+    }
+    assert!(daemon.stop().await.success());
+    r.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_on_dead_letter_on_abort_header_and_retry_after_cap() {
     let db = TestDb::new().await;

@@ -242,3 +242,140 @@ async fn no_secret_reaches_logs_or_cli_output() {
         s.assert_absent(&format!("{args:?} without a database"), &output_text(&out));
     }
 }
+
+/// Issue 18, item 6: a resolved secret is literal text. One holding `{{ … }}` is neither read as
+/// a placeholder (so `validate` and `run` accept it and never quote it in an error) nor
+/// substituted: the receiver gets it byte for byte, in a header and in the URL.
+#[tokio::test]
+async fn resolved_secrets_are_literal_text_not_templates() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let env_secret = format!("{{{{ {} }}}}", token("tplenv"));
+    let file_secret = format!("abc{{{{ data.id }}}}{}", token("tplfile"));
+    let path_secret = format!("p{{{{ data.id }}}}{}", token("tplpath"));
+    let file = db.write_file("tpl-secret", &format!("{file_secret}\n"));
+    let observers = webhook_observer(
+        "tpl",
+        "Order",
+        &rx.url("/tpl/${env:OBS_T_TPL_PATH}"),
+        "",
+        &format!(
+            "  headers = {{ X-Api-Auth = \"${{env:OBS_T_TPL}}\", X-File = \"${{file:{}}}\" }}",
+            file.display()
+        ),
+    );
+    let config = db.config(&observers);
+    let env = [
+        ("OBS_T_TPL", env_secret.as_str()),
+        ("OBS_T_TPL_PATH", path_secret.as_str()),
+    ];
+    let leaked = |text: &str| {
+        ["tplenv", "tplfile", "tplpath"]
+            .into_iter()
+            .find(|t| text.contains(t))
+    };
+
+    let cfg = db.write_file("tpl.toml", &config);
+    let mut c = command();
+    c.arg("validate").arg(&cfg).envs(env);
+    let out = c.output().await.expect("run validate");
+    let text = output_text(&out);
+    assert!(
+        out.status.success(),
+        "validate read a secret as a template: {text}"
+    );
+    assert_eq!(leaked(&text), None, "validate printed a secret: {text}");
+
+    let mut d = Daemon::start_with_env(&db, &config, &env).await;
+    db.insert_order(7, "new", 1.0).await;
+    let got = rx.wait_for(1, Duration::from_secs(30)).await;
+    d.stop().await;
+    assert_eq!(got[0].header("x-api-auth"), Some(env_secret.as_str()));
+    assert_eq!(got[0].header("x-file"), Some(file_secret.as_str()));
+    assert_eq!(
+        percent_decode(&got[0].path),
+        format!("/tpl/{path_secret}"),
+        "the URL secret was substituted as a template"
+    );
+    assert_eq!(leaked(&d.logs()), None, "the daemon logged a secret");
+}
+
+/// Issue 18, item 7: literal header values and literal query values of a webhook are not stored
+/// with its dead letters nor shown by `dlq show`/`debug-event`, while `dlq retry` (which
+/// compiles the action from the current config) still sends them.
+#[tokio::test]
+async fn literal_header_values_and_query_tokens_are_redacted_and_retry_still_sends_them() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    rx.set_path_status("/lit", 500);
+    let auth = token("litauth");
+    let team = token("litteam");
+    let query = token("litquery");
+    let observers = webhook_observer(
+        "lit",
+        "Order",
+        &rx.url(&format!("/lit?token={query}&id={{{{ data.id }}}}")),
+        "",
+        &format!("  headers = {{ X-Api-Auth = \"{auth}\", X-Team = \"{team}\" }}"),
+    );
+    let config = db.config(&observers);
+    let mut d = Daemon::start(&db, &config).await;
+    db.insert_order(1, "new", 1.0).await;
+    eventually(Duration::from_secs(60), "the dead letter", || async {
+        (db.dead_letters().await.len() == 1).then_some(())
+    })
+    .await;
+    db.wait_caught_up("test", Duration::from_secs(30)).await;
+    d.stop().await;
+    assert_eq!(
+        rx.requests_to("/lit")[0].header("x-api-auth"),
+        Some(auth.as_str())
+    );
+
+    let letter = &db.dead_letters().await[0];
+    let id = letter["id"].to_string();
+    let event_id = letter["event_id"].as_str().unwrap_or_default().to_string();
+    let mut shown = vec![(
+        "the dead-letter table".to_string(),
+        serde_json::to_string(&db.json_rows("SELECT * FROM observer_dead_letters").await)
+            .unwrap_or_default(),
+    )];
+    for args in [
+        vec!["dlq", "show", id.as_str()],
+        vec!["dlq", "show", id.as_str(), "--json"],
+        vec!["debug-event", event_id.as_str()],
+        vec!["debug-event", event_id.as_str(), "--json"],
+    ] {
+        let out = db.cli_with(&config, &args).await;
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+        shown.push((format!("{args:?}"), output_text(&out)));
+    }
+    for (what, text) in &shown {
+        for (name, value) in [("header", &auth), ("header", &team), ("query", &query)] {
+            assert!(
+                !text.contains(value.as_str()),
+                "a literal {name} value appears in {what}:\n{}",
+                excerpt(text, value)
+            );
+        }
+    }
+    // What is shown still says which header and parameter were set, and what was templated.
+    let show = &shown[1].1;
+    assert!(
+        show.contains("X-Api-Auth") && show.contains("token=") && show.contains("{{ data.id }}"),
+        "{show}"
+    );
+
+    rx.set_path_status("/lit", 204);
+    let out = db.cli_with(&config, &["dlq", "retry", &id]).await;
+    assert!(out.status.success(), "dlq retry: {}", output_text(&out));
+    let retried = rx.requests_to("/lit");
+    let last = retried.last().expect("the retried request");
+    assert_eq!(last.status, 204);
+    assert_eq!(last.header("x-api-auth"), Some(auth.as_str()));
+    assert_eq!(last.header("x-team"), Some(team.as_str()));
+    assert_eq!(
+        last.query.as_deref(),
+        Some(&format!("token={query}&id=1")[..])
+    );
+}

@@ -11,7 +11,7 @@ use observer_core::executor::idempotency_key;
 use observer_core::observer::{MatchVerdict, Observers};
 use uuid::Uuid;
 
-use super::{checkpoints, db_err, observers_for_inspection, print_json, require_migrated};
+use super::{checkpoints, db_err, observers_for_inspection, print_json, require_migrated, shown};
 use crate::app::App;
 
 #[derive(Debug, Args)]
@@ -246,8 +246,8 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
             e.id,
             e.pk,
             e.operation,
-            e.entity,
-            e.entity_id.as_deref().unwrap_or("-"),
+            shown(&e.entity),
+            shown(e.entity_id.as_deref().unwrap_or("-")),
             e.created_at.to_rfc3339()
         ),
         (None, Some(p)) => {
@@ -257,9 +257,9 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
                 r.event_id
                     .map(|i| i.to_string())
                     .unwrap_or_else(|| "?".into()),
-                p.reason
+                shown(&p.reason)
             );
-            println!("  raw: {}", p.raw);
+            println!("  raw: {}", shown(&p.raw.to_string()));
         }
         (None, None) => {}
     }
@@ -289,7 +289,7 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
                 )
             }
         };
-        println!("  observer {}: {why}", o.observer);
+        println!("  observer {}: {}", o.observer, shown(&why));
         for a in &o.actions {
             println!(
                 "    action {} ({}) key {}: {}",
@@ -312,7 +312,7 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
                         at.get("result").and_then(|v| v.as_str()).unwrap_or("-"),
                         at.get("error")
                             .and_then(|v| v.as_str())
-                            .map(|e| format!(": {e}"))
+                            .map(|e| format!(": {}", shown(e)))
                             .unwrap_or_default()
                     );
                 }
@@ -320,18 +320,23 @@ fn print_text(r: &EventReport, has_checkpoint: bool, listener: &str) {
         }
     }
     for o in &r.other_outcomes {
-        println!("  recorded outcome of an observer/action not in the config: {o}");
+        println!(
+            "  recorded outcome of an observer/action not in the config: {}",
+            shown(&o.to_string())
+        );
     }
     for d in &r.dead_letters {
         println!(
             "  dead letter #{} [{}] {} {}: {}",
             d.get("id").unwrap_or(&serde_json::Value::Null),
             d.get("status").and_then(|v| v.as_str()).unwrap_or("-"),
-            d.get("observer")
-                .and_then(|v| v.as_str())
-                .unwrap_or("(poison event)"),
-            d.get("reason").and_then(|v| v.as_str()).unwrap_or("-"),
-            d.get("last_error").and_then(|v| v.as_str()).unwrap_or("-")
+            shown(
+                d.get("observer")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("(poison event)")
+            ),
+            shown(d.get("reason").and_then(|v| v.as_str()).unwrap_or("-")),
+            shown(d.get("last_error").and_then(|v| v.as_str()).unwrap_or("-"))
         );
     }
 }

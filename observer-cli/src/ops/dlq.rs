@@ -13,7 +13,7 @@ use observer_core::observer::Observers;
 use observer_core::redeliver::{self, Outcome};
 use serde_json::{json, Value};
 
-use super::{db_err, executor, observers, print_json, require_migrated};
+use super::{db_err, executor, observers, print_json, require_migrated, shown};
 use crate::app::App;
 
 const RETRY_HELP: &str = "\
@@ -129,7 +129,7 @@ pub async fn run(config: Option<&Path>, cmd: DlqCommand) -> Result<ExitCode> {
             if json {
                 print_json(&r)?;
             } else {
-                println!("dead letter #{id}: {}", r.describe());
+                println!("dead letter #{id}: {}", shown(&r.describe()));
             }
             Ok(if r.status == "delivered" {
                 ExitCode::SUCCESS
@@ -208,8 +208,8 @@ async fn stats(app: &App, client: &tokio_postgres::Client, json: bool) -> Result
             for g in &groups {
                 println!(
                     "{:<32} {:<20} {:>8} {:>8}",
-                    g["observer"].as_str().unwrap_or("(poison event)"),
-                    g["reason"].as_str().unwrap_or("-"),
+                    shown(g["observer"].as_str().unwrap_or("(poison event)")),
+                    shown(g["reason"].as_str().unwrap_or("-")),
                     g["pending"].to_string(),
                     g["resolved"].to_string()
                 );
@@ -254,18 +254,18 @@ async fn list(app: &App, client: &tokio_postgres::Client, a: ListArgs) -> Result
         );
         for i in &items {
             let who = match i["observer"].as_str() {
-                Some(o) => format!("{o}[{}]", i["action_index"]),
+                Some(o) => format!("{}[{}]", shown(o), i["action_index"]),
                 None => "(poison event)".into(),
             };
             println!(
                 "{:>6} {:<9} {:<24} {:<18} {:<36} {:>4}  {}",
                 i["id"].to_string(),
-                i["status"].as_str().unwrap_or("-"),
+                shown(i["status"].as_str().unwrap_or("-")),
                 who,
-                i["reason"].as_str().unwrap_or("-"),
+                shown(i["reason"].as_str().unwrap_or("-")),
                 i["event_id"].as_str().unwrap_or("-"),
                 i["attempts"].to_string(),
-                i["last_error"].as_str().unwrap_or("-")
+                shown(i["last_error"].as_str().unwrap_or("-"))
             );
         }
     }
@@ -280,7 +280,8 @@ async fn show(app: &App, client: &tokio_postgres::Client, id: i64, json: bool) -
     let Some(row) = client.query_opt(&sql, &[&id]).await.map_err(db_err)? else {
         bail!("no dead letter #{id} in {}", app.objects.dead_letters);
     };
-    // Printed as stored: action configs keep their `${env:…}` references unresolved.
+    // Printed as stored: action configs keep their `${env:…}` references unresolved and their
+    // literal values redacted. Text from the event or the error is escaped.
     let v: Value = row.get(0);
     if json {
         print_json(&v)?;
@@ -290,10 +291,10 @@ async fn show(app: &App, client: &tokio_postgres::Client, id: i64, json: bool) -
                 Value::Object(_) | Value::Array(_) => {
                     println!("{k}:");
                     for line in serde_json::to_string_pretty(val)?.lines() {
-                        println!("  {line}");
+                        println!("  {}", shown(line));
                     }
                 }
-                Value::String(s) => println!("{k}: {s}"),
+                Value::String(s) => println!("{k}: {}", shown(s)),
                 other => println!("{k}: {other}"),
             }
         }
@@ -561,7 +562,7 @@ async fn retry_all(
                         _ => skipped += 1,
                     }
                     if !json {
-                        println!("dead letter #{id}: {}", rep.describe());
+                        println!("dead letter #{id}: {}", shown(&rep.describe()));
                     }
                     rows_out.push(json!({"id": id, "status": rep.status, "message": rep.message}));
                 }
@@ -577,7 +578,7 @@ async fn retry_all(
         } else {
             for r in &rows_out {
                 let who = match r["observer"].as_str() {
-                    Some(o) => format!("{o}[{}]", r["action_index"]),
+                    Some(o) => format!("{}[{}]", shown(o), r["action_index"]),
                     None => "(poison event)".into(),
                 };
                 println!("#{} {who}: {}", r["id"], r["plan"].as_str().unwrap_or(""));

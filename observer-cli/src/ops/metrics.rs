@@ -99,9 +99,12 @@ fn normalise_url(u: &str) -> Result<String> {
     Ok(url.to_string())
 }
 
-/// GETs `url`; an unreachable endpoint or a non-2xx answer is an error naming the URL.
+/// GETs `url`; an unreachable endpoint or a non-2xx answer is an error naming the URL. Never
+/// through a proxy: the endpoint is the daemon's own, usually on loopback, and `HTTP_PROXY`
+/// set for other tools must not send the request (and what it reads) through another host.
 pub async fn fetch(url: &str, timeout: Duration) -> Result<String> {
     let client = reqwest::Client::builder()
+        .no_proxy()
         .connect_timeout(timeout.min(Duration::from_secs(2)))
         .timeout(timeout)
         .build()?;

@@ -19,6 +19,7 @@ use observer_core::action::Secrets;
 use observer_core::change_log::{Position, Snapshot};
 use observer_core::executor::BoxExecutor;
 use observer_core::observer::Observers;
+use observer_core::printable;
 use observer_core::schema::Objects;
 use observer_core::store::explain_missing;
 use uuid::Uuid;
@@ -353,15 +354,22 @@ pub fn executor(app: &App) -> Result<BoxExecutor> {
     Ok(stack::build(&app.config, ctx, &state))
 }
 
-/// Prints one JSON document.
+/// Prints one JSON document, with the characters serde_json leaves raw in strings (C1
+/// controls, DEL, line separators) escaped too: the same JSON, safe on a terminal.
 pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    let text = serde_json::to_string_pretty(v)?;
+    println!("{}", printable::escape_json(&text));
     Ok(())
 }
 
-/// `—` for a missing value in text output.
+/// `—` for a missing value in text output; a value is escaped ([`printable::escape`]).
 pub fn or_dash<T: std::fmt::Display>(v: &Option<T>) -> String {
     v.as_ref()
-        .map(|x| x.to_string())
+        .map(|x| printable::escape(&x.to_string()).into_owned())
         .unwrap_or_else(|| "-".into())
+}
+
+/// Text from the database, an event or a receiver, escaped for a terminal line.
+pub fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    printable::escape(text)
 }

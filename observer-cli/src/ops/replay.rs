@@ -146,7 +146,10 @@ pub async fn run(config: Option<&Path>, a: ReplayArgs) -> Result<ExitCode> {
                 ChangeRow::Event(e) => std::sync::Arc::new(e),
                 ChangeRow::Poison { pk, reason, .. } => {
                     s.poison_skipped += 1;
-                    eprintln!("skipping poison change-log row {pk}: {reason}");
+                    eprintln!(
+                        "skipping poison change-log row {pk}: {}",
+                        super::shown(&reason)
+                    );
                     continue;
                 }
             };

@@ -9,8 +9,8 @@ use clap::Args;
 use observer_core::change_log::ChangeLog;
 
 use super::{
-    checkpoints, db_err, group, metrics, or_dash, print_json, require_migrated, CheckpointRow,
-    Instance, Lease,
+    checkpoints, db_err, group, metrics, or_dash, print_json, require_migrated, shown,
+    CheckpointRow, Instance, Lease,
 };
 use crate::app::App;
 
@@ -249,7 +249,8 @@ fn print_text(s: &ListenerStatus) {
     );
     match (&s.last_error, &s.last_error_at) {
         (Some(e), at) => println!(
-            "last error    {e} (at {})",
+            "last error    {} (at {})",
+            shown(e),
             or_dash(&at.map(|t| t.to_rfc3339()))
         ),
         (None, _) => println!("last error    -"),
@@ -265,14 +266,14 @@ fn print_group(s: &ListenerStatus) {
         return;
     };
     let held = match (lease.held, &lease.holder_name, lease.expires_in_secs) {
-        (true, Some(h), Some(e)) => format!("held by {h}, expires in {e:.1}s"),
+        (true, Some(h), Some(e)) => format!("held by {}, expires in {e:.1}s", shown(h)),
         (false, _, _) if lease.holder.is_none() => "vacant (handed back)".to_string(),
         (false, h, e) => format!(
             "expired {:.1}s ago (last holder {})",
             -e.unwrap_or(0.0),
-            h.as_deref().unwrap_or("-")
+            shown(h.as_deref().unwrap_or("-"))
         ),
-        (true, h, _) => format!("held by {}", h.as_deref().unwrap_or("-")),
+        (true, h, _) => format!("held by {}", shown(h.as_deref().unwrap_or("-"))),
     };
     println!("lease         token {}, {held}", lease.token);
     println!("instances     {}", s.instances.len());
@@ -284,7 +285,7 @@ fn print_group(s: &ListenerStatus) {
         };
         println!(
             "  {mark} {}:{}  {:<8} since {}  heartbeat {:.1}s ago{lease}",
-            i.host,
+            shown(&i.host),
             i.pid,
             i.role,
             i.since.to_rfc3339(),
@@ -296,7 +297,7 @@ fn print_group(s: &ListenerStatus) {
 fn print_live(live: &serde_json::Value) {
     let url = live["url"].as_str().unwrap_or("?");
     if let Some(e) = live["error"].as_str() {
-        println!("live          {e}");
+        println!("live          {}", shown(e));
         return;
     }
     let num = |k: &str| match &live[k] {
@@ -320,7 +321,7 @@ fn print_live(live: &serde_json::Value) {
         .as_object()
         .map(|m| {
             m.iter()
-                .map(|(d, st)| format!("{d} {}", st.as_str().unwrap_or("?")))
+                .map(|(d, st)| format!("{} {}", shown(d), shown(st.as_str().unwrap_or("?"))))
                 .collect()
         })
         .unwrap_or_default();

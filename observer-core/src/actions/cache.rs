@@ -3,7 +3,9 @@
 //!
 //! `keys` are rendered and `UNLINK`ed in one command; `patterns` are rendered and matched with
 //! `SCAN … MATCH <prefix>:cache:<pattern> COUNT <scan_count>` (never `KEYS`, which blocks the
-//! server), each page of matches `UNLINK`ed as it arrives. Removed keys are counted into
+//! server), each page of matches `UNLINK`ed as it arrives. Only a pattern's own text is a glob:
+//! values from the event are escaped (`Target::Glob`), so `user:{{ data.id }}` with an id of `*`
+//! removes `user:*` and nothing else. Removed keys are counted into
 //! `observer_cache_evictions_total`. A key that does not exist is not an error. Connection
 //! trouble is retried (unlinking again is harmless).
 
@@ -60,7 +62,7 @@ pub(crate) fn compile(
         );
     }
     let mut ok = true;
-    let mut parse = |field: &str, list: &[String]| {
+    let mut parse = |field: &str, list: &[String], target: Target| {
         let mut out = Vec::new();
         for (i, src) in list.iter().enumerate() {
             if src.trim().is_empty() {
@@ -68,7 +70,7 @@ pub(crate) fn compile(
                 ok = false;
                 continue;
             }
-            match Template::parse(src, Target::Text) {
+            match Template::parse(src, target) {
                 Ok(t) => out.push(t),
                 Err(e) => {
                     issue(&format!("{field}[{i}]"), e.to_string());
@@ -78,8 +80,8 @@ pub(crate) fn compile(
         }
         out
     };
-    let keys = parse("keys", &c.keys);
-    let patterns = parse("patterns", &c.patterns);
+    let keys = parse("keys", &c.keys, Target::Text);
+    let patterns = parse("patterns", &c.patterns, Target::Glob);
     ok.then_some(CompiledAction::Cache(Cache {
         keys,
         patterns,
@@ -90,12 +92,7 @@ pub(crate) fn compile(
 /// `s` with the glob metacharacters of Redis `MATCH` escaped, so a prefix matches literally.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
+    crate::template::glob_escape(s, &mut out);
     out
 }
 

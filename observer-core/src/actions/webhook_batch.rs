@@ -274,7 +274,7 @@ async fn flush(send: BatchSend, (url, headers): GroupKey, items: Vec<Item>) {
     let (result, status, error) = match req.body(body).send().await {
         Ok(resp) => send.policy.outcome(resp, "").await,
         Err(e) => {
-            let e = if send.url_secret { e.without_url() } else { e };
+            let e = crate::action::shown_error(e, &url, send.url_secret);
             let what = if e.is_timeout() {
                 format!("timed out after {} ms", send.timeout.as_millis())
             } else if e.is_connect() {
