@@ -107,7 +107,29 @@ ensure_aiosmtpd() {
   log "aiosmtpd: ready"
 }
 
+# promtool checks config/prometheus-alerts.yml in tests/tests/metrics_files.rs. It comes with
+# Debian's prometheus package; the server that package ships is not started (a temporary
+# policy-rc.d refuses service starts during the install when the machine has none).
+ensure_promtool() {
+  if command -v promtool >/dev/null 2>&1; then log "promtool: present"; return; fi
+  log "promtool: not installed; installing Debian's prometheus package (server not started)"
+  local policy=/usr/sbin/policy-rc.d made=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+    made=1
+  fi
+  local rc=0
+  { as_root apt-get update -qq &&
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || rc=$?
+  if [ "$made" = 1 ]; then as_root rm -f "$policy"; fi
+  [ "$rc" = 0 ] || { log "promtool: installing Debian's prometheus package failed ($rc)"; exit 1; }
+  command -v promtool >/dev/null 2>&1 || { log "promtool: still missing after the install"; exit 1; }
+  log "promtool: ready"
+}
+
 ensure_postgres
 ensure_redis
 ensure_aiosmtpd
+ensure_promtool
 if [ "${SETUP_NATS:-0}" = 1 ]; then ensure_nats; fi
