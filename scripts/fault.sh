@@ -8,8 +8,9 @@
 #   scripts/fault.sh [--short] [--json-out FILE] [--seed N] [SCENARIO...]
 #
 # Without --short the issue's sizes are used (100,000 events and ten kills, minutes of receiver
-# outage, a one-hour soak: about 1 h 40 min in all). Scenarios: kill9 failover-kill9 failover-term failover-stop pg-restart redis-restart
-# receiver-500 receiver-hang receiver-close receiver-slow receiver-down dlq-write-fail soak.
+# outage, a one-hour soak: about 1 h 25 min in all). Scenarios: kill9 failover-kill9
+# failover-term failover-stop failover-backends pg-restart redis-restart receiver-500
+# receiver-hang receiver-close receiver-slow receiver-down dlq-write-fail soak.
 # See docs/reliability.md. Exits non-zero when a scenario broke its promise.
 set -euo pipefail
 cd "$(dirname "$0")/.."

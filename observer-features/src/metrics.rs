@@ -169,6 +169,7 @@ async fn health(State(s): State<Arc<Shared>>) -> Response {
             "pid": std::process::id(),
             "uptime_secs": s.started.elapsed().as_secs(),
             "listener_active": s.sources.metrics.listener_active.get() == 1,
+            "leader": s.sources.metrics.leader.get() == 1,
         }),
     )
 }

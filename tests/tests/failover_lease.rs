@@ -411,3 +411,36 @@ async fn failover_without_checkpoints_is_refused_naming_both_keys() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_design_example_with_failover_on_validates_and_runs_as_a_pair() {
+    let db = TestDb::new().await;
+    let example = workspace_root().join("config/example-ha.toml");
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        (
+            "ORDERS_WEBHOOK_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ),
+    ];
+    let mut c = command();
+    c.args([
+        "--config",
+        example.to_str().unwrap(),
+        "validate",
+        example.to_str().unwrap(),
+    ]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().await.expect("run validate");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let text = std::fs::read_to_string(&example).expect("read the example");
+    let mut leader = Daemon::start_with_env(&db, &text, &env).await;
+    leader.wait_log("now the leader", T).await;
+    let mut standby = Daemon::start_with_env(&db, &text, &env).await;
+    standby.wait_log("standing by", T).await;
+    assert!(leader.stop().await.success());
+    standby.wait_log("now the leader", T).await;
+    assert!(standby.stop().await.success());
+}

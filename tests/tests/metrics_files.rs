@@ -105,7 +105,10 @@ fn alert_rules_name_only_exported_metrics() {
         ("ObserverActionErrorRate", "observer_actions_failed_total"),
         ("ObserverListenerNotActive", "observer_listener_active"),
         ("ObserverNoLeader", "observer_leader"),
-        ("ObserverLeaseRenewFailing", "observer_lease_renew_failures_total"),
+        (
+            "ObserverLeaseRenewFailing",
+            "observer_lease_renew_failures_total",
+        ),
         ("ObserverMetricsDown", "up{"),
     ] {
         let found = alerts.iter().find(|(n, _)| n == alert);

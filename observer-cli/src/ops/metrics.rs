@@ -539,6 +539,8 @@ pub fn live_figures(families: &[Family]) -> Value {
         .unwrap_or_default();
     json!({
         "listener_active": find("observer_listener_active").and_then(|f| f.samples.first()).map(|s| s.value == 1.0),
+        "leader": find("observer_leader").and_then(|f| f.samples.first()).map(|s| s.value == 1.0),
+        "lease_seconds_since_renewal": single("observer_lease_seconds_since_renewal"),
         "in_flight": single("observer_in_flight"),
         "lag_seconds": single("observer_lag_seconds"),
         "lag_events": single("observer_lag_events"),

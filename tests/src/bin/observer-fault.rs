@@ -22,7 +22,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: observer-fault [--short] [--json-out FILE] [--daemon-bin PATH] [--seed N] [SCENARIO...]
-scenarios: kill9 failover-kill9 failover-term failover-stop pg-restart redis-restart receiver-500 receiver-hang receiver-close receiver-slow receiver-down dlq-write-fail soak (default: all)
+scenarios: kill9 failover-kill9 failover-term failover-stop failover-backends pg-restart redis-restart receiver-500 receiver-hang receiver-close receiver-slow receiver-down dlq-write-fail soak (default: all)
 environment: FAULT_DATABASE_URL (admin URL of the shared Postgres), FAULT_REDIS_URL, FAULT_SOAK_SECS, FAULT_PG_BIN";
 
 fn parse() -> Result<Args> {

@@ -38,11 +38,12 @@ impl Size {
 }
 
 /// Every scenario name, in the order `all` runs them.
-pub const ALL: [&str; 13] = [
+pub const ALL: [&str; 14] = [
     "kill9",
     "failover-kill9",
     "failover-term",
     "failover-stop",
+    "failover-backends",
     "pg-restart",
     "redis-restart",
     "receiver-500",
@@ -63,6 +64,7 @@ pub async fn run(name: &str, setup: &Setup, size: Size) -> Result<Report> {
         "failover-kill9" => failover(setup, size, name, LeaderFault::Kill9).await,
         "failover-term" => failover(setup, size, name, LeaderFault::Term).await,
         "failover-stop" => failover(setup, size, name, LeaderFault::Stop).await,
+        "failover-backends" => failover(setup, size, name, LeaderFault::Backends).await,
         "pg-restart" => pg_restart(setup, size).await,
         "redis-restart" => redis_restart(setup, size).await,
         "receiver-500" => receiver(setup, size, name, Fault::Error500 { p: 0.5 }).await,
@@ -363,6 +365,9 @@ enum LeaderFault {
     Term,
     /// SIGSTOP past the lease, then SIGCONT: it must find it lost the lease and stand by.
     Stop,
+    /// Every Postgres session of the leader terminated (`pg_terminate_backend`): it must stop
+    /// and stand by again on its own.
+    Backends,
 }
 
 /// The failover layer's lease, shorter than the default so a paused leader costs seconds.
@@ -381,7 +386,7 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
     // from: a second of steady state before each fault, plus the fault's own cycle.
     let cycle_s = match fault {
         LeaderFault::Stop => 5.0,
-        LeaderFault::Kill9 | LeaderFault::Term => 2.5,
+        LeaderFault::Kill9 | LeaderFault::Term | LeaderFault::Backends => 2.5,
     };
     let n = (rate * (faults as f64 * cycle_s + 3.0)) as u64;
     let s = Scratch::create(setup, &setup.admin_url, &name.replace('-', "_")).await?;
@@ -397,7 +402,7 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
         false,
     );
     let bound = match fault {
-        LeaderFault::Kill9 => Duration::from_secs(5),
+        LeaderFault::Kill9 | LeaderFault::Backends => Duration::from_secs(5),
         LeaderFault::Term => Duration::from_secs(1),
         LeaderFault::Stop => Duration::from_millis(FAILOVER_LEASE_MS) + Duration::from_secs(1),
     };
@@ -430,6 +435,17 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
                 LeaderFault::Kill9 => ds[leader].kill9(),
                 LeaderFault::Term => ds[leader].signal("TERM")?,
                 LeaderFault::Stop => ds[leader].signal("STOP")?,
+                LeaderFault::Backends => {
+                    let pid = ds[leader].pid().context("the leader is not running")?;
+                    let c = s.client().await?;
+                    c.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE datname = current_database()
+                           AND (application_name = $1 OR application_name LIKE $1 || ' %')",
+                        &[&format!("fraiseql-observers pid {pid}")],
+                    )
+                    .await?;
+                }
             }
             // What the checkpoint leaves uncovered once the leader is stopped or gone (a
             // snapshot before the signal would miss events it delivered in between).
@@ -485,9 +501,10 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
                     ds[leader].start()?
                 }
                 LeaderFault::Stop => ds[leader].signal("CONT")?,
+                LeaderFault::Backends => {}
             }
             let t0 = Instant::now();
-            let fresh = fault != LeaderFault::Stop;
+            let fresh = matches!(fault, LeaderFault::Kill9 | LeaderFault::Term);
             while ds[leader].log().matches("standing by").count() <= if fresh { 0 } else { standing_by } {
                 if t0.elapsed() > Duration::from_secs(60) {
                     bail!("the old leader did not stand by within 60 s; log:\n{}", ds[leader].log());
