@@ -481,16 +481,34 @@ impl Default for ActionLogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
-    /// Processed change-log rows older than this are deleted (never unprocessed ones).
+    /// Processed change-log rows older than this are deleted (never unprocessed ones);
+    /// 0..=[`RetentionConfig::MAX_DAYS`].
     pub change_log_days: u32,
-    /// Action-log rows older than this are deleted.
+    /// Action-log rows older than this are deleted; 0..=[`RetentionConfig::MAX_DAYS`].
     pub action_log_days: u32,
-    /// Resolved dead letters older than this are deleted (pending ones are kept).
+    /// Resolved dead letters older than this are deleted (pending ones are kept);
+    /// 0..=[`RetentionConfig::MAX_DAYS`].
     pub dead_letter_days: u32,
     /// How often the daemon applies the policy; 0 turns the daemon's pass off (`cleanup` still works).
     pub interval_secs: u64,
     /// Rows deleted per statement, so no pass holds long locks.
     pub batch_size: i64,
+}
+
+impl RetentionConfig {
+    /// The longest age a policy (or `dlq purge --older-than`) may name, in days: 100 years.
+    /// Postgres takes the count as a 4-byte integer, so a larger one (read as `u32`) would
+    /// otherwise wrap to a negative age and match every row.
+    pub const MAX_DAYS: u32 = 36_500;
+
+    /// The three day counts with their keys; each must be at most [`RetentionConfig::MAX_DAYS`].
+    pub fn days(&self) -> [(&'static str, u32); 3] {
+        [
+            ("retention.change_log_days", self.change_log_days),
+            ("retention.action_log_days", self.action_log_days),
+            ("retention.dead_letter_days", self.dead_letter_days),
+        ]
+    }
 }
 
 impl Default for RetentionConfig {
@@ -859,6 +877,15 @@ impl Config {
             60_000,
             " ms",
         );
+        for (key, days) in self.retention.days() {
+            range(
+                key,
+                days as i128,
+                0,
+                RetentionConfig::MAX_DAYS as i128,
+                " days",
+            );
+        }
         range(
             "retention.batch_size",
             self.retention.batch_size as i128,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use observer_core::change_log::{ChangeLog, ChangeRow};
+use observer_core::config::RetentionConfig;
 use observer_core::event::ChangeEvent;
 use observer_core::executor::BoxExecutor;
 use observer_core::observer::Observers;
@@ -104,8 +105,8 @@ pub struct PurgeArgs {
     observer: Option<String>,
     #[arg(long, value_enum, default_value = "resolved")]
     status: StatusFilter,
-    /// Only entries created more than DAYS days ago.
-    #[arg(long, value_name = "DAYS")]
+    /// Only entries created more than DAYS days ago (0..=36500).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(0..=i64::from(RetentionConfig::MAX_DAYS)))]
     older_than: Option<u32>,
     /// Required when pending (undelivered) entries would be deleted.
     #[arg(long)]
@@ -613,7 +614,15 @@ async fn purge(app: &App, client: &tokio_postgres::Client, a: PurgeArgs) -> Resu
            AND ($3::int IS NULL OR created_at < now() - make_interval(days => $3))",
         app.objects.dead_letters.sql()
     );
-    let days = a.older_than.map(|d| d as i32);
+    // The parser already holds it to 0..=MAX_DAYS; converted without a cast all the same, so a
+    // count that does not fit an int4 can never wrap into "every row".
+    let days = match a.older_than.map(i32::try_from).transpose() {
+        Ok(d) => d,
+        Err(_) => bail!(
+            "--older-than: expected 0..={} days",
+            RetentionConfig::MAX_DAYS
+        ),
+    };
     let n = client
         .execute(&sql, &[&a.status.statuses(), &a.observer, &days])
         .await
