@@ -159,7 +159,8 @@ pub enum StartFrom {
 pub struct ListenerConfig {
     /// Names the checkpoint; two daemons with the same id never run at once (advisory lock).
     pub id: String,
-    /// The NOTIFY channel the change-log trigger signals on.
+    /// The NOTIFY channel the change-log trigger signals on: an identifier (1–63 ASCII letters,
+    /// digits or `_`, starting with a letter or `_`).
     pub channel: String,
     /// Rows read per query.
     pub batch_size: i64,
@@ -1041,15 +1042,28 @@ impl Config {
                 ),
             ));
         }
-        let channel_ok =
-            !l.channel.is_empty() && l.channel.len() <= 63 && !l.channel.contains('\0');
-        if !channel_ok {
-            out.push((
-                "listener.channel".into(),
-                "expected 1-63 bytes (a Postgres channel name)".into(),
-            ));
+        if let Err(message) = check_channel(&l.channel) {
+            out.push(("listener.channel".into(), message));
         }
         out
+    }
+}
+
+/// `listener.channel` must be an identifier: 1–63 ASCII letters, digits or `_`, starting with a
+/// letter or `_`. `migrate` installs it into a trigger function and the daemon `LISTEN`s on it;
+/// nothing else is needed of a channel name, and nothing else can reach SQL from it.
+pub fn check_channel(channel: &str) -> Result<(), String> {
+    let mut chars = channel.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && channel.len() <= 63;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{channel:?}: expected 1-63 ASCII letters, digits or `_`, starting with a letter or `_` \
+             (an identifier, like the default `fraiseql_observers`)"
+        ))
     }
 }
 
