@@ -584,10 +584,7 @@ pub async fn capture_add(
             .find(|(n, ty)| n == "tenant_id" && ty == "uuid")
             .map(|(n, _)| n.clone()),
     };
-    let mut args = vec![
-        entity.to_string(),
-        tenant.clone().unwrap_or_default(),
-    ];
+    let mut args = vec![entity.to_string(), tenant.clone().unwrap_or_default()];
     args.extend(ids.iter().cloned());
     let args: String = tx.query_one(QUOTE_LITERALS_QUERY, &[&args]).await?.get(0);
     for (trigger, op, referencing) in TRIGGERS {
