@@ -164,6 +164,12 @@ pub struct ListenerConfig {
     pub channel: String,
     /// Rows read per query.
     pub batch_size: i64,
+    /// A change-log row whose images (`object_data` + `object_data_before`, uncompressed jsonb)
+    /// are larger is not read: it is dead-lettered as a poison event naming its size.
+    pub max_row_bytes: i64,
+    /// A read ends with the row that brings the images it holds to this many bytes (at least
+    /// one row per read), so a window of large rows is read a few rows at a time.
+    pub max_batch_bytes: i64,
     /// Fallback poll when no notification arrives.
     pub poll_interval_ms: u64,
     /// Where to begin when there is no checkpoint.
@@ -182,6 +188,8 @@ impl Default for ListenerConfig {
             id: "default".into(),
             channel: "fraiseql_observers".into(),
             batch_size: 1_000,
+            max_row_bytes: 16 << 20,
+            max_batch_bytes: 8 << 20,
             poll_interval_ms: 1_000,
             start_from: StartFrom::Tail,
             max_pending_events: 10_000,
@@ -851,6 +859,20 @@ impl Config {
         );
         range("listener.batch_size", l.batch_size as i128, 1, 100_000, "");
         range(
+            "listener.max_row_bytes",
+            l.max_row_bytes as i128,
+            1024,
+            1 << 30,
+            " bytes",
+        );
+        range(
+            "listener.max_batch_bytes",
+            l.max_batch_bytes as i128,
+            1024,
+            1 << 30,
+            " bytes",
+        );
+        range(
             "listener.poll_interval_ms",
             l.poll_interval_ms as i128,
             10,
@@ -1470,6 +1492,39 @@ url = "http://127.0.0.1:1/x"
                 "listener.id"
             ]
         );
+
+        // Issue 18: the read limits, the day counts and the channel.
+        let mut c = Config::default();
+        c.listener.max_row_bytes = 0;
+        c.listener.max_batch_bytes = i64::MAX;
+        c.retention.dead_letter_days = u32::MAX;
+        c.listener.channel = "a$fn$b".into();
+        let problems = c.check();
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "listener.max_row_bytes",
+                "listener.max_batch_bytes",
+                "retention.dead_letter_days",
+                "listener.channel"
+            ]
+        );
+        assert_eq!(
+            problems[2].1,
+            "4294967295 is out of range: expected 0..=36500 days"
+        );
+        assert!(
+            problems[3].1.contains("ASCII letters, digits or `_`"),
+            "{}",
+            problems[3].1
+        );
+        for ok in ["fraiseql_observers", "_x", "Orders_1", &"c".repeat(63)] {
+            assert_eq!(check_channel(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "1a", "a-b", "a b", "a'b", "é", &"c".repeat(64)] {
+            assert!(check_channel(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use observer_core::change_log::{ChangeLog, ChangeRow};
+use observer_core::change_log::{ChangeLog, ChangeRow, ReadLimits};
 use observer_core::config::RetentionConfig;
 use observer_core::event::ChangeEvent;
 use observer_core::executor::BoxExecutor;
@@ -336,6 +336,7 @@ pub async fn retry_one(
     id: i64,
 ) -> Result<RetryReport> {
     let objects = app.objects.clone();
+    let limits = ReadLimits::from_config(&app.config.listener);
     let tx = client.transaction().await?;
     let sql = format!(
         "SELECT listener_id, event, observer, action_index, change_log_pk, status, jsonb_array_length(attempts)
@@ -409,7 +410,9 @@ pub async fn retry_one(
             results.push(r);
         }
         None => {
-            let log = ChangeLog::new(objects.change_log.clone());
+            // Read within the configured limits: a row dead-lettered for its size stays pending
+            // ("still poison") until `listener.max_row_bytes` is raised to admit it.
+            let log = ChangeLog::new(objects.change_log.clone()).with_limits(limits);
             let event = match log.read_pk(&tx, pk).await.map_err(db_err)? {
                 None => {
                     return Ok(RetryReport::skipped(
