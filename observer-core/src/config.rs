@@ -447,6 +447,13 @@ pub struct MetricsConfig {
     pub ready_max_lag_secs: u64,
     /// How often the DLQ size and backlog gauges are refreshed from the database.
     pub refresh_secs: u64,
+    /// Connections served at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this of the connection opening or of the previous
+    /// response, or the connection is closed (so also how long an idle keep-alive one is kept).
+    pub header_read_timeout_ms: u64,
+    /// A connection that moves no byte for this long in the middle of a request is closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for MetricsConfig {
@@ -455,6 +462,20 @@ impl Default for MetricsConfig {
             listen: "127.0.0.1:9464".into(),
             ready_max_lag_secs: 300,
             refresh_secs: 5,
+            max_connections: 64,
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// What one client may cost the endpoint (see [`crate::http_server`]).
+    pub fn server_limits(&self) -> crate::http_server::ServerLimits {
+        crate::http_server::ServerLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
         }
     }
 }
@@ -1039,6 +1060,36 @@ impl Config {
                     self.metrics.listen
                 ),
             ));
+        }
+        for (key, value, lo, hi, unit) in [
+            (
+                "metrics.max_connections",
+                self.metrics.max_connections as i128,
+                1,
+                10_000,
+                "",
+            ),
+            (
+                "metrics.header_read_timeout_ms",
+                self.metrics.header_read_timeout_ms as i128,
+                100,
+                600_000,
+                " ms",
+            ),
+            (
+                "metrics.idle_timeout_ms",
+                self.metrics.idle_timeout_ms as i128,
+                100,
+                3_600_000,
+                " ms",
+            ),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                extra.push((
+                    key.into(),
+                    format!("{value} is out of range: expected {lo}..={hi}{unit}"),
+                ));
+            }
         }
         if !(1..=3600).contains(&self.metrics.refresh_secs) {
             extra.push((
