@@ -4,7 +4,8 @@
 //!   checkpoint has processed them: a row is processed by a listener when its `txid` is below the
 //!   `xmin` of that listener's `window_lo` (everything below it was visible, hence read, when the
 //!   window started). With no checkpoint at all nothing proves a row was processed, so the
-//!   change log is left alone.
+//!   change log is left alone. A row whose poison dead letter is still pending is kept too (a
+//!   row too large to read is retried from the change log).
 //! * Action-log rows older than `action_log_days` (by `finished_at`).
 //! * Dead letters only once resolved, `dead_letter_days` after `resolved_at`; pending ones are
 //!   never deleted by retention.
@@ -103,14 +104,23 @@ pub async fn apply(
             ));
         } else if let Some(h) = horizon {
             report.change_log_horizon = Some(h);
-            let cond = "created_at < now() - make_interval(days => $1) AND txid < $2::text::xid8";
+            // A row with a pending poison dead letter (no observer) is kept: for a row over
+            // `listener.max_row_bytes` the dead letter holds everything but the images, which
+            // only the change log has, and `dlq retry` reads them from there.
+            let cond = format!(
+                "created_at < now() - make_interval(days => $1) AND txid < $2::text::xid8
+                 AND NOT EXISTS (SELECT 1 FROM {dl} d WHERE d.event_id = {cl}.id
+                                 AND d.status = 'pending' AND d.observer IS NULL)",
+                dl = objects.dead_letters.sql(),
+                cl = objects.change_log.sql()
+            );
             let days = change_log_days;
             let h = h.to_string();
             report.change_log = purge(
                 client,
                 &objects.change_log.sql(),
                 "pk_entity_change_log",
-                cond,
+                &cond,
                 &[&days, &h],
                 batch,
                 dry_run,
