@@ -26,6 +26,10 @@ impl App {
     pub fn load(path: Option<&Path>) -> Result<App> {
         let config = config::load(path)?;
         let table = TableName::parse(&config.change_log.table).context("change_log.table")?;
+        // Checked here too (not only by `validate` and `run`): `migrate` writes the channel into
+        // a trigger function.
+        config::check_channel(&config.listener.channel)
+            .map_err(|m| anyhow!("listener.channel: {m}"))?;
         let objects = Arc::new(Objects::new(table, &config.listener.channel));
         let url = config::resolve_secret(&config.database.url, "database.url")?;
         let mut pg_config = tokio_postgres::Config::from_str(&url)

@@ -209,8 +209,12 @@ async fn metrics_endpoint(
         ready_max_lag_secs: cfg.metrics.ready_max_lag_secs,
         refresh: std::time::Duration::from_secs(cfg.metrics.refresh_secs.max(1)),
     };
-    let server =
-        observer_features::metrics::MetricsServer::start(&cfg.metrics.listen, sources).await?;
+    let server = observer_features::metrics::MetricsServer::start(
+        &cfg.metrics.listen,
+        sources,
+        cfg.metrics.server_limits(),
+    )
+    .await?;
     tracing::info!(
         url = %server.url(),
         "metrics endpoint: {} (also /health and /ready)",

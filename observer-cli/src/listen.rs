@@ -9,7 +9,7 @@
 //! output) so tests can bind port 0 and read the printed lines back.
 
 use std::fmt::Write as _;
-use std::future::{Future, IntoFuture as _};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use chrono::{DateTime, Local, SecondsFormat, Utc};
+use observer_core::http_server::{self, ServerLimits};
 use observer_core::printable;
 use observer_core::signing::{self, SigningKey};
 use serde_json::{json, Value};
@@ -79,6 +80,16 @@ pub struct ListenArgs {
     /// Exit after this many deliveries (0 = run until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     pub count: u64,
+    /// Connections served at once; one more is answered 503 and closed (1..=10000).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub max_connections: u64,
+    /// Close a connection whose request headers have not arrived this long after it opened or
+    /// after the previous response (also how long an idle keep-alive connection is kept).
+    #[arg(long, value_name = "MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub header_read_timeout_ms: u64,
+    /// Close a connection that moves no byte for this long in the middle of a request.
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub idle_timeout_ms: u64,
 }
 
 // Written by hand rather than derived so that debug-logging the parsed command line never
@@ -95,6 +106,9 @@ impl std::fmt::Debug for ListenArgs {
             .field("json", &self.json)
             .field("status", &self.status)
             .field("count", &self.count)
+            .field("max_connections", &self.max_connections)
+            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
             .finish()
     }
 }
@@ -132,12 +146,11 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
         }
     };
 
-    let served = serve(listener, config, lines_tx, shutdown).await;
+    serve(listener, config, lines_tx, shutdown).await;
 
     // Let the printer drain what the last requests queued, then stop it.
     let _ = finish_tx.send(());
     let printed = printer.await.context("stdout printer task failed")?;
-    served.with_context(|| format!("webhook sink on {local} failed"))?;
     match printed {
         // The reader went away (`listen | head`): nothing left to show, not a failure.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
@@ -151,6 +164,7 @@ struct SinkConfig {
     status: StatusCode,
     json: bool,
     count: u64,
+    limits: ServerLimits,
 }
 
 impl SinkConfig {
@@ -181,6 +195,13 @@ impl SinkConfig {
             status,
             json: args.json,
             count: args.count,
+            limits: ServerLimits {
+                max_connections: usize::try_from(args.max_connections).map_err(|_| {
+                    anyhow!("--max-connections {} is too large", args.max_connections)
+                })?,
+                header_read_timeout: Duration::from_millis(args.header_read_timeout_ms),
+                idle_timeout: Duration::from_millis(args.idle_timeout_ms),
+            },
         })
     }
 
@@ -223,9 +244,9 @@ async fn serve(
     config: SinkConfig,
     lines: mpsc::Sender<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) {
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let (stopping_tx, mut stopping_rx) = watch::channel(false);
+    let limits = config.limits;
     let sink = Arc::new(Sink {
         config,
         delivered: AtomicU64::new(0),
@@ -242,19 +263,10 @@ async fn serve(
             () = shutdown => {}
             _ = stop_rx.wait_for(|stop| *stop) => {}
         }
-        stopping_tx.send_replace(true);
     };
-    let server = axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .into_future();
-    let grace_expired = async move {
-        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        result = server => result,
-        () = grace_expired => Ok(()),
-    }
+    // Requests in flight at shutdown get SHUTDOWN_GRACE; connections still open after it are
+    // dropped (with the senders of `lines` they hold).
+    http_server::serve(listener, app, limits, "listen", signal, SHUTDOWN_GRACE).await;
 }
 
 /// Answers every request: records it, then replies with the configured status.
@@ -705,6 +717,9 @@ mod tests {
             json,
             status,
             count,
+            max_connections: 256,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
         }
     }
 
@@ -715,7 +730,7 @@ mod tests {
     ) -> (
         SocketAddr,
         mpsc::Receiver<String>,
-        tokio::task::JoinHandle<std::io::Result<()>>,
+        tokio::task::JoinHandle<()>,
     ) {
         let config = SinkConfig::from_args(args).expect("valid test args");
         let listener = TcpListener::bind((args.bind, 0))
@@ -825,13 +840,65 @@ mod tests {
 
         let finished = tokio::time::timeout(Duration::from_secs(5), server).await;
         assert!(
-            matches!(finished, Ok(Ok(Ok(())))),
+            matches!(finished, Ok(Ok(()))),
             "server did not stop after --count"
         );
         // No secret ever reaches the output.
         while let Ok(line) = rx.try_recv() {
             assert!(!line.contains("some-old-raw-secret"));
         }
+    }
+
+    /// Issue 18, item 2: `listen` kept every connection for as long as the client liked, so idle
+    /// connections used up the process's descriptors. Connections over `--max-connections` are
+    /// answered 503 and closed at once, ones that send no request are closed after
+    /// `--header-read-timeout-ms`, and deliveries are still received.
+    #[tokio::test]
+    async fn connections_are_capped_idle_ones_closed_and_deliveries_still_arrive() {
+        let mut a = args(&[], true, 204, 0);
+        a.max_connections = 4;
+        a.header_read_timeout_ms = 500;
+        let (addr, mut rx, server) = start(&a).await;
+        let mut idle = Vec::new();
+        for _ in 0..50 {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        // What each sends back before closing, read from all at once for less than the header
+        // timeout; `None` for the ones still open.
+        let seen = futures::future::join_all(idle.iter_mut().map(|s| async move {
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_millis(250), s.read_to_end(&mut got))
+                .await
+                .ok()
+                .map(|_| String::from_utf8_lossy(&got).into_owned())
+        }))
+        .await;
+        let refused = seen
+            .iter()
+            .flatten()
+            .filter(|t| t.starts_with("HTTP/1.1 503"))
+            .count();
+        assert_eq!(refused, 46, "{seen:?}");
+        let mut open: Vec<TcpStream> = idle
+            .into_iter()
+            .zip(&seen)
+            .filter(|(_, seen)| seen.is_none())
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(open.len(), 4);
+        for s in &mut open {
+            let mut got = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got)).await;
+            assert!(
+                matches!(closed, Ok(Ok(0))),
+                "an idle connection is closed after the header timeout: {closed:?}"
+            );
+        }
+        let status = request(addr, "POST /hooks HTTP/1.1\r\n", b"{}").await;
+        assert_eq!(status, 204);
+        assert_eq!(next_json(&mut rx).await["path"], "/hooks");
+        server.abort();
     }
 
     #[tokio::test]

@@ -117,6 +117,9 @@ impl ActionContext {
         url: &str,
         shown: impl FnOnce() -> String,
     ) -> Result<reqwest::Url, String> {
+        if let Some(segment) = dot_segment(url) {
+            return Err(dot_segment_error(&shown(), &segment));
+        }
         let parsed = match reqwest::Url::parse(url) {
             Ok(p) => p,
             Err(e) => return Err(format!("`{}` is not a URL: {e}", shown())),
@@ -261,6 +264,41 @@ pub(crate) fn shown_error(e: reqwest::Error, url: &str, secret: bool) -> reqwest
         Ok(u) => e.with_url(u),
         Err(_) => e.without_url(),
     }
+}
+
+/// The first `.` or `..` path segment of an `http(s)` URL as written, in any spelling the URL
+/// parser takes for one (`%2e`, `.%2E`, …), or `None`. The parser removes such a segment (and,
+/// for `..`, the one before it), so the request would go to another path than the template
+/// names: `/hooks/{{ data.note }}/end` with `..` goes to `/end`. Placeholder values are
+/// percent-encoded except `.`, so this is how a value could still move a request; the query and
+/// fragment are not looked at. Follows the WHATWG parser for special schemes: tabs and line
+/// breaks are dropped, `\` separates segments like `/`.
+pub fn dot_segment(url: &str) -> Option<String> {
+    let url: String = url
+        .chars()
+        .filter(|c| !matches!(c, '\t' | '\n' | '\r'))
+        .collect();
+    let (_, rest) = url.trim_matches(|c: char| c <= ' ').split_once(':')?;
+    let rest = rest.trim_start_matches(['/', '\\']);
+    let path_start = rest.find(['/', '\\', '?', '#'])?;
+    let path = &rest[path_start..];
+    let path = &path[..path.find(['?', '#']).unwrap_or(path.len())];
+    path.split(['/', '\\'])
+        .find(|segment| {
+            let s = segment.to_ascii_lowercase().replace("%2e", ".");
+            s == "." || s == ".."
+        })
+        .map(str::to_string)
+}
+
+/// The permanent failure (or config error) for a URL with a dot segment; `shown` is the URL as
+/// messages may show it.
+pub(crate) fn dot_segment_error(shown: &str, segment: &str) -> String {
+    format!(
+        "`{shown}`: the path segment `{segment}` would move the request to another path when the \
+         URL is parsed (`.` and `..` segments are removed, `..` with the segment before it); a \
+         placeholder value cannot make a whole path segment of `.` or `..`"
+    )
 }
 
 /// `host:port` of a URL template whose scheme and authority hold no placeholder.
@@ -415,7 +453,12 @@ fn compile_webhook(
             let u = t.literal_text("{{}}");
             if t.is_static() {
                 match reqwest::Url::parse(&u) {
-                    Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+                    Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {
+                        if let Some(segment) = dot_segment(&u) {
+                            let shown = shown_url(&u, w.url.contains("${"));
+                            issue("url", dot_segment_error(&shown, &segment));
+                        }
+                    }
                     Ok(parsed) => issue(
                         "url",
                         format!("scheme `{}` is not http or https", parsed.scheme()),
@@ -846,5 +889,77 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    /// Issue 18, item 1: `dot_segment` finds exactly the paths the URL parser would change, in
+    /// every spelling the parser takes for a dot segment; other dots are left alone.
+    #[test]
+    fn dot_segments_are_found_in_every_spelling_and_only_in_the_path() {
+        let moved = [
+            ("http://h/hooks/../end", ".."),
+            ("http://h/hooks/./end", "."),
+            ("http://h/hooks/%2e%2E/end", "%2e%2E"),
+            ("http://h/hooks/.%2e/end", ".%2e"),
+            ("http://h/hooks/%2E./end", "%2E."),
+            ("http://h/hooks/%2e/end", "%2e"),
+            ("http://h:8080/..", ".."),
+            ("https://h/hooks/..", ".."),
+            ("https://h/hooks/.", "."),
+            ("http://h/hooks\\..\\end", ".."),
+            ("http://h/hooks/.\t./end", ".\t."),
+            ("http://h//..//x", ".."),
+        ];
+        for (url, segment) in moved {
+            let found = dot_segment(url);
+            let expected = segment.replace('\t', "");
+            assert_eq!(found.as_deref(), Some(expected.as_str()), "{url:?}");
+            let parsed = reqwest::Url::parse(url).unwrap();
+            let raw = url.split_once("://").unwrap().1;
+            let raw_path = &raw[raw.find(['/', '\\']).unwrap()..];
+            assert_ne!(
+                parsed.path(),
+                raw_path,
+                "{url:?} is not moved by the parser"
+            );
+        }
+        let kept = [
+            "http://h/hooks/a..b/end",
+            "http://h/hooks/.../end",
+            "http://h/hooks/%252e%252e/end",
+            "http://h/hooks/.well-known/x",
+            "http://h/hooks/.b",
+            "http://h/hooks?x=../..",
+            "http://h/hooks#../..",
+            "http://h?..",
+            "http://h/",
+            "http://h:1/a/b%2Fc",
+        ];
+        for url in kept {
+            assert_eq!(dot_segment(url), None, "{url:?}");
+            let parsed = reqwest::Url::parse(url).unwrap();
+            let raw = url.split_once("://").unwrap().1;
+            let raw_path = raw
+                .find('/')
+                .map(|i| &raw[i..raw.find(['?', '#']).unwrap_or(raw.len())])
+                .unwrap_or("/");
+            assert_eq!(parsed.path(), raw_path, "{url:?}");
+        }
+        // Not a URL at all: nothing to say (the parser reports it).
+        assert_eq!(dot_segment("no scheme"), None);
+        assert_eq!(dot_segment("http://host-only"), None);
+
+        // A static URL with a dot segment is a config error naming `url`.
+        let w: ActionConfig = serde_json::from_value(serde_json::json!({
+            "type": "webhook", "url": "http://127.0.0.1:9/a/../b"
+        }))
+        .unwrap();
+        let issues = compile(&w, "observers[0].actions[0]", Secrets::Resolve).unwrap_err();
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].location, "observers[0].actions[0].url");
+        assert!(
+            issues[0].message.contains("segment `..`"),
+            "{}",
+            issues[0].message
+        );
     }
 }

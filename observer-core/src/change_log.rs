@@ -7,6 +7,11 @@
 //! `xip` of both). Windows follow commit order; inside one, rows are ordered by pk, which row
 //! locks make commit order for changes of one row. A big window is read in pages by pk, so
 //! catch-up after downtime stays cheap.
+//!
+//! What one read brings into memory is bounded in bytes as well as in rows ([`ReadLimits`]): the
+//! server measures each row's images before sending them, leaves out the images of a row over
+//! `max_row_bytes` (it becomes a poison row, dead-lettered with its event id and pk), and ends a
+//! read once the rows it holds reach `max_batch_bytes`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -146,12 +151,46 @@ fn window_params(lo: &Snapshot, hi: &Snapshot) -> (String, Vec<String>, String, 
     )
 }
 
+/// What one read may bring into memory, in bytes of the images' uncompressed jsonb (see
+/// [`ROW_BYTES`]): `[listener] max_row_bytes` and `max_batch_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// A row whose images are larger is not read: it becomes a poison row.
+    pub max_row_bytes: i64,
+    /// A window read ends with the row that brings what it holds to this (at least one row).
+    pub max_batch_bytes: i64,
+}
+
+impl ReadLimits {
+    pub fn from_config(l: &crate::config::ListenerConfig) -> ReadLimits {
+        ReadLimits {
+            max_row_bytes: l.max_row_bytes,
+            max_batch_bytes: l.max_batch_bytes,
+        }
+    }
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits::from_config(&crate::config::ListenerConfig::default())
+    }
+}
+
+/// One read of a window: its rows in pk order, and whether it ended because the rows reached
+/// `max_batch_bytes` (the window may then hold more than a short page suggests).
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub rows: Vec<ChangeRow>,
+    pub budget_reached: bool,
+}
+
 /// The daemon's reader: one connection, statements prepared once (one round trip per query).
 pub struct WindowReader {
     client: tokio_postgres::Client,
     select: tokio_postgres::Statement,
     snapshot: tokio_postgres::Statement,
     quiet: tokio_postgres::Statement,
+    limits: ReadLimits,
 }
 
 impl WindowReader {
@@ -170,6 +209,8 @@ impl WindowReader {
     /// query runs (and sorts) once and [`WindowCursor::next_page`] fetches from it. Paging a
     /// large window with one LIMIT query per page re-scanned and re-sorted what was left of it
     /// every time: 145 ms for the first page of a 100,000-row window, falling page by page.
+    /// The byte budget holds for the cursor as a whole, so every page keeps to it too; a cursor
+    /// that ends with [`Page::budget_reached`] leaves the rest of the window for the next read.
     pub async fn rest(
         &mut self,
         lo: &Snapshot,
@@ -177,33 +218,68 @@ impl WindowReader {
         after_pk: i64,
     ) -> Result<WindowCursor<'_>, tokio_postgres::Error> {
         let (lo_xmax, xip, hi_xmax, hi_text) = window_params(lo, hi);
+        let limits = self.limits;
         let tx = self.client.transaction().await?;
         let portal = tx
             .bind(
                 &self.select,
-                &[&lo_xmax, &xip, &hi_xmax, &hi_text, &after_pk, &i64::MAX],
+                &[
+                    &lo_xmax,
+                    &xip,
+                    &hi_xmax,
+                    &hi_text,
+                    &after_pk,
+                    &i64::MAX,
+                    &limits.max_row_bytes,
+                    &limits.max_batch_bytes,
+                ],
             )
             .await?;
-        Ok(WindowCursor { tx, portal })
+        Ok(WindowCursor { tx, portal, limits })
     }
 
-    /// Up to `limit` rows of window (`lo`, `hi`) with pk above `after_pk`, in pk order.
+    /// Up to `limit` rows of window (`lo`, `hi`) with pk above `after_pk`, in pk order, ending
+    /// early at the byte budget.
     pub async fn read(
         &self,
         lo: &Snapshot,
         hi: &Snapshot,
         after_pk: i64,
         limit: i64,
-    ) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
+    ) -> Result<Page, tokio_postgres::Error> {
         let (lo_xmax, xip, hi_xmax, hi_text) = window_params(lo, hi);
         let rows = self
             .client
             .query(
                 &self.select,
-                &[&lo_xmax, &xip, &hi_xmax, &hi_text, &after_pk, &limit],
+                &[
+                    &lo_xmax,
+                    &xip,
+                    &hi_xmax,
+                    &hi_text,
+                    &after_pk,
+                    &limit,
+                    &self.limits.max_row_bytes,
+                    &self.limits.max_batch_bytes,
+                ],
             )
             .await?;
-        Ok(rows.iter().map(decode_row).collect())
+        Ok(page(&rows, self.limits))
+    }
+}
+
+/// Decodes the rows of a window read (whose last column is the running byte count).
+fn page(rows: &[Row], limits: ReadLimits) -> Page {
+    let budget_reached = rows
+        .last()
+        .and_then(|r| r.try_get::<_, i64>(READ_BYTES_COLUMN).ok())
+        .is_some_and(|read| read >= limits.max_batch_bytes);
+    Page {
+        rows: rows
+            .iter()
+            .map(|r| decode_row(r, limits.max_row_bytes))
+            .collect(),
+        budget_reached,
     }
 }
 
@@ -212,14 +288,15 @@ impl WindowReader {
 pub struct WindowCursor<'a> {
     tx: tokio_postgres::Transaction<'a>,
     portal: tokio_postgres::Portal,
+    limits: ReadLimits,
 }
 
 impl WindowCursor<'_> {
-    /// The next `n` rows; fewer (or none) at the window's end.
-    pub async fn next_page(&self, n: i64) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
+    /// The next `n` rows; fewer (or none) at the window's end or the cursor's byte budget.
+    pub async fn next_page(&self, n: i64) -> Result<Page, tokio_postgres::Error> {
         let n = i32::try_from(n).unwrap_or(i32::MAX);
         let rows = self.tx.query_portal(&self.portal, n).await?;
-        Ok(rows.iter().map(decode_row).collect())
+        Ok(page(&rows, self.limits))
     }
 
     /// Closes the cursor and its (read-only) transaction.
@@ -233,6 +310,7 @@ impl WindowCursor<'_> {
 pub struct ChangeLog {
     table: TableName,
     select: String,
+    limits: ReadLimits,
 }
 
 /// The columns we read, each cast so that an unexpected column type in an existing table can
@@ -243,18 +321,69 @@ pub struct ChangeLog {
 /// not valid UTF-8 to a UTF-8 client fails the whole query, so one such row would stop the
 /// reader for good. As bytes, [`decode`] judges each row on its own (a dead letter naming the
 /// column). In every other server encoding `convert_to(…, 'UTF8')` is the usual conversion.
-const COLUMNS: &str = "pk_entity_change_log, id::text, created_at, \
-     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_type::text, 'SQL_ASCII') ELSE convert_to(object_type::text, 'UTF8') END AS object_type, \
-     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_id::text, 'SQL_ASCII') ELSE convert_to(object_id::text, 'UTF8') END AS object_id, \
-     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(modification_type::text, 'SQL_ASCII') ELSE convert_to(modification_type::text, 'UTF8') END AS modification_type, \
-     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_data::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data::jsonb::text, 'UTF8') END AS object_data, \
-     CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
-          THEN convert_to(object_data_before::jsonb::text, 'SQL_ASCII') ELSE convert_to(object_data_before::jsonb::text, 'UTF8') END AS object_data_before, \
-     tenant_id::text, txid::text";
+///
+/// They are read from a subquery that selects [`RAW_COLUMNS`] and [`ROW_BYTES`] as `row_bytes`;
+/// the images of a row over `max_row_bytes` (the `{max}` parameter) are not converted or sent,
+/// and `row_bytes` follows as the eleventh column.
+fn columns(max: &str) -> String {
+    let text = |expr: &str| {
+        format!(
+            "CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
+             THEN convert_to({expr}, 'SQL_ASCII') ELSE convert_to({expr}, 'UTF8') END"
+        )
+    };
+    let image = |col: &str| {
+        text(&format!(
+            "(CASE WHEN row_bytes > {max} THEN NULL ELSE {col} END)::jsonb::text"
+        ))
+    };
+    format!(
+        "pk_entity_change_log, id::text, created_at, {} AS object_type, {} AS object_id, \
+         {} AS modification_type, {} AS object_data, {} AS object_data_before, tenant_id::text, \
+         txid::text, row_bytes",
+        text("object_type::text"),
+        text("object_id::text"),
+        text("modification_type::text"),
+        image("object_data"),
+        image("object_data_before"),
+    )
+}
+
+/// What the subqueries of [`columns`] select from the change log.
+const RAW_COLUMNS: &str = "pk_entity_change_log, id, created_at, object_type, object_id, \
+     modification_type, object_data, object_data_before, tenant_id, txid";
+
+/// The uncompressed size of one image column (int4, 0 for NULL).
+macro_rules! image_bytes {
+    ($column:literal) => {
+        concat!("coalesce(pg_column_size(", $column, "::jsonb #> '{}'), 0)")
+    };
+}
+
+/// The size of a row's images as the daemon would hold them: the uncompressed jsonb of
+/// `object_data` plus `object_data_before`, in bytes. `x #> '{}'` is the whole value,
+/// decompressed (or fetched from TOAST) but not converted, so `pg_column_size` of it is the
+/// uncompressed size where `pg_column_size(x)` would say what compression left: 10 MiB of `x`
+/// stores in 240 kB. About 1 µs per ordinary row (100,000 rows of ~450 bytes), where the text
+/// conversion of the same images costs ~5 µs (measured here). Decoded, the images take about 1
+/// (strings) to 5 (arrays of small numbers) times this size in the daemon's memory, where their
+/// JSON text can be 35 times smaller than that.
+pub const ROW_BYTES: &str = concat!(
+    "(",
+    image_bytes!("object_data"),
+    "::bigint + ",
+    image_bytes!("object_data_before"),
+    "::bigint)"
+);
+
+/// The `object_data` part of [`ROW_BYTES`].
+const DATA_BYTES: &str = image_bytes!("object_data");
+
+/// The `object_data_before` part of [`ROW_BYTES`].
+const BEFORE_BYTES: &str = image_bytes!("object_data_before");
+
+/// The column of a window read holding the running byte count (after `row_bytes`).
+const READ_BYTES_COLUMN: usize = 11;
 
 /// The reader session's settings, sent once when it connects.
 ///
@@ -275,6 +404,8 @@ pub const READER_SESSION_SQL: &str =
 const MAX_OBJECT_ID: usize = 1024;
 
 impl ChangeLog {
+    /// The queries over `table`, reading rows within the default [`ReadLimits`] (see
+    /// [`ChangeLog::with_limits`]).
     pub fn new(table: TableName) -> ChangeLog {
         // At a window's start (`$5` = 0) the pk condition folds away in the custom plan. Left in
         // as `pk > 0`, it let the planner AND a scan of the whole pk index with the txid range
@@ -287,16 +418,44 @@ impl ChangeLog {
         // from the table's first row filtering on txid: 120–200 ms per read, the soak's lag
         // growing with the table. Now every read is the txid range (bitmap) and a sort of the
         // window's rows: its cost follows the window, never the table.
+        //
+        // The byte budget: the window function keeps the running size of the images in the
+        // same order as the sort (one sort, one WindowAgg that streams: rows past the LIMIT are
+        // never measured), summing the two int4 sizes so the totals stay int8 rather than
+        // numeric; the outer query drops the rows after the one that reaches `$8` and converts
+        // the images of the rest to text, so nothing past the budget (or over `$7`) is
+        // converted or sent. Measured against the query without a budget, a read of 1,000
+        // ~450-byte rows went from 7.4 to 8.6 ms here (median of eight runs, a shared machine);
+        // the same shape with the window function in a second subquery took 9.7 ms.
         let select = format!(
-            "SELECT {COLUMNS} FROM {t}
-             WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
-               AND txid < $3::text::xid8
-               AND pg_visible_in_snapshot(txid, $4::text::pg_snapshot)
-               AND (pk_entity_change_log > $5 OR $5 = 0)
-             ORDER BY pk_entity_change_log + 0 LIMIT $6",
+            "SELECT {columns}, read_bytes FROM (
+                 SELECT {RAW_COLUMNS}, pk_entity_change_log + 0 AS ord, {ROW_BYTES} AS row_bytes,
+                        sum({DATA_BYTES}) OVER w + sum({BEFORE_BYTES}) OVER w AS read_bytes
+                 FROM {t}
+                 WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
+                   AND txid < $3::text::xid8
+                   AND pg_visible_in_snapshot(txid, $4::text::pg_snapshot)
+                   AND (pk_entity_change_log > $5 OR $5 = 0)
+                 WINDOW w AS (ORDER BY pk_entity_change_log + 0 ROWS UNBOUNDED PRECEDING)
+                 ORDER BY pk_entity_change_log + 0 LIMIT $6
+             ) r
+             WHERE read_bytes - row_bytes < $8::bigint
+             ORDER BY ord",
+            columns = columns("$7::bigint"),
             t = table.sql()
         );
-        ChangeLog { table, select }
+        ChangeLog {
+            table,
+            select,
+            limits: ReadLimits::default(),
+        }
+    }
+
+    /// The same queries reading rows within `limits` (`[listener] max_row_bytes` and
+    /// `max_batch_bytes`).
+    pub fn with_limits(mut self, limits: ReadLimits) -> ChangeLog {
+        self.limits = limits;
+        self
     }
 
     pub fn table(&self) -> &TableName {
@@ -305,7 +464,8 @@ impl ChangeLog {
 
     /// The window query the reader prepares: `$1` the window's low xmax, `$2` its xip list,
     /// `$3` the high xmax, `$4` the high snapshot, `$5` the pk to continue after (0 at the
-    /// window's start), `$6` the row limit.
+    /// window's start), `$6` the row limit, `$7` `max_row_bytes`, `$8` `max_batch_bytes`. The
+    /// columns are those of [`decode_row`], then `row_bytes` and the running `read_bytes`.
     pub fn window_sql(&self) -> &str {
         &self.select
     }
@@ -334,26 +494,8 @@ impl ChangeLog {
             select,
             snapshot,
             quiet,
+            limits: self.limits,
         })
-    }
-
-    /// Up to `limit` rows of window (`lo`, `hi`) with pk above `after_pk`, in pk order.
-    pub async fn read_window(
-        &self,
-        client: &impl GenericClient,
-        lo: &Snapshot,
-        hi: &Snapshot,
-        after_pk: i64,
-        limit: i64,
-    ) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
-        let (lo_xmax, xip, hi_xmax, hi_text) = window_params(lo, hi);
-        let rows = client
-            .query(
-                &self.select,
-                &[&lo_xmax, &xip, &hi_xmax, &hi_text, &after_pk, &limit],
-            )
-            .await?;
-        Ok(rows.iter().map(decode_row).collect())
     }
 
     /// Rows by pk range or time range, in pk order (replay and debugging), whatever their window.
@@ -367,18 +509,25 @@ impl ChangeLog {
         limit: i64,
     ) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM {t}
-             WHERE pk_entity_change_log > $1
-               AND ($2::bigint IS NULL OR pk_entity_change_log <= $2)
-               AND ($3::timestamptz IS NULL OR created_at >= $3)
-               AND ($4::timestamptz IS NULL OR created_at < $4)
-             ORDER BY pk_entity_change_log LIMIT $5",
+            "SELECT {columns} FROM (
+                 SELECT {RAW_COLUMNS}, {ROW_BYTES} AS row_bytes FROM {t}
+                 WHERE pk_entity_change_log > $1
+                   AND ($2::bigint IS NULL OR pk_entity_change_log <= $2)
+                   AND ($3::timestamptz IS NULL OR created_at >= $3)
+                   AND ($4::timestamptz IS NULL OR created_at < $4)
+                 ORDER BY pk_entity_change_log LIMIT $5
+             ) r ORDER BY pk_entity_change_log",
+            columns = columns("$6::bigint"),
             t = self.table.sql()
         );
+        let max = self.limits.max_row_bytes;
         let rows = client
-            .query(&sql, &[&after_pk, &to_pk, &from_time, &to_time, &limit])
+            .query(
+                &sql,
+                &[&after_pk, &to_pk, &from_time, &to_time, &limit, &max],
+            )
             .await?;
-        Ok(rows.iter().map(decode_row).collect())
+        Ok(rows.iter().map(|r| decode_row(r, max)).collect())
     }
 
     /// The newest `n` rows, newest first.
@@ -388,14 +537,19 @@ impl ChangeLog {
         n: i64,
     ) -> Result<Vec<ChangeRow>, tokio_postgres::Error> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM {t} ORDER BY pk_entity_change_log DESC LIMIT $1",
+            "SELECT {columns} FROM (
+                 SELECT {RAW_COLUMNS}, {ROW_BYTES} AS row_bytes FROM {t}
+                 ORDER BY pk_entity_change_log DESC LIMIT $1
+             ) r ORDER BY pk_entity_change_log DESC",
+            columns = columns("$2::bigint"),
             t = self.table.sql()
         );
+        let max = self.limits.max_row_bytes;
         Ok(client
-            .query(&sql, &[&n])
+            .query(&sql, &[&n, &max])
             .await?
             .iter()
-            .map(decode_row)
+            .map(|r| decode_row(r, max))
             .collect())
     }
 
@@ -425,14 +579,19 @@ impl ChangeLog {
         param: &(dyn tokio_postgres::types::ToSql + Sync),
     ) -> Result<Option<ChangeRow>, tokio_postgres::Error> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM {t} WHERE {condition} ORDER BY pk_entity_change_log LIMIT 1",
+            "SELECT {columns} FROM (
+                 SELECT {RAW_COLUMNS}, {ROW_BYTES} AS row_bytes FROM {t}
+                 WHERE {condition} ORDER BY pk_entity_change_log LIMIT 1
+             ) r",
+            columns = columns("$2::bigint"),
             t = self.table.sql()
         );
+        let max = self.limits.max_row_bytes;
         Ok(client
-            .query_opt(&sql, &[param])
+            .query_opt(&sql, &[param, &max])
             .await?
             .as_ref()
-            .map(decode_row))
+            .map(|r| decode_row(r, max)))
     }
 
     /// Rows not yet done at `pos`, and the age of the oldest of them.
@@ -501,8 +660,10 @@ impl<'a> tokio_postgres::types::FromSql<'a> for ColumnBytes<'a> {
     }
 }
 
-/// Decodes one row; anything that cannot be an event becomes a poison row with the reason.
-fn decode_row(row: &Row) -> ChangeRow {
+/// Decodes one row; anything that cannot be an event becomes a poison row with the reason. A
+/// row whose `row_bytes` (column 10) is over `max_row_bytes` arrived without its images: a
+/// poison row that says so, keeping everything else it has (event id, pk, entity, …).
+fn decode_row(row: &Row, max_row_bytes: i64) -> ChangeRow {
     let mut unreadable = None;
     let mut col = |i: usize| match row.try_get::<_, Option<ColumnBytes>>(i) {
         Ok(v) => v.map(|b| b.0),
@@ -523,6 +684,13 @@ fn decode_row(row: &Row) -> ChangeRow {
         tenant_id: col(8),
         txid: col(9),
     };
+    if unreadable.is_none() {
+        match row.try_get::<_, i64>(ROW_BYTES_COLUMN) {
+            Ok(bytes) if bytes > max_row_bytes => return oversized(&raw, bytes, max_row_bytes),
+            Ok(_) => {}
+            Err(e) => unreadable = Some(format!("column row_bytes: {e}")),
+        }
+    }
     match unreadable {
         Some(reason) => ChangeRow::Poison {
             pk: raw.pk,
@@ -531,6 +699,36 @@ fn decode_row(row: &Row) -> ChangeRow {
             reason,
         },
         None => decode(&raw),
+    }
+}
+
+/// The column of every read holding the row's image size ([`ROW_BYTES`]).
+const ROW_BYTES_COLUMN: usize = 10;
+
+/// The poison row of a row over `max_row_bytes`: the server sent everything but the images.
+/// Its dead letter names the event (id, pk, entity, entity id, txid, …) and `row_bytes`.
+pub fn oversized(raw: &RawRow<'_>, bytes: i64, max_row_bytes: i64) -> ChangeRow {
+    let event_id = raw
+        .id
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|t| Uuid::parse_str(t).ok());
+    let mut json = raw_json(&RawRow {
+        object_data: None,
+        object_data_before: None,
+        ..*raw
+    });
+    if let serde_json::Value::Object(m) = &mut json {
+        m.insert("row_bytes".into(), bytes.into());
+    }
+    ChangeRow::Poison {
+        pk: raw.pk,
+        event_id,
+        raw: json,
+        reason: format!(
+            "the row's images (object_data + object_data_before) are {bytes} bytes \
+             uncompressed, more than listener.max_row_bytes ({max_row_bytes}), so they were not \
+             read; to deliver the event, raise listener.max_row_bytes and run `dlq retry`"
+        ),
     }
 }
 

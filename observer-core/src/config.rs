@@ -161,10 +161,17 @@ pub struct ListenerConfig {
     /// Names the checkpoint and the listener group: two daemons with the same id never run at
     /// once (advisory lock, or the `failover` lease).
     pub id: String,
-    /// The NOTIFY channel the change-log trigger signals on.
+    /// The NOTIFY channel the change-log trigger signals on: an identifier (1–63 ASCII letters,
+    /// digits or `_`, starting with a letter or `_`).
     pub channel: String,
     /// Rows read per query.
     pub batch_size: i64,
+    /// A change-log row whose images (`object_data` + `object_data_before`, uncompressed jsonb)
+    /// are larger is not read: it is dead-lettered as a poison event naming its size.
+    pub max_row_bytes: i64,
+    /// A read ends with the row that brings the images it holds to this many bytes (at least
+    /// one row per read), so a window of large rows is read a few rows at a time.
+    pub max_batch_bytes: i64,
     /// Fallback poll when no notification arrives.
     pub poll_interval_ms: u64,
     /// Where to begin when there is no checkpoint.
@@ -183,6 +190,8 @@ impl Default for ListenerConfig {
             id: "default".into(),
             channel: "fraiseql_observers".into(),
             batch_size: 1_000,
+            max_row_bytes: 16 << 20,
+            max_batch_bytes: 8 << 20,
             poll_interval_ms: 1_000,
             start_from: StartFrom::Tail,
             max_pending_events: 10_000,
@@ -440,6 +449,13 @@ pub struct MetricsConfig {
     pub ready_max_lag_secs: u64,
     /// How often the DLQ size and backlog gauges are refreshed from the database.
     pub refresh_secs: u64,
+    /// Connections served at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this of the connection opening or of the previous
+    /// response, or the connection is closed (so also how long an idle keep-alive one is kept).
+    pub header_read_timeout_ms: u64,
+    /// A connection that moves no byte for this long in the middle of a request is closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for MetricsConfig {
@@ -448,6 +464,20 @@ impl Default for MetricsConfig {
             listen: "127.0.0.1:9464".into(),
             ready_max_lag_secs: 300,
             refresh_secs: 5,
+            max_connections: 64,
+            header_read_timeout_ms: 5_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// What one client may cost the endpoint (see [`crate::http_server`]).
+    pub fn server_limits(&self) -> crate::http_server::ServerLimits {
+        crate::http_server::ServerLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
         }
     }
 }
@@ -516,16 +546,34 @@ impl Default for ActionLogConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
-    /// Processed change-log rows older than this are deleted (never unprocessed ones).
+    /// Processed change-log rows older than this are deleted (never unprocessed ones);
+    /// 0..=[`RetentionConfig::MAX_DAYS`].
     pub change_log_days: u32,
-    /// Action-log rows older than this are deleted.
+    /// Action-log rows older than this are deleted; 0..=[`RetentionConfig::MAX_DAYS`].
     pub action_log_days: u32,
-    /// Resolved dead letters older than this are deleted (pending ones are kept).
+    /// Resolved dead letters older than this are deleted (pending ones are kept);
+    /// 0..=[`RetentionConfig::MAX_DAYS`].
     pub dead_letter_days: u32,
     /// How often the daemon applies the policy; 0 turns the daemon's pass off (`cleanup` still works).
     pub interval_secs: u64,
     /// Rows deleted per statement, so no pass holds long locks.
     pub batch_size: i64,
+}
+
+impl RetentionConfig {
+    /// The longest age a policy (or `dlq purge --older-than`) may name, in days: 100 years.
+    /// Postgres takes the count as a 4-byte integer, so a larger one (read as `u32`) would
+    /// otherwise wrap to a negative age and match every row.
+    pub const MAX_DAYS: u32 = 36_500;
+
+    /// The three day counts with their keys; each must be at most [`RetentionConfig::MAX_DAYS`].
+    pub fn days(&self) -> [(&'static str, u32); 3] {
+        [
+            ("retention.change_log_days", self.change_log_days),
+            ("retention.action_log_days", self.action_log_days),
+            ("retention.dead_letter_days", self.dead_letter_days),
+        ]
+    }
 }
 
 impl Default for RetentionConfig {
@@ -867,6 +915,20 @@ impl Config {
         );
         range("listener.batch_size", l.batch_size as i128, 1, 100_000, "");
         range(
+            "listener.max_row_bytes",
+            l.max_row_bytes as i128,
+            1024,
+            1 << 30,
+            " bytes",
+        );
+        range(
+            "listener.max_batch_bytes",
+            l.max_batch_bytes as i128,
+            1024,
+            1 << 30,
+            " bytes",
+        );
+        range(
             "listener.poll_interval_ms",
             l.poll_interval_ms as i128,
             10,
@@ -894,6 +956,15 @@ impl Config {
             60_000,
             " ms",
         );
+        for (key, days) in self.retention.days() {
+            range(
+                key,
+                days as i128,
+                0,
+                RetentionConfig::MAX_DAYS as i128,
+                " days",
+            );
+        }
         range(
             "retention.batch_size",
             self.retention.batch_size as i128,
@@ -1047,6 +1118,36 @@ impl Config {
                 ),
             ));
         }
+        for (key, value, lo, hi, unit) in [
+            (
+                "metrics.max_connections",
+                self.metrics.max_connections as i128,
+                1,
+                10_000,
+                "",
+            ),
+            (
+                "metrics.header_read_timeout_ms",
+                self.metrics.header_read_timeout_ms as i128,
+                100,
+                600_000,
+                " ms",
+            ),
+            (
+                "metrics.idle_timeout_ms",
+                self.metrics.idle_timeout_ms as i128,
+                100,
+                3_600_000,
+                " ms",
+            ),
+        ] {
+            if !(lo..=hi).contains(&value) {
+                extra.push((
+                    key.into(),
+                    format!("{value} is out of range: expected {lo}..={hi}{unit}"),
+                ));
+            }
+        }
         if !(1..=3600).contains(&self.metrics.refresh_secs) {
             extra.push((
                 "metrics.refresh_secs".into(),
@@ -1071,15 +1172,28 @@ impl Config {
                 ),
             ));
         }
-        let channel_ok =
-            !l.channel.is_empty() && l.channel.len() <= 63 && !l.channel.contains('\0');
-        if !channel_ok {
-            out.push((
-                "listener.channel".into(),
-                "expected 1-63 bytes (a Postgres channel name)".into(),
-            ));
+        if let Err(message) = check_channel(&l.channel) {
+            out.push(("listener.channel".into(), message));
         }
         out
+    }
+}
+
+/// `listener.channel` must be an identifier: 1–63 ASCII letters, digits or `_`, starting with a
+/// letter or `_`. `migrate` installs it into a trigger function and the daemon `LISTEN`s on it;
+/// nothing else is needed of a channel name, and nothing else can reach SQL from it.
+pub fn check_channel(channel: &str) -> Result<(), String> {
+    let mut chars = channel.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && channel.len() <= 63;
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{channel:?}: expected 1-63 ASCII letters, digits or `_`, starting with a letter or `_` \
+             (an identifier, like the default `fraiseql_observers`)"
+        ))
     }
 }
 
@@ -1512,6 +1626,39 @@ url = "http://127.0.0.1:1/x"
                 "listener.id"
             ]
         );
+
+        // Issue 18: the read limits, the day counts and the channel.
+        let mut c = Config::default();
+        c.listener.max_row_bytes = 0;
+        c.listener.max_batch_bytes = i64::MAX;
+        c.retention.dead_letter_days = u32::MAX;
+        c.listener.channel = "a$fn$b".into();
+        let problems = c.check();
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "listener.max_row_bytes",
+                "listener.max_batch_bytes",
+                "retention.dead_letter_days",
+                "listener.channel"
+            ]
+        );
+        assert_eq!(
+            problems[2].1,
+            "4294967295 is out of range: expected 0..=36500 days"
+        );
+        assert!(
+            problems[3].1.contains("ASCII letters, digits or `_`"),
+            "{}",
+            problems[3].1
+        );
+        for ok in ["fraiseql_observers", "_x", "Orders_1", &"c".repeat(63)] {
+            assert_eq!(check_channel(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "1a", "a-b", "a b", "a'b", "é", &"c".repeat(64)] {
+            assert!(check_channel(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -194,7 +194,14 @@ impl Enricher {
             .render(scope)
             .map_err(|e| (format!("http template: {e}"), false))?;
         let shown = crate::action::shown_url(&url, secret);
-        // A URL that is not one, or a refused destination, is permanent: retrying cannot help.
+        // A URL that is not one, one whose path would change on parsing, or a refused
+        // destination, is permanent: retrying cannot help.
+        if let Some(segment) = crate::action::dot_segment(&url) {
+            return Err((
+                format!("GET {}", crate::action::dot_segment_error(&shown, &segment)),
+                true,
+            ));
+        }
         let url = reqwest::Url::parse(&url)
             .map_err(|e| (format!("GET {shown}: not a URL: {e}"), true))?;
         ctx.guard

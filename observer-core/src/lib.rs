@@ -11,6 +11,7 @@ pub mod config;
 pub mod enrich;
 pub mod event;
 pub mod executor;
+pub mod http_server;
 pub mod leadership;
 pub mod metrics;
 pub mod observer;

@@ -4,7 +4,8 @@
 //!   checkpoint has processed them: a row is processed by a listener when its `txid` is below the
 //!   `xmin` of that listener's `window_lo` (everything below it was visible, hence read, when the
 //!   window started). With no checkpoint at all nothing proves a row was processed, so the
-//!   change log is left alone.
+//!   change log is left alone. A row whose poison dead letter is still pending is kept too (a
+//!   row too large to read is retried from the change log).
 //! * Action-log rows older than `action_log_days` (by `finished_at`).
 //! * Dead letters only once resolved, `dead_letter_days` after `resolved_at`; pending ones are
 //!   never deleted by retention.
@@ -39,13 +40,34 @@ pub struct RetentionReport {
     pub change_log_note: Option<String>,
 }
 
-/// Applies `policy` once; `dry_run` counts without deleting.
+/// Why a retention pass did not run, or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RetentionError {
+    /// A day count Postgres cannot take (see [`RetentionConfig::MAX_DAYS`]); nothing was deleted.
+    #[error("{key}: {days} is out of range: expected 0..={max} days", max = RetentionConfig::MAX_DAYS)]
+    Days { key: &'static str, days: u32 },
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// Applies `policy` once; `dry_run` counts without deleting. A day count over
+/// [`RetentionConfig::MAX_DAYS`] is refused before anything is read or deleted.
 pub async fn apply(
     client: &impl GenericClient,
     objects: &Objects,
     policy: &RetentionConfig,
     dry_run: bool,
-) -> Result<RetentionReport, tokio_postgres::Error> {
+) -> Result<RetentionReport, RetentionError> {
+    // Checked here as well as in `Config::check`, so no caller can reach SQL with a count that
+    // would wrap: `make_interval(days => …)` takes an int4.
+    let mut days = [0i32; 3];
+    for (slot, (key, d)) in days.iter_mut().zip(policy.days()) {
+        *slot = i32::try_from(d)
+            .ok()
+            .filter(|_| d <= RetentionConfig::MAX_DAYS)
+            .ok_or(RetentionError::Days { key, days: d })?;
+    }
+    let [change_log_days, action_log_days, dead_letter_days] = days;
     let mut report = RetentionReport {
         dry_run,
         ..RetentionReport::default()
@@ -82,14 +104,23 @@ pub async fn apply(
             ));
         } else if let Some(h) = horizon {
             report.change_log_horizon = Some(h);
-            let cond = "created_at < now() - make_interval(days => $1) AND txid < $2::text::xid8";
-            let days = policy.change_log_days as i32;
+            // A row with a pending poison dead letter (no observer) is kept: for a row over
+            // `listener.max_row_bytes` the dead letter holds everything but the images, which
+            // only the change log has, and `dlq retry` reads them from there.
+            let cond = format!(
+                "created_at < now() - make_interval(days => $1) AND txid < $2::text::xid8
+                 AND NOT EXISTS (SELECT 1 FROM {dl} d WHERE d.event_id = {cl}.id
+                                 AND d.status = 'pending' AND d.observer IS NULL)",
+                dl = objects.dead_letters.sql(),
+                cl = objects.change_log.sql()
+            );
+            let days = change_log_days;
             let h = h.to_string();
             report.change_log = purge(
                 client,
                 &objects.change_log.sql(),
                 "pk_entity_change_log",
-                cond,
+                &cond,
                 &[&days, &h],
                 batch,
                 dry_run,
@@ -99,7 +130,7 @@ pub async fn apply(
     }
 
     if policy.action_log_days > 0 {
-        let days = policy.action_log_days as i32;
+        let days = action_log_days;
         let cond = "finished_at < now() - make_interval(days => $1)";
         report.action_log = purge(
             client,
@@ -113,7 +144,7 @@ pub async fn apply(
         .await?;
     }
     if policy.dead_letter_days > 0 {
-        let days = policy.dead_letter_days as i32;
+        let days = dead_letter_days;
         let cond = "status = 'resolved' AND resolved_at < now() - make_interval(days => $1)";
         report.dead_letters = purge(
             client,

@@ -32,7 +32,7 @@ use tokio_util::time::DelayQueue;
 use tower::{Service, ServiceExt};
 
 use crate::action::{Attempt, AttemptResult};
-use crate::change_log::{ChangeLog, ChangeRow, Position, Snapshot};
+use crate::change_log::{ChangeLog, ChangeRow, Position, ReadLimits, Snapshot};
 use crate::config::{Backoff, Config, RetryConfig, StartFrom};
 use crate::event::ChangeEvent;
 use crate::executor::{idempotency_key, BoxError, BoxExecutor, Delivery, Dispatch, DispatchResult};
@@ -455,6 +455,7 @@ pub async fn run(
     });
     let _stop_reader_conn = AbortOnDrop(reader_conn);
     let window_reader = ChangeLog::new(ctx.objects.change_log.clone())
+        .with_limits(ReadLimits::from_config(&cfg.listener))
         .reader(reader_client, ctx.objects.wake_locks())
         .await?;
     let reader = tokio::spawn(read_loop(
@@ -1121,28 +1122,51 @@ async fn read_loop(
         let mut busy = false;
         loop {
             // Read the current window to its end, a page at a time: the first with one query
-            // (a window is usually small), the rest of a large one through a cursor.
-            let rows = reader
-                .read(&pos.lo, &pos.hi, pos.after_pk, batch)
-                .await
-                .map_err(read_err)?;
-            let mut full = rows.len() as i64 >= batch;
-            if !hand_over(rows, &mut pos, &mut items, &tx, &stop).await {
-                return Ok(());
-            }
-            if full {
+            // (a window is usually small), the rest of a large one through a cursor. A read
+            // also ends at the byte budget (`max_batch_bytes`); a window of rows that large is
+            // read with one query per page, `limit` rows at most: twice what fitted the budget
+            // last time, so rows past the budget cost little to measure and skip, doubling back
+            // to `batch` as rows get small again.
+            let mut limit = batch;
+            loop {
+                let page = reader
+                    .read(&pos.lo, &pos.hi, pos.after_pk, limit)
+                    .await
+                    .map_err(read_err)?;
+                let (n, cut) = (page.rows.len() as i64, page.budget_reached);
+                if !hand_over(page.rows, &mut pos, &mut items, &tx, &stop).await {
+                    return Ok(());
+                }
+                if cut {
+                    limit = (2 * n).clamp(1, batch);
+                    continue;
+                }
+                if n < limit {
+                    break;
+                }
+                if limit < batch {
+                    limit = (2 * limit).min(batch);
+                    continue;
+                }
                 let cursor = reader
                     .rest(&pos.lo, &pos.hi, pos.after_pk)
                     .await
                     .map_err(read_err)?;
-                while full {
-                    let rows = cursor.next_page(batch).await.map_err(read_err)?;
-                    full = rows.len() as i64 >= batch;
-                    if !hand_over(rows, &mut pos, &mut items, &tx, &stop).await {
+                let cut = loop {
+                    let page = cursor.next_page(batch).await.map_err(read_err)?;
+                    let (n, cut) = (page.rows.len() as i64, page.budget_reached);
+                    if !hand_over(page.rows, &mut pos, &mut items, &tx, &stop).await {
                         return Ok(());
                     }
-                }
+                    if cut || n < batch {
+                        break cut.then_some(n);
+                    }
+                };
                 cursor.finish().await.map_err(read_err)?;
+                match cut {
+                    Some(n) => limit = (2 * n).clamp(1, batch),
+                    None => break,
+                }
             }
             // Drained: wait for news (a notification, the poll, or sooner while writers that
             // did not notify are committing), then read the window up to the new snapshot.

@@ -75,7 +75,7 @@ impl std::fmt::Display for TableName {
     }
 }
 
-/// The advisory locks of the wake-up protocol (see [`Objects::notify_function_sql`]), two-key
+/// The advisory locks of the wake-up protocol (see [`NOTIFY_FUNCTION_QUERY`]), two-key
 /// form (`objsubid` 2), so they never collide with the one-key listener and migration locks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WakeLocks {
@@ -188,7 +188,8 @@ impl Objects {
         )
     }
 
-    /// The commit-time half of the wake-up. A NOTIFY makes every notifying commit in the
+    /// The commit-time half of the wake-up (its statement is rendered by the server, see
+    /// [`NOTIFY_FUNCTION_QUERY`]). A NOTIFY makes every notifying commit in the
     /// database wait for the one before it (Postgres serialises them on one lock, held through
     /// the WAL flush, so commits stop sharing flushes): with a NOTIFY on every statement, 16
     /// clients doing single-row INSERTs into a captured table reached 2,100 a second against
@@ -199,31 +200,32 @@ impl Objects {
     /// NOTIFY therefore has its rows read either because they are visible by the time the
     /// reader looks (the notifier's commit ended after this writer took `committing`) or
     /// because the reader sees it still committing and looks again shortly.
-    fn notify_function_sql(&self) -> String {
-        let locks = self.wake_locks();
-        let channel = self.channel.replace('\'', "''");
-        format!(
-            "CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $fn$
-             BEGIN
-                 PERFORM pg_advisory_xact_lock_shared({committing_class}, {key});
-                 IF pg_try_advisory_xact_lock({notifying_class}, {key}) THEN
-                     PERFORM pg_notify('{channel}', TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
-                 END IF;
-                 RETURN NULL;
-             END $fn$",
-            self.notify_function(),
-            committing_class = WakeLocks::COMMITTING_CLASS,
-            notifying_class = WakeLocks::NOTIFYING_CLASS,
-            key = locks.key,
-        )
+    async fn notify_function_sql(
+        &self,
+        client: &impl GenericClient,
+    ) -> Result<String, tokio_postgres::Error> {
+        let key = self.wake_locks().key;
+        client
+            .query_one(
+                NOTIFY_FUNCTION_QUERY,
+                &[
+                    &self.change_log.schema,
+                    &WakeLocks::COMMITTING_CLASS,
+                    &key,
+                    &WakeLocks::NOTIFYING_CLASS,
+                    &self.channel,
+                ],
+            )
+            .await
+            .map(|row| row.get(0))
     }
 
     /// Every statement `migrate` runs, in order.
-    pub fn migration(&self) -> Vec<String> {
+    pub fn migration(&self) -> Vec<MigrationStep> {
         let cl = self.change_log.sql();
         let schema = quote_ident(&self.change_log.schema);
         let idx = |suffix: &str| quote_ident(&format!("{}_{}", self.change_log.table, suffix));
-        vec![
+        let sql = [
             format!("CREATE SCHEMA IF NOT EXISTS {schema}"),
             format!(
                 "CREATE TABLE IF NOT EXISTS {cl} (
@@ -252,7 +254,8 @@ impl Objects {
             // The wake-up (see `wake_sql`): a deferred trigger, queued once per transaction
             // that writes the change log, whoever writes it.
             self.first_write_function_sql(),
-            self.notify_function_sql(),
+        ];
+        let after_notify_function = [
             format!("DROP TRIGGER IF EXISTS fraiseql_observers_notify ON {cl}"),
             format!(
                 "CREATE CONSTRAINT TRIGGER fraiseql_observers_notify AFTER INSERT ON {cl}
@@ -375,7 +378,12 @@ impl Objects {
                 )",
                 self.instances.sql()
             ),
-        ]
+        ];
+        sql.into_iter()
+            .map(MigrationStep::Sql)
+            .chain(std::iter::once(MigrationStep::NotifyFunction))
+            .chain(after_notify_function.into_iter().map(MigrationStep::Sql))
+            .collect()
     }
 
     /// The statement-level capture function. Trigger arguments: entity name, tenant column
@@ -433,6 +441,41 @@ END $fn$"#,
     }
 }
 
+/// One statement of `migrate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationStep {
+    /// Fixed text: our own SQL around names that were validated and quoted; no values.
+    Sql(String),
+    /// The NOTIFY function, whose body holds a value (the channel): rendered by the server with
+    /// [`NOTIFY_FUNCTION_QUERY`].
+    NotifyFunction,
+}
+
+/// Renders the NOTIFY function's `CREATE` statement on the server. `format()` quotes the
+/// channel with `%L` (`quote_literal`, which writes an `E'…'` literal when the value holds a
+/// backslash) and then the whole body with `%L` again, so the statement means the same whatever
+/// `standard_conforming_strings` is, and no value can close a dollar-quoted body. The channel
+/// is also held to identifier characters by the config check; this is the second wall.
+/// Parameters: the schema, the `committing` lock class, the channel's lock key, the
+/// `notifying` lock class, the channel.
+pub const NOTIFY_FUNCTION_QUERY: &str = "SELECT format(
+    'CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql AS %L',
+    $1::text, 'fraiseql_observers_notify',
+    format('BEGIN
+                PERFORM pg_advisory_xact_lock_shared(%s, %s);
+                IF pg_try_advisory_xact_lock(%s, %s) THEN
+                    PERFORM pg_notify(%L, TG_TABLE_SCHEMA || ''.'' || TG_TABLE_NAME);
+                END IF;
+                RETURN NULL;
+            END', $2::int, $3::int, $4::int, $3::int, $5::text))";
+
+/// Quotes each value as a SQL literal on the server (`quote_literal`), joined with `, `: the
+/// trigger arguments of `capture add`. Quoting on our side would depend on the session's
+/// `standard_conforming_strings` (with it off, `\'` ends a literal early).
+const QUOTE_LITERALS_QUERY: &str =
+    "SELECT coalesce(string_agg(quote_literal(a), ', ' ORDER BY n), '')
+     FROM unnest($1::text[]) WITH ORDINALITY AS t(a, n)";
+
 /// Installs every object; safe to run any number of times, and concurrently.
 pub async fn migrate(
     client: &mut tokio_postgres::Client,
@@ -444,7 +487,11 @@ pub async fn migrate(
     // Serialises concurrent migrations (CREATE … IF NOT EXISTS races otherwise).
     tx.execute("SELECT pg_advisory_xact_lock(7414082901)", &[])
         .await?;
-    for stmt in objects.migration() {
+    for step in objects.migration() {
+        let stmt = match step {
+            MigrationStep::Sql(stmt) => stmt,
+            MigrationStep::NotifyFunction => objects.notify_function_sql(&tx).await?,
+        };
         tx.batch_execute(&stmt).await?;
     }
     tx.commit().await
@@ -470,6 +517,8 @@ pub enum CaptureError {
     NoColumn { table: String, column: String },
     #[error("the capture function is not installed: run `fraiseql-observers migrate` first")]
     NotMigrated,
+    #[error("--entity {0:?}: expected a name that is not empty and holds no control characters (every change-log row of such an entity would be a dead letter)")]
+    BadEntity(String),
     #[error(transparent)]
     Name(#[from] NameError),
     #[error(transparent)]
@@ -494,10 +543,6 @@ const TRIGGERS: [(&str, &str, &str); 3] = [
     ),
 ];
 
-fn sql_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// Attaches (or re-attaches) the capture triggers to `table`.
 pub async fn capture_add(
     client: &mut tokio_postgres::Client,
@@ -508,6 +553,9 @@ pub async fn capture_add(
     tenant_column: Option<&str>,
 ) -> Result<Capture, CaptureError> {
     let name = TableName::parse(table)?;
+    if entity.trim().is_empty() || entity.contains(char::is_control) {
+        return Err(CaptureError::BadEntity(entity.to_string()));
+    }
     let tx = client.transaction().await?;
     let oid: Option<u32> = tx
         .query_opt("SELECT to_regclass($1)::oid", &[&name.sql()])
@@ -579,12 +627,9 @@ pub async fn capture_add(
             .find(|(n, ty)| n == "tenant_id" && ty == "uuid")
             .map(|(n, _)| n.clone()),
     };
-    let mut args = vec![
-        sql_literal(entity),
-        sql_literal(tenant.as_deref().unwrap_or("")),
-    ];
-    args.extend(ids.iter().map(|c| sql_literal(c)));
-    let args = args.join(", ");
+    let mut args = vec![entity.to_string(), tenant.clone().unwrap_or_default()];
+    args.extend(ids.iter().cloned());
+    let args: String = tx.query_one(QUOTE_LITERALS_QUERY, &[&args]).await?.get(0);
     for (trigger, op, referencing) in TRIGGERS {
         tx.batch_execute(&format!(
             "DROP TRIGGER IF EXISTS {trigger} ON {}",

@@ -27,6 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use observer_core::change_log::ChangeLog;
+use observer_core::http_server::{self, ServerLimits};
 use observer_core::metrics::Metrics;
 use observer_core::schema::Objects;
 use observer_core::store::CheckpointStore;
@@ -36,6 +37,9 @@ use tokio::task::JoinHandle;
 
 /// How long `/ready` waits for the database to answer `SELECT 1`.
 pub const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long requests in flight may take to finish once the endpoint stops.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// The Prometheus text exposition format version we serve.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -83,9 +87,14 @@ struct Shared {
 }
 
 impl MetricsServer {
-    /// Binds `listen` and starts serving and refreshing. Failing to bind is an error naming the
-    /// address.
-    pub async fn start(listen: &str, sources: Sources) -> Result<MetricsServer, MetricsError> {
+    /// Binds `listen` and starts serving (within `limits`: `[metrics] max_connections`,
+    /// `header_read_timeout_ms`, `idle_timeout_ms`) and refreshing. Failing to bind is an error
+    /// naming the address.
+    pub async fn start(
+        listen: &str,
+        sources: Sources,
+        limits: ServerLimits,
+    ) -> Result<MetricsServer, MetricsError> {
         let want: SocketAddr = listen
             .parse()
             .map_err(|_| MetricsError::BadAddress(listen.to_string()))?;
@@ -114,9 +123,7 @@ impl MetricsServer {
             let graceful = async move {
                 let _ = stop_serving.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(tcp, app).with_graceful_shutdown(graceful).await {
-                tracing::error!(error = %e, %addr, "metrics endpoint failed");
-            }
+            http_server::serve(tcp, app, limits, "metrics endpoint", graceful, STOP_GRACE).await;
         });
         let refresher = tokio::spawn(refresh_loop(shared, stopped));
         Ok(MetricsServer {
@@ -132,11 +139,11 @@ impl MetricsServer {
         format!("http://{}/metrics", self.addr)
     }
 
-    /// Stops serving (open requests get up to 2 s) and stops the refresh task.
+    /// Stops serving (open requests get up to [`STOP_GRACE`]) and stops the refresh task.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+        if tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), &mut server)
             .await
             .is_err()
         {

@@ -103,3 +103,60 @@ async fn capture_any_key_type_list_and_remove() {
         "removing twice says there is nothing to remove"
     );
 }
+
+/// Issue 18, item 5: `capture add --entity` wrote the entity into `CREATE TRIGGER` as a literal
+/// quoted on our side (`'` doubled), which holds only while `standard_conforming_strings` is on.
+/// With it off, `\'` ends the literal early and the rest of the entity ran as SQL. The trigger
+/// arguments are now quoted by the server, so the entity arrives verbatim whatever its settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_add_quotes_the_entity_whatever_the_string_settings() {
+    let db = TestDb::new().await;
+    db.exec(&format!(
+        "ALTER DATABASE {} SET standard_conforming_strings = off",
+        db.name
+    ))
+    .await;
+    db.exec("CREATE TABLE notes (id BIGINT PRIMARY KEY, body TEXT)")
+        .await;
+    let entity = r"Note\'); CREATE TABLE IF NOT EXISTS pwned (); --";
+    let out = db
+        .cli(&["capture", "add", "notes", "--entity", entity])
+        .await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let pwned = db
+        .json_rows("SELECT 1 FROM pg_class WHERE relname = 'pwned'")
+        .await;
+    assert!(
+        pwned.is_empty(),
+        "the entity ran as SQL: table pwned exists"
+    );
+
+    let out = db.cli(&["capture", "list", "--json"]).await;
+    assert!(out.status.success(), "{}", output_text(&out));
+    let list: Value = serde_json::from_slice(&out.stdout).expect("capture list --json");
+    let notes = list
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["table"] == "public.notes"))
+        .unwrap_or_else(|| panic!("no capture on notes: {list}"));
+    assert_eq!(notes["entity"], entity, "{notes}");
+    assert_eq!(notes["id_columns"], serde_json::json!(["id"]), "{notes}");
+
+    // The trigger writes that entity, and the row's key, for a change.
+    db.exec("INSERT INTO notes VALUES (1, 'hi')").await;
+    let rows = db
+        .json_rows(
+            "SELECT object_type, object_id FROM tb_entity_change_log WHERE object_id = '1' \
+             AND object_type <> 'Order'",
+        )
+        .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["object_type"], entity);
+
+    // An entity no change-log row could carry is refused up front, naming the flag.
+    for bad in ["", "  ", "Line\nbreak"] {
+        let out = db.cli(&["capture", "add", "notes", "--entity", bad]).await;
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{bad:?} accepted: {text}");
+        assert!(text.contains("--entity"), "{bad:?}: {text}");
+    }
+}

@@ -378,3 +378,84 @@ async fn the_metrics_command_ignores_proxy_variables() {
     assert_eq!(endpoint.requests_to("/metrics").len(), 1);
     assert!(out.status.success(), "{}", output_text(&out));
 }
+
+/// Issue 18, item 2: the endpoint kept every connection for as long as the client liked: 200
+/// idle connections held 200 of the daemon's descriptors, and a delivery then failed with "Too
+/// many open files". Now at most `max_connections` are served (the rest are answered 503 and
+/// closed at once, not queued), an idle one is closed after `header_read_timeout_ms`, the
+/// descriptors stay bounded, deliveries go on and the endpoint still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_capped_and_closed_and_the_endpoint_still_answers() {
+    use tokio::io::AsyncReadExt as _;
+
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let cfg = db.config(&webhook_observer("ok", "Order", &rx.url("/ok"), "", ""));
+    let port = free_port();
+    let mut env = metrics_env(port);
+    env.push(("OBSERVER__METRICS__MAX_CONNECTIONS", "8".into()));
+    env.push(("OBSERVER__METRICS__HEADER_READ_TIMEOUT_MS", "1500".into()));
+    let mut daemon = start(&db, &cfg, &env).await;
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    eventually(Duration::from_secs(20), "the endpoint answers", || async {
+        get(&url).await.ok().filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let fds = || observer_tests::fault::world::open_fds(daemon.pid).expect("open descriptors");
+    let before = fds();
+
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+    }
+    // What each connection is sent before the daemon closes it, read from all at once for
+    // less than the header timeout; `None` while it stays open.
+    let seen = futures::future::join_all(idle.iter_mut().map(|s| async move {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_millis(700), s.read_to_end(&mut got))
+            .await
+            .ok()
+            .map(|_| String::from_utf8_lossy(&got).into_owned())
+    }))
+    .await;
+    let refused = seen
+        .iter()
+        .flatten()
+        .filter(|t| t.starts_with("HTTP/1.1 503"))
+        .count();
+    let open = seen.iter().filter(|s| s.is_none()).count();
+    assert!(
+        open <= 8 && refused + open == 200,
+        "open {open}, refused {refused} (cap 8): connections over the cap are refused, not queued"
+    );
+    let during = fds();
+    assert!(
+        during <= before + 8 + 4,
+        "the daemon's descriptors went from {before} to {during} with 200 client connections"
+    );
+    // A delivery while the clients hold their connections.
+    db.insert_order(1, "new", 1.0).await;
+    rx.wait_for(1, Duration::from_secs(20)).await;
+
+    // The accepted ones are closed by the header timeout, not kept.
+    let mut still_open: Vec<_> = idle
+        .into_iter()
+        .zip(&seen)
+        .filter(|(_, s)| s.is_none())
+        .map(|(c, _)| c)
+        .collect();
+    for c in &mut still_open {
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut got)).await;
+        assert!(matches!(closed, Ok(Ok(_))), "still open: {closed:?}");
+    }
+    let (status, body) = get(&url).await.expect("the endpoint answers afterwards");
+    assert_eq!(status, 200);
+    assert!(body.contains("observer_events_read_total"), "{body}");
+    assert!(db.dead_letters().await.is_empty());
+    assert!(daemon.stop().await.success());
+}

@@ -498,3 +498,78 @@ async fn placeholder_values_cannot_inject_headers_or_change_the_url() {
     }
     assert!(daemon.stop().await.success());
 }
+
+/// Issue 18, item 1: a placeholder value of `..` (or `.`) made a whole path segment, which the
+/// URL parser removes together with the segment before it: `/hooks/{{ data.note }}/end` with
+/// `..` was sent to `/end`. Such a delivery is now a permanent failure (dead-lettered at once
+/// with the reason) and nothing is sent; `%2e%2e` in a value is percent-encoded like any other
+/// text and reaches the path it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_made_by_values_are_dead_lettered_not_sent_elsewhere() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let hook = |name: &str, condition: &str, path: &str, extra: &str| {
+        observer(
+            name,
+            &format!("condition = \"{condition}\""),
+            &format!("  type = \"webhook\"\n  url = \"{}\"{extra}", rx.url(path)),
+        )
+    };
+    let observers = [
+        hook("segment", "data.id <= 4", "/hooks/{{ data.note }}/end", ""),
+        hook(
+            "batched",
+            "data.id == 1",
+            "/batch/{{ data.note }}/end",
+            "\n  batch = { max_events = 10, max_wait_ms = 50 }",
+        ),
+        // Literal text and a value together make the segment.
+        hook("joined", "data.id == 5", "/hooks/.{{ data.note }}/end", ""),
+        // An enrichment lookup's URL is checked the same way.
+        format!(
+            "[[observers]]\nname = \"enriched\"\nentity = \"Order\"\ncondition = \"data.id == 1\"\n\n  [[observers.enrich]]\n  name = \"user\"\n  key = \"u\"\n  http = \"{}\"\n\n  [[observers.actions]]\n  type = \"log\"\n\n",
+            rx.url("/lookup/{{ data.note }}/end")
+        ),
+    ]
+    .concat();
+    let mut daemon = Daemon::start(&db, &db.config(&observers)).await;
+    db.exec(
+        "INSERT INTO orders (id, note) VALUES
+           (1, '..'), (2, '.'), (3, '%2e%2e'), (4, 'a..b'), (5, '.')",
+    )
+    .await;
+    db.wait_caught_up("test", T).await;
+
+    let mut paths: Vec<String> = rx.requests().into_iter().map(|r| r.path).collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        ["/hooks/%252e%252e/end", "/hooks/a..b/end"],
+        "only the deliveries whose path stays where the template put it are sent"
+    );
+    let dl = db.dead_letters().await;
+    assert_eq!(dl.len(), 5, "{dl:#?}");
+    for (observer, entity_id, segment) in [
+        ("segment", "1", ".."),
+        ("segment", "2", "."),
+        ("batched", "1", ".."),
+        ("joined", "5", ".."),
+        ("enriched", "1", ".."),
+    ] {
+        let row = dl
+            .iter()
+            .find(|r| r["observer"] == observer && r["event"]["entity_id"] == entity_id)
+            .unwrap_or_else(|| {
+                panic!("no dead letter of {observer} for order {entity_id}: {dl:#?}")
+            });
+        assert_eq!(row["reason"], "permanent_failure", "{row:#}");
+        assert_eq!(row["attempts"].as_array().map(Vec::len), Some(1), "{row:#}");
+        let err = row["last_error"].as_str().unwrap_or_default();
+        assert!(
+            err.contains(&format!("segment `{segment}`"))
+                && err.contains("would move the request to another path"),
+            "{observer} / {entity_id}: {err}"
+        );
+    }
+    assert!(daemon.stop().await.success());
+}

@@ -5,7 +5,7 @@
 //! the soak's load: without statistics the planner launched two parallel workers for every read
 //! (29.9 ms instead of 0.36 ms for 120 rows at 1.3 million).
 
-use observer_core::change_log::{ChangeLog, READER_SESSION_SQL};
+use observer_core::change_log::{ChangeLog, ReadLimits, READER_SESSION_SQL};
 use observer_core::schema::TableName;
 use observer_tests::*;
 
@@ -26,8 +26,17 @@ async fn plan_and_read(
         .await
         .expect("the reader's session settings");
     let snapshot = format!("{hi}:{hi}:");
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-        [&lo, &Vec::<String>::new(), &hi, &snapshot, &0i64, &1000i64];
+    let limits = ReadLimits::default();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &lo,
+        &Vec::<String>::new(),
+        &hi,
+        &snapshot,
+        &0i64,
+        &1000i64,
+        &limits.max_row_bytes,
+        &limits.max_batch_bytes,
+    ];
     let plan: Vec<String> = client
         .query(&format!("{explain} {}", log.window_sql()), &params)
         .await
@@ -63,6 +72,11 @@ async fn a_window_in_a_large_table_is_read_through_the_txid_index() {
     assert!(
         !plan.contains("pkey"),
         "the window query walks the pk index:\n{plan}"
+    );
+    assert_eq!(
+        plan.matches("Sort Key").count(),
+        1,
+        "one sort: the byte budget's running total follows the window's own order:\n{plan}"
     );
     assert_eq!(rows.len(), 140, "rows of txids 1004000..1004014");
     let pks: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();

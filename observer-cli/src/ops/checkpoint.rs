@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{ArgGroup, Args, Subcommand};
-use observer_core::change_log::{ChangeLog, ChangeRow, Position, Snapshot};
+use observer_core::change_log::{ChangeLog, ChangeRow, Position, ReadLimits, Snapshot};
 use uuid::Uuid;
 
 use super::{checkpoints, db_err, or_dash, print_json, require_migrated};
@@ -115,7 +115,8 @@ async fn set(app: &App, client: &tokio_postgres::Client, a: SetArgs) -> Result<E
     }
     let now = ChangeLog::current_snapshot(client).await?;
     let (pos, what) = if let Some(id) = a.event_id {
-        let log = ChangeLog::new(app.objects.change_log.clone());
+        let log = ChangeLog::new(app.objects.change_log.clone())
+            .with_limits(ReadLimits::from_config(&app.config.listener));
         match log.read_event(client, id).await.map_err(db_err)? {
             Some(ChangeRow::Event(e)) => (
                 Position::replay_from(e.txid, now),

@@ -24,9 +24,11 @@ pub async fn run(config: Option<&Path>, a: CleanupArgs) -> Result<ExitCode> {
     let client = app.connect().await?;
     require_migrated(&client, &app.objects).await?;
     let policy = &app.config.retention;
-    let report = retention::apply(&client, &app.objects, policy, a.dry_run)
-        .await
-        .map_err(db_err)?;
+    let report = match retention::apply(&client, &app.objects, policy, a.dry_run).await {
+        Ok(r) => r,
+        Err(retention::RetentionError::Db(e)) => return Err(db_err(e)),
+        Err(e) => return Err(e.into()),
+    };
     if a.json {
         print_json(&report)?;
     } else {

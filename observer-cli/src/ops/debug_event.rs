@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use observer_core::change_log::{ChangeLog, ChangeRow, Position};
+use observer_core::change_log::{ChangeLog, ChangeRow, Position, ReadLimits};
 use observer_core::event::ChangeEvent;
 use observer_core::executor::idempotency_key;
 use observer_core::observer::{MatchVerdict, Observers};
@@ -76,7 +76,8 @@ pub async fn run(config: Option<&Path>, args: DebugEventArgs) -> Result<ExitCode
     let client = app.connect().await?;
     require_migrated(&client, &app.objects).await?;
     let observers = observers_for_inspection(&app)?;
-    let log = ChangeLog::new(app.objects.change_log.clone());
+    let log = ChangeLog::new(app.objects.change_log.clone())
+        .with_limits(ReadLimits::from_config(&app.config.listener));
     let rows = match (args.event_id, args.history) {
         (Some(id), _) => match log.read_event(&client, id).await.map_err(db_err)? {
             Some(r) => vec![r],

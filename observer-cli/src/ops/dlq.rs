@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use observer_core::change_log::{ChangeLog, ChangeRow};
+use observer_core::change_log::{ChangeLog, ChangeRow, ReadLimits};
+use observer_core::config::RetentionConfig;
 use observer_core::event::ChangeEvent;
 use observer_core::executor::BoxExecutor;
 use observer_core::observer::Observers;
@@ -104,8 +105,8 @@ pub struct PurgeArgs {
     observer: Option<String>,
     #[arg(long, value_enum, default_value = "resolved")]
     status: StatusFilter,
-    /// Only entries created more than DAYS days ago.
-    #[arg(long, value_name = "DAYS")]
+    /// Only entries created more than DAYS days ago (0..=36500).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(0..=i64::from(RetentionConfig::MAX_DAYS)))]
     older_than: Option<u32>,
     /// Required when pending (undelivered) entries would be deleted.
     #[arg(long)]
@@ -336,6 +337,7 @@ pub async fn retry_one(
     id: i64,
 ) -> Result<RetryReport> {
     let objects = app.objects.clone();
+    let limits = ReadLimits::from_config(&app.config.listener);
     let tx = client.transaction().await?;
     let sql = format!(
         "SELECT listener_id, event, observer, action_index, change_log_pk, status, jsonb_array_length(attempts)
@@ -409,7 +411,9 @@ pub async fn retry_one(
             results.push(r);
         }
         None => {
-            let log = ChangeLog::new(objects.change_log.clone());
+            // Read within the configured limits: a row dead-lettered for its size stays pending
+            // ("still poison") until `listener.max_row_bytes` is raised to admit it.
+            let log = ChangeLog::new(objects.change_log.clone()).with_limits(limits);
             let event = match log.read_pk(&tx, pk).await.map_err(db_err)? {
                 None => {
                     return Ok(RetryReport::skipped(
@@ -614,7 +618,15 @@ async fn purge(app: &App, client: &tokio_postgres::Client, a: PurgeArgs) -> Resu
            AND ($3::int IS NULL OR created_at < now() - make_interval(days => $3))",
         app.objects.dead_letters.sql()
     );
-    let days = a.older_than.map(|d| d as i32);
+    // The parser already holds it to 0..=MAX_DAYS; converted without a cast all the same, so a
+    // count that does not fit an int4 can never wrap into "every row".
+    let days = match a.older_than.map(i32::try_from).transpose() {
+        Ok(d) => d,
+        Err(_) => bail!(
+            "--older-than: expected 0..={} days",
+            RetentionConfig::MAX_DAYS
+        ),
+    };
     let n = client
         .execute(&sql, &[&a.status.statuses(), &a.observer, &days])
         .await

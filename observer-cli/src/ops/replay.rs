@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Result};
 use chrono::{DateTime, Utc};
 use clap::Args;
-use observer_core::change_log::{ChangeLog, ChangeRow};
+use observer_core::change_log::{ChangeLog, ChangeRow, ReadLimits};
 use observer_core::redeliver::{self, Outcome};
 use observer_core::store::Recorder;
 use uuid::Uuid;
@@ -86,7 +86,8 @@ pub async fn run(config: Option<&Path>, a: ReplayArgs) -> Result<ExitCode> {
             bail!("no enabled observer `{o}` in the configuration");
         }
     }
-    let log = ChangeLog::new(app.objects.change_log.clone());
+    let log = ChangeLog::new(app.objects.change_log.clone())
+        .with_limits(ReadLimits::from_config(&app.config.listener));
     let (mut after_pk, from_time) = match bound(&log, &client, &a.from, "--from").await? {
         Bound::Pk(pk) => (pk - 1, None),
         Bound::Time(t) => (0, Some(t)),

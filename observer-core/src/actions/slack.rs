@@ -84,6 +84,11 @@ pub(crate) fn compile(
             if mode == Secrets::Resolve {
                 // Never repeat the URL in a message: it is the credential.
                 match reqwest::Url::parse(&u) {
+                    Ok(_) if crate::action::dot_segment(&u).is_some() => issue(
+                        "webhook_url",
+                        "has a `.` or `..` path segment, which would send the request to another path"
+                            .into(),
+                    ),
                     Ok(p) if matches!(p.scheme(), "http" | "https") && p.host().is_some() => {}
                     Ok(p) => issue(
                         "webhook_url",

@@ -388,6 +388,11 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
     status_kb(pid, "VmRSS:")
 }
 
+/// The largest resident set the process has had (`VmHWM`), kB.
+pub fn peak_rss_kb(pid: u32) -> Option<u64> {
+    status_kb(pid, "VmHWM:")
+}
+
 /// Of the resident set, anonymous memory (the heap, stacks), kB.
 pub fn rss_anon_kb(pid: u32) -> Option<u64> {
     status_kb(pid, "RssAnon:")
