@@ -65,6 +65,8 @@ async fn migrate_adopts_an_existing_fraiseql_change_log_and_is_idempotent() {
             "observer_action_log",
             "observer_checkpoints",
             "observer_dead_letters",
+            "observer_instances",
+            "observer_leases",
             "tb_entity_change_log"
         ],
         "our tables live beside the change log"
