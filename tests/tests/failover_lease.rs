@@ -66,6 +66,27 @@ async fn time_to_delivery(db: &TestDb, rx: &Receiver, id: i64, from: Instant) ->
     from.elapsed()
 }
 
+/// A leader and a standby on a fresh database (the leader's config passed through
+/// `leader_cfg`), orders 1..=5 delivered and checkpointed.
+async fn settled_pair(
+    lease_ms: u64,
+    leader_cfg: impl FnOnce(&str) -> String,
+) -> (TestDb, Receiver, Daemon, Daemon) {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let cfg = failover_config(&db, &rx, lease_ms, "");
+    let (leader, standby) = pair(&db, &leader_cfg(&cfg), &cfg).await;
+    deliver_batch(&db, &rx, 1..=5).await;
+    db.wait_caught_up("test", T).await;
+    (db, rx, leader, standby)
+}
+
+/// Waits until the checkpoint covers everything, then checks `n` events arrived once each.
+async fn caught_up_once(db: &TestDb, rx: &Receiver, n: usize) {
+    db.wait_caught_up("test", T).await;
+    assert_once(rx, n);
+}
+
 async fn deliver_batch(db: &TestDb, rx: &Receiver, ids: std::ops::RangeInclusive<i64>) {
     let n = ids.clone().count();
     let before = per_event(rx).0.len();
@@ -80,17 +101,12 @@ async fn deliver_batch(db: &TestDb, rx: &Receiver, ids: std::ops::RangeInclusive
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_delivers_within_seconds_of_a_kill_9() {
-    let db = TestDb::new().await;
-    let rx = Receiver::start().await;
     // The default lease: the takeover must come from the vanished session, not its expiry.
-    let cfg = failover_config(&db, &rx, 5_000, "");
-    let (mut leader, mut standby) = pair(&db, &cfg, &cfg).await;
-    deliver_batch(&db, &rx, 1..=10).await;
-    db.wait_caught_up("test", T).await;
+    let (db, rx, mut leader, mut standby) = settled_pair(5_000, str::to_string).await;
 
     leader.kill9().await;
     let killed = Instant::now();
-    let took = time_to_delivery(&db, &rx, 11, killed).await;
+    let took = time_to_delivery(&db, &rx, 6, killed).await;
     println!("kill -9: standby delivered {took:?} after the kill (lease 5 s)");
     assert!(
         took <= Duration::from_secs(5),
@@ -102,18 +118,13 @@ async fn a_standby_delivers_within_seconds_of_a_kill_9() {
         "the standby saw the holder's session end:\n{}",
         standby.logs()
     );
-    db.wait_caught_up("test", T).await;
-    assert_once(&rx, 11);
+    caught_up_once(&db, &rx, 6).await;
     assert!(standby.stop().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_lease_back_and_a_standby_delivers_within_a_second() {
-    let db = TestDb::new().await;
-    let rx = Receiver::start().await;
-    let cfg = failover_config(&db, &rx, 5_000, "");
-    let (mut leader, mut standby) = pair(&db, &cfg, &cfg).await;
-    deliver_batch(&db, &rx, 1..=5).await;
+    let (db, rx, mut leader, mut standby) = settled_pair(5_000, str::to_string).await;
 
     let stopped = Instant::now();
     leader.signal("TERM");
@@ -133,20 +144,15 @@ async fn sigterm_hands_the_lease_back_and_a_standby_delivers_within_a_second() {
         "standby took {took:?} after SIGTERM:\n{}",
         standby.logs()
     );
-    db.wait_caught_up("test", T).await;
-    assert_once(&rx, 6);
+    caught_up_once(&db, &rx, 6).await;
     assert!(standby.stop().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_paused_past_its_lease_is_fenced_and_stands_by_again() {
-    let db = TestDb::new().await;
-    let rx = Receiver::start().await;
     let lease = Duration::from_millis(2_000);
-    let cfg = failover_config(&db, &rx, lease.as_millis() as u64, "");
-    let (mut leader, mut standby) = pair(&db, &cfg, &cfg).await;
-    deliver_batch(&db, &rx, 1..=5).await;
-    db.wait_caught_up("test", T).await;
+    let (db, rx, mut leader, mut standby) =
+        settled_pair(lease.as_millis() as u64, str::to_string).await;
 
     // Event 6 is in flight at the leader when it stops: the receiver holds its answer. The
     // pause comes after the writer's flush of the window that event 6 opened, so the writer is
@@ -216,13 +222,9 @@ async fn a_leader_paused_past_its_lease_is_fenced_and_stands_by_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_whose_backends_are_terminated_stops_and_a_standby_takes_over() {
-    let db = TestDb::new().await;
-    let rx = Receiver::start().await;
     let lease = Duration::from_millis(3_000);
-    let cfg = failover_config(&db, &rx, lease.as_millis() as u64, "");
-    let (mut leader, mut standby) = pair(&db, &cfg, &cfg).await;
-    deliver_batch(&db, &rx, 1..=5).await;
-    db.wait_caught_up("test", T).await;
+    let (db, rx, mut leader, mut standby) =
+        settled_pair(lease.as_millis() as u64, str::to_string).await;
 
     let killed = db
         .json_rows(&format!(
@@ -246,27 +248,24 @@ async fn a_leader_whose_backends_are_terminated_stops_and_a_standby_takes_over()
     );
     leader.wait_log("standing by", T).await;
     deliver_batch(&db, &rx, 7..=10).await;
-    db.wait_caught_up("test", T).await;
-    assert_once(&rx, 10);
+    caught_up_once(&db, &rx, 10).await;
     assert!(standby.stop().await.success());
     assert!(leader.stop().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_postgres_loses_its_lease_and_a_standby_takes_over() {
-    let db = TestDb::new().await;
-    let rx = Receiver::start().await;
     let lease = Duration::from_millis(2_000);
     let proxy = TcpProxy::start("127.0.0.1:5432".parse().expect("addr")).await;
-    let cfg = failover_config(&db, &rx, lease.as_millis() as u64, "");
-    let via_proxy = cfg.replace(
-        "127.0.0.1:5432",
-        &format!("127.0.0.1:{}", proxy.addr.port()),
-    );
-    assert_ne!(via_proxy, cfg, "the leader's config goes through the proxy");
-    let (mut leader, mut standby) = pair(&db, &via_proxy, &cfg).await;
-    deliver_batch(&db, &rx, 1..=5).await;
-    db.wait_caught_up("test", T).await;
+    let (db, rx, mut leader, mut standby) = settled_pair(lease.as_millis() as u64, |cfg| {
+        let via_proxy = cfg.replace(
+            "127.0.0.1:5432",
+            &format!("127.0.0.1:{}", proxy.addr.port()),
+        );
+        assert_ne!(via_proxy, cfg, "the leader's config goes through the proxy");
+        via_proxy
+    })
+    .await;
 
     proxy.freeze();
     let cut = Instant::now();
@@ -297,8 +296,7 @@ async fn a_leader_cut_off_from_postgres_loses_its_lease_and_a_standby_takes_over
     proxy.thaw();
     leader.wait_log("standing by", T).await;
     deliver_batch(&db, &rx, 7..=10).await;
-    db.wait_caught_up("test", T).await;
-    assert_once(&rx, 10);
+    caught_up_once(&db, &rx, 10).await;
     assert!(standby.stop().await.success());
     assert!(leader.stop().await.success());
 }
