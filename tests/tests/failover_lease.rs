@@ -155,13 +155,28 @@ async fn a_leader_paused_past_its_lease_is_fenced_and_stands_by_again() {
         settled_pair(lease.as_millis() as u64, str::to_string).await;
 
     // Event 6 is in flight at the leader when it stops: the receiver holds its answer. The
-    // pause comes after the writer's flush of the window that event 6 opened, so the writer is
-    // between transactions and tries a write after SIGCONT. (Paused inside a transaction, its
-    // session is ended by the server after a lease: see the fence in failover.rs.)
-    rx.set_delay(Duration::from_millis(1_500));
+    // pause comes once the writer has saved the checkpoint after event 6 was dispatched (a
+    // flush or, at the latest, the 5 s heartbeat), so the writer is between transactions and,
+    // with nothing else changing, stays there: it tries its next write after SIGCONT. (Paused
+    // inside a transaction, its session is ended by the server after a lease: see the fence in
+    // failover.rs.)
+    rx.set_delay(Duration::from_secs(8));
     db.insert_order(6, "new", 1.0).await;
     rx.wait_for(6, T).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dispatched = chrono::Utc::now().to_rfc3339();
+    eventually(
+        T,
+        "a checkpoint save after event 6 was dispatched",
+        || async {
+            let rows = db
+                .json_rows(&format!(
+                "SELECT updated_at > '{dispatched}'::timestamptz AS saved FROM observer_checkpoints"
+            ))
+                .await;
+            (rows.first()?["saved"] == true).then_some(())
+        },
+    )
+    .await;
     leader.signal("STOP");
     let paused = Instant::now();
     rx.set_delay(Duration::ZERO);
