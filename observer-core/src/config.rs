@@ -1627,6 +1627,24 @@ url = "http://127.0.0.1:1/x"
             ]
         );
 
+        // The failover lease: renewals at most half the lease, polls at most a lease.
+        let mut c = Config::default();
+        c.failover.renew_ms = 3_000;
+        c.failover.poll_ms = 6_000;
+        let problems = c.check();
+        let keys: Vec<&str> = problems.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["failover.renew_ms", "failover.poll_ms"],
+            "{problems:?}"
+        );
+        assert!(problems[0].1.contains("expected 0..=2500"), "{problems:?}");
+        let mut c = Config::default();
+        c.failover.lease_ms = 100;
+        let keys: Vec<String> = c.check().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys[0], "failover.lease_ms");
+        assert_eq!(Config::default().failover.renew_every_ms(), 1_666);
+
         // Issue 18: the read limits, the day counts and the channel.
         let mut c = Config::default();
         c.listener.max_row_bytes = 0;
