@@ -136,8 +136,14 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         cfg.retention.clone(),
         shutdown.clone(),
     ));
+    let indexer = search_indexer(&app, &metrics, shutdown.clone())?;
     let result = runloop::supervise(&ctx, &make, shutdown.clone()).await;
     shutdown.cancel();
+    if let Some(indexer) = indexer {
+        if let Err(e) = indexer.await {
+            tracing::warn!(error = %e, "search indexer task ended abnormally");
+        }
+    }
     leadership.retire().await;
     if let Some(endpoint) = endpoint {
         endpoint.stop().await;
@@ -179,7 +185,7 @@ async fn retention_pass(
             _ = shutdown.cancelled() => return,
             r = pass => match r {
                 Ok(r) => tracing::info!(
-                    change_log = r.change_log, action_log = r.action_log, dead_letters = r.dead_letters,
+                    change_log = r.change_log, action_log = r.action_log, audit = r.audit, dead_letters = r.dead_letters,
                     note = r.change_log_note.as_deref().unwrap_or(""), "retention pass"
                 ),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "retention pass failed; retrying next interval"),
@@ -242,6 +248,46 @@ impl NoEndpoint {
     async fn stop(self) {}
 }
 
+/// The `search` layer's indexer, when `features.search` is on with a cluster backend: it feeds
+/// the cluster from `observer_audit` on its own connection (observer-features/src/search.rs).
+#[cfg(feature = "search")]
+fn search_indexer(
+    app: &App,
+    metrics: &Arc<observer_core::metrics::Metrics>,
+    shutdown: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    use observer_features::search::{Cluster, Indexer, SearchMetrics};
+    let cfg = &app.config;
+    if !cfg.features.search || cfg.search.backend != observer_core::config::SearchBackend::Elasticsearch {
+        return Ok(None);
+    }
+    let cluster = Cluster::from_config(&cfg.search)?;
+    tracing::info!(cluster = %cluster.url(), index_prefix = %cluster.prefix(), "search indexer: feeding the audit trail to the cluster");
+    let indexer = Indexer {
+        cluster: Arc::new(cluster),
+        pg: app.pg_config.clone(),
+        tls: app.tls.clone(),
+        objects: app.objects.clone(),
+        listener: cfg.listener.id.clone(),
+        batch_size: cfg.search.batch_size,
+        poll: std::time::Duration::from_millis(cfg.search.poll_interval_ms),
+        max_backoff: std::time::Duration::from_millis(cfg.search.max_backoff_ms),
+        metrics: SearchMetrics::register(&metrics.registry),
+        leader: metrics.leader.clone(),
+    };
+    Ok(Some(tokio::spawn(indexer.run(shutdown))))
+}
+
+/// Without the cargo feature `check_features` has already refused `features.search = true`.
+#[cfg(not(feature = "search"))]
+fn search_indexer(
+    _app: &App,
+    _metrics: &Arc<observer_core::metrics::Metrics>,
+    _shutdown: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>> {
+    Ok(None)
+}
+
 #[cfg(feature = "checkpoint")]
 fn checkpoint_store(app: &App) -> Option<Arc<dyn CheckpointStore>> {
     app.config.features.checkpoint.then(|| {
@@ -281,6 +327,8 @@ fn restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(features.metrics, "features.metrics");
     keep!(features.caching, "features.caching");
     keep!(caching, "caching");
+    keep!(features.search, "features.search");
+    keep!(search, "search");
     kept
 }
 

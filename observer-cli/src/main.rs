@@ -36,7 +36,7 @@ enum Command {
     /// Run the daemon: tail the change log and execute observers until SIGTERM/SIGINT.
     Run,
     /// Install or upgrade the schema (change-log table, triggers, bookkeeping tables); idempotent.
-    Migrate,
+    Migrate(setup::MigrateArgs),
     /// Attach, list or remove capture triggers on business tables.
     #[command(subcommand)]
     Capture(setup::CaptureCommand),
@@ -61,6 +61,8 @@ enum Command {
     Replay(ops::replay::ReplayArgs),
     /// Apply the [retention] policy once.
     Cleanup(ops::cleanup::CleanupArgs),
+    /// The audit trail: what happened to an event, an entity, an observer (features.search).
+    Search(ops::search::SearchArgs),
 }
 
 fn init_logging(format: &str) {
@@ -156,7 +158,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
         match cli.command {
             Command::Run => daemon::run(config).await.map(|_| ExitCode::SUCCESS),
-            Command::Migrate => setup::migrate(config).await.map(|_| ExitCode::SUCCESS),
+            Command::Migrate(a) => setup::migrate(config, a).await.map(|_| ExitCode::SUCCESS),
             Command::Capture(c) => setup::capture(config, c).await.map(|_| ExitCode::SUCCESS),
             Command::Validate(a) => validate::run(a).await,
             Command::Listen(a) => listen::run(a).await.map(|_| ExitCode::SUCCESS),
@@ -168,6 +170,7 @@ fn main() -> ExitCode {
             Command::Checkpoint(c) => ops::checkpoint::run(config, c).await,
             Command::Replay(a) => ops::replay::run(config, a).await,
             Command::Cleanup(a) => ops::cleanup::run(config, a).await,
+            Command::Search(a) => ops::search::run(config, a).await,
         }
     });
     match result {

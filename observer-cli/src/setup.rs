@@ -33,19 +33,31 @@ pub enum CaptureCommand {
     Remove { table: String },
 }
 
-pub async fn migrate(config: Option<&Path>) -> Result<()> {
+/// `migrate` options.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// Also install the index template in the `[search]` cluster (backend `elasticsearch`).
+    #[arg(long)]
+    search: bool,
+}
+
+pub async fn migrate(config: Option<&Path>, args: MigrateArgs) -> Result<()> {
     let app = App::load(config)?;
     let mut client = app.connect().await?;
     schema::migrate(&mut client, &app.objects).await?;
     println!(
-        "migrated {}: change log {}, tables {}, {}, {}; notify channel `{}`",
+        "migrated {}: change log {}, tables {}, {}, {}, {}; notify channel `{}`",
         app.where_db(),
         app.objects.change_log,
         app.objects.checkpoints,
         app.objects.dead_letters,
         app.objects.action_log,
+        app.objects.audit,
         app.objects.channel
     );
+    if args.search {
+        println!("{}", crate::ops::search::install_template(&app).await?);
+    }
     Ok(())
 }
 

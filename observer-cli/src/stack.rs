@@ -24,6 +24,7 @@ pub const BUILT: &[(&str, bool)] = &[
     ("metrics", cfg!(feature = "metrics")),
     ("caching", cfg!(feature = "caching")),
     ("failover", cfg!(feature = "failover")),
+    ("search", cfg!(feature = "search")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.

@@ -30,6 +30,7 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     pub metrics: MetricsConfig,
     pub failover: FailoverConfig,
+    pub search: SearchConfig,
     pub runtime: RuntimeConfig,
     pub outbound: OutboundConfig,
     pub observers: Vec<ObserverConfig>,
@@ -512,6 +513,123 @@ impl FailoverConfig {
         } else {
             self.renew_ms
         }
+    }
+}
+
+/// Where the `search` layer's audit trail is searched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SearchBackend {
+    /// The `observer_audit` table and its full-text index (nothing else to run).
+    Postgres,
+    /// An Elasticsearch (or OpenSearch) cluster, fed from `observer_audit` by the indexer.
+    Elasticsearch,
+}
+
+/// `[search]`: the audit trail of the `search` layer (`features.search`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    /// `postgres` (the embedded default) or `elasticsearch`.
+    pub backend: SearchBackend,
+    /// Store and index each event's data (the after-image, the before-image of a DELETE).
+    pub include_data: bool,
+    /// Base URL of the cluster (`https://es.internal:9200`); may be `${env:NAME}`.
+    pub url: Option<String>,
+    /// Indices are `<index_prefix>-YYYY.MM.DD` (UTC day the event completed); the index
+    /// template `migrate --search` installs is named after it.
+    pub index_prefix: String,
+    /// Basic-auth user (with `password`).
+    pub username: Option<String>,
+    /// Basic-auth password: a `${env:NAME}` or `${file:/path}` reference only.
+    pub password: Option<String>,
+    /// An API key (`Authorization: ApiKey …`): a `${env:NAME}` or `${file:/path}` reference only.
+    pub api_key: Option<String>,
+    /// Path of an extra CA certificate (PEM) trusted for the cluster's TLS, besides the
+    /// system's roots.
+    pub ca_file: Option<String>,
+    /// Audit rows sent per `_bulk` request.
+    pub batch_size: usize,
+    /// How often the indexer looks for new audit rows when it has caught up.
+    pub poll_interval_ms: u64,
+    /// Timeout of one request to the cluster.
+    pub request_timeout_ms: u64,
+    /// Longest wait between two tries after a failure (doubling from 200 ms).
+    pub max_backoff_ms: u64,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            backend: SearchBackend::Postgres,
+            include_data: true,
+            url: None,
+            index_prefix: "fraiseql-observers".into(),
+            username: None,
+            password: None,
+            api_key: None,
+            ca_file: None,
+            batch_size: 500,
+            poll_interval_ms: 1_000,
+            request_timeout_ms: 10_000,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+impl SearchConfig {
+    /// Problems with the `[search]` keys, each with its key (see [`Config::check`]).
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                out.push((
+                    format!("search.{key}"),
+                    format!("{v} is out of range: expected {lo}..={hi}"),
+                ));
+            }
+        };
+        range("batch_size", self.batch_size as u64, 1, 10_000);
+        range("poll_interval_ms", self.poll_interval_ms, 10, 3_600_000);
+        range("request_timeout_ms", self.request_timeout_ms, 100, 600_000);
+        range("max_backoff_ms", self.max_backoff_ms, 200, 3_600_000);
+        let p = &self.index_prefix;
+        if p.is_empty()
+            || p.len() > 200
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+            || p.starts_with(['-', '_'])
+        {
+            out.push((
+                "search.index_prefix".into(),
+                format!("{p:?}: expected 1 to 200 lower-case letters, digits, `-` or `_`, not starting with `-` or `_` (an index name)"),
+            ));
+        }
+        for (key, v) in [("password", &self.password), ("api_key", &self.api_key)] {
+            if let Some(v) = v {
+                let t = v.trim();
+                if !(t.starts_with("${env:") || t.starts_with("${file:")) || !t.ends_with('}') {
+                    out.push((
+                        format!("search.{key}"),
+                        "must be a `${env:NAME}` or `${file:/path}` reference: a credential is never written in the file".into(),
+                    ));
+                }
+            }
+        }
+        if self.password.is_some() != self.username.is_some() {
+            out.push((
+                "search.username".into(),
+                "username and password go together (basic auth)".into(),
+            ));
+        }
+        if self.backend == SearchBackend::Elasticsearch && self.url.is_none() {
+            out.push((
+                "search.url".into(),
+                "backend is `elasticsearch` but no url is set".into(),
+            ));
+        }
+        out
     }
 }
 
@@ -1158,6 +1276,7 @@ impl Config {
             ));
         }
         out.append(&mut extra);
+        out.extend(self.search.problems());
         let id_ok = !l.id.is_empty()
             && l.id.len() <= 128
             && l.id

@@ -6,7 +6,9 @@
 //!   window started). With no checkpoint at all nothing proves a row was processed, so the
 //!   change log is left alone. A row whose poison dead letter is still pending is kept too (a
 //!   row too large to read is retried from the change log).
-//! * Action-log rows older than `action_log_days` (by `finished_at`).
+//! * Action-log rows older than `action_log_days` (by `finished_at`), and audit-trail rows
+//!   (`observer_audit`) of the same age — but never one the search indexer has not indexed yet
+//!   (its listener's watermark in `observer_search_index` is below the row's id).
 //! * Dead letters only once resolved, `dead_letter_days` after `resolved_at`; pending ones are
 //!   never deleted by retention.
 //!
@@ -31,6 +33,8 @@ pub struct RetentionReport {
     pub dry_run: bool,
     pub change_log: u64,
     pub action_log: u64,
+    /// Audit-trail rows (`features.search`), by the same age as the action log.
+    pub audit: u64,
     pub dead_letters: u64,
     /// The txid below which every listener has processed the change log (`None` when there is
     /// no checkpoint or change-log retention is off).
@@ -142,6 +146,34 @@ pub async fn apply(
             dry_run,
         )
         .await?;
+    }
+    if policy.action_log_days > 0 {
+        let present: bool = client
+            .query_one(
+                "SELECT to_regclass($1) IS NOT NULL",
+                &[&objects.audit.sql()],
+            )
+            .await?
+            .get(0);
+        if present {
+            let days = action_log_days;
+            let cond = format!(
+                "finished_at < now() - make_interval(days => $1)
+                 AND NOT EXISTS (SELECT 1 FROM {w} w WHERE w.listener_id = {a}.listener_id AND w.indexed_id < {a}.id)",
+                w = objects.search_index.sql(),
+                a = objects.audit.sql()
+            );
+            report.audit = purge(
+                client,
+                &objects.audit.sql(),
+                "id",
+                &cond,
+                &[&days],
+                batch,
+                dry_run,
+            )
+            .await?;
+        }
     }
     if policy.dead_letter_days > 0 {
         let days = dead_letter_days;

@@ -32,6 +32,7 @@ use tokio_util::time::DelayQueue;
 use tower::{Service, ServiceExt};
 
 use crate::action::{Attempt, AttemptResult};
+use crate::audit::NewAudit;
 use crate::change_log::{ChangeLog, ChangeRow, Position, ReadLimits, Snapshot};
 use crate::config::{Backoff, Config, RetryConfig, StartFrom};
 use crate::event::ChangeEvent;
@@ -253,6 +254,9 @@ struct EventState {
     event: Arc<ChangeEvent>,
     units: Vec<Unit>,
     remaining: usize,
+    /// With the audit trail on: the observers matched and each finished action, kept until the
+    /// event completes.
+    audit: Option<(Vec<String>, Vec<NewActionLog>)>,
 }
 
 /// Deliveries of one unit that are due now.
@@ -469,7 +473,11 @@ pub async fn run(
     ));
     let _stop_reader = reader_stop.clone().drop_guard();
 
-    let mut recorder = Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record);
+    let audit = cfg.features.search.then_some(crate::store::AuditMode {
+        include_data: cfg.search.include_data,
+    });
+    let mut recorder =
+        Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record).with_audit(audit);
     let mut tracker = Tracker {
         watermark: Some(start),
         ..Tracker::default()
@@ -486,7 +494,7 @@ pub async fn run(
     let writer = tokio::spawn(write_loop(
         writer_stalled.clone(),
         book,
-        Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record),
+        Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record).with_audit(audit),
         ctx.checkpoint.clone().zip(epoch),
         term.clone(),
         listener.to_string(),
@@ -836,7 +844,11 @@ fn accept(
     let mut units = Vec::new();
     let mut work = Vec::new();
     let mut total = 0;
+    let mut matched = Vec::new();
     for observer in observers.matching(&event) {
+        if recorder.audits() {
+            matched.push(observer.name.clone());
+        }
         let states: Vec<DeliveryState> = (0..observer.actions.len())
             .map(|i| DeliveryState {
                 delivery: Delivery {
@@ -863,6 +875,13 @@ fn accept(
         work.push((key, states));
     }
     if total == 0 {
+        if recorder.audits() {
+            recorder.audit(NewAudit {
+                event,
+                observers: matched,
+                actions: Vec::new(),
+            });
+        }
         metrics.events_processed.inc();
         tracker.complete(seq);
         return;
@@ -874,6 +893,7 @@ fn accept(
             event,
             units,
             remaining: total,
+            audit: recorder.audits().then(|| (matched, Vec::new())),
         },
     );
     for (unit, (key, states)) in work.into_iter().enumerate() {
@@ -1008,7 +1028,7 @@ fn on_result(
             .actions
             .with_label_values(&[observer.name.as_str(), kind, outcome])
             .inc();
-        recorder.action(NewActionLog {
+        let row = NewActionLog {
             event_id: event.id,
             change_log_pk: event.pk,
             observer: observer.name.clone(),
@@ -1017,7 +1037,11 @@ fn on_result(
             idempotency_key: key,
             outcome,
             attempts: state.attempts,
-        });
+        };
+        if let Some((_, actions)) = ev.audit.as_mut() {
+            actions.push(row.clone());
+        }
+        recorder.action(row);
         finished += 1;
     }
     if finished == 0 {
@@ -1033,6 +1057,13 @@ fn on_result(
     };
     if unit_left == 0 && sched.unit_done(seq, unit) {
         if let Some(done) = sched.events.remove(&seq) {
+            if let Some((observers, actions)) = done.audit {
+                recorder.audit(NewAudit {
+                    event: done.event.clone(),
+                    observers,
+                    actions,
+                });
+            }
             metrics.events_processed.inc();
             let age = (Utc::now() - done.event.created_at)
                 .num_milliseconds()

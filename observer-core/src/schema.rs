@@ -125,6 +125,11 @@ pub struct Objects {
     /// The failover layer's leases (one row per listener) and instance registry.
     pub leases: TableName,
     pub instances: TableName,
+    /// The audit trail of `features.search`: one row per completed event, with the observers it
+    /// matched and every action's attempts (observer-core/src/audit.rs).
+    pub audit: TableName,
+    /// The search indexer's durable watermark, one row per listener (observer-features/src/search.rs).
+    pub search_index: TableName,
     /// The NOTIFY channel.
     pub channel: String,
 }
@@ -137,6 +142,8 @@ impl Objects {
             action_log: change_log.sibling("observer_action_log"),
             leases: change_log.sibling("observer_leases"),
             instances: change_log.sibling("observer_instances"),
+            audit: change_log.sibling("observer_audit"),
+            search_index: change_log.sibling("observer_search_index"),
             change_log,
             channel: channel.to_string(),
         }
@@ -379,10 +386,13 @@ impl Objects {
                 self.instances.sql()
             ),
         ];
+        let after_notify_function = after_notify_function
+            .into_iter()
+            .chain(crate::audit::migration(self));
         sql.into_iter()
             .map(MigrationStep::Sql)
             .chain(std::iter::once(MigrationStep::NotifyFunction))
-            .chain(after_notify_function.into_iter().map(MigrationStep::Sql))
+            .chain(after_notify_function.map(MigrationStep::Sql))
             .collect()
     }
 

@@ -13,6 +13,7 @@ use tokio_postgres::Transaction;
 use uuid::Uuid;
 
 use crate::action::Attempt;
+use crate::audit::NewAudit;
 use crate::change_log::{Position, Snapshot};
 use crate::config::RecordMode;
 use crate::schema::Objects;
@@ -130,12 +131,20 @@ pub struct NewActionLog {
 pub struct Recorded {
     log: Vec<NewActionLog>,
     dead: Vec<NewDeadLetter>,
+    audit: Vec<NewAudit>,
 }
 
 impl Recorded {
     pub fn is_empty(&self) -> bool {
-        self.log.is_empty() && self.dead.is_empty()
+        self.log.is_empty() && self.dead.is_empty() && self.audit.is_empty()
     }
+}
+
+/// Whether completed events are written to the audit trail (`features.search`), and with their
+/// data or without.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditMode {
+    pub include_data: bool,
 }
 
 /// Buffers completed work and writes it with the checkpoint in one transaction.
@@ -147,6 +156,9 @@ pub struct Recorder {
     dead: Vec<NewDeadLetter>,
     insert_log: String,
     insert_dead: String,
+    audit_mode: Option<AuditMode>,
+    audit: Vec<NewAudit>,
+    insert_audit: String,
 }
 
 impl Recorder {
@@ -165,6 +177,7 @@ impl Recorder {
             objects.dead_letters.sql()
         );
         Recorder {
+            insert_audit: crate::audit::insert_sql(&objects),
             objects,
             listener: listener.to_string(),
             record,
@@ -172,6 +185,27 @@ impl Recorder {
             dead: Vec::new(),
             insert_log,
             insert_dead,
+            audit_mode: None,
+            audit: Vec::new(),
+        }
+    }
+
+    /// Also records each completed event in the audit trail (`features.search`).
+    pub fn with_audit(mut self, mode: Option<AuditMode>) -> Recorder {
+        self.audit_mode = mode;
+        self
+    }
+
+    /// True when completed events go to the audit trail: the run loop then keeps each event's
+    /// outcomes until it completes.
+    pub fn audits(&self) -> bool {
+        self.audit_mode.is_some()
+    }
+
+    /// Buffers one completed event's audit row (dropped unless [`Recorder::audits`]).
+    pub fn audit(&mut self, row: NewAudit) {
+        if self.audit_mode.is_some() {
+            self.audit.push(row);
         }
     }
 
@@ -196,6 +230,7 @@ impl Recorder {
         Recorded {
             log: std::mem::take(&mut self.log),
             dead: std::mem::take(&mut self.dead),
+            audit: std::mem::take(&mut self.audit),
         }
     }
 
@@ -203,14 +238,15 @@ impl Recorder {
     pub fn absorb(&mut self, r: Recorded) {
         self.log.extend(r.log);
         self.dead.extend(r.dead);
+        self.audit.extend(r.audit);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.log.is_empty() && self.dead.is_empty()
+        self.log.is_empty() && self.dead.is_empty() && self.audit.is_empty()
     }
 
     pub fn buffered(&self) -> usize {
-        self.log.len() + self.dead.len()
+        self.log.len() + self.dead.len() + self.audit.len()
     }
 
     /// Writes everything buffered (and the checkpoint, when given) in one transaction, fenced
@@ -280,6 +316,17 @@ impl Recorder {
             )
             .await?;
         }
+        if !self.audit.is_empty() {
+            let include_data = self.audit_mode.is_some_and(|m| m.include_data);
+            crate::audit::insert(
+                &tx,
+                &self.insert_audit,
+                &self.listener,
+                &self.audit,
+                include_data,
+            )
+            .await?;
+        }
         if let Some((store, epoch, pos, progress)) = checkpoint {
             store
                 .save(&tx, &self.listener, epoch, pos, progress)
@@ -288,6 +335,7 @@ impl Recorder {
         tx.commit().await?;
         self.log.clear();
         self.dead.clear();
+        self.audit.clear();
         Ok(())
     }
 

@@ -23,3 +23,6 @@ pub mod rate_limit;
 
 #[cfg(feature = "caching")]
 pub mod caching;
+
+#[cfg(feature = "search")]
+pub mod search;

@@ -54,6 +54,11 @@ pub async fn run(config: Option<&Path>, a: CleanupArgs) -> Result<ExitCode> {
             days(policy.action_log_days)
         );
         println!(
+            "{verb} {} audit-trail rows ({}; none the search indexer has yet to index)",
+            report.audit,
+            days(policy.action_log_days)
+        );
+        println!(
             "{verb} {} resolved dead letters ({})",
             report.dead_letters,
             days(policy.dead_letter_days)

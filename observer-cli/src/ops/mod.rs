@@ -1,4 +1,4 @@
-//! The operator commands: `status`, `metrics`, `debug-event`, `dlq …`, `checkpoint …`, `replay`, `cleanup`.
+//! The operator commands: `status`, `metrics`, `debug-event`, `dlq …`, `checkpoint …`, `replay`, `cleanup`, `search`.
 //!
 //! Each command is one file. They share what is here: reading a checkpoint row, turning
 //! "relation does not exist" into "run `migrate`", compiling the observers and building the
@@ -10,6 +10,7 @@ pub mod debug_event;
 pub mod dlq;
 pub mod metrics;
 pub mod replay;
+pub mod search;
 pub mod status;
 
 use anyhow::{anyhow, Result};

@@ -51,6 +51,8 @@ struct ListenerStatus {
     /// answer. Absent for other listeners.
     #[serde(skip_serializing_if = "Option::is_none")]
     live: Option<serde_json::Value>,
+    /// The audit trail and, with a cluster backend, its indexer (`ops/search.rs`).
+    search: serde_json::Value,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -153,6 +155,7 @@ async fn status_of(
     let (lease, instances) = group(client, &app.objects, &row.listener)
         .await?
         .unwrap_or_default();
+    let search = super::search::status_of(client, app, &row.listener).await?;
     Ok(ListenerStatus {
         lease,
         instances,
@@ -181,6 +184,7 @@ async fn status_of(
         last_error: row.last_error,
         last_error_at: row.last_error_at,
         live: None,
+        search,
     })
 }
 
@@ -256,6 +260,7 @@ fn print_text(s: &ListenerStatus) {
         (None, _) => println!("last error    -"),
     }
     print_group(s);
+    super::search::print_status(&s.search);
     if let Some(live) = &s.live {
         print_live(live);
     }
