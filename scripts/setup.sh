@@ -107,6 +107,27 @@ ensure_aiosmtpd() {
   log "aiosmtpd: ready"
 }
 
+# osmem-server, an in-memory OpenSearch-compatible server, for the contract test of the search
+# layer's _bulk/_search/_count calls (tests/tests/search_cluster.rs): a static binary shipped in
+# a Python wheel, installed into a venv under target/. An emulator, not proof against a cluster.
+ensure_osmem() {
+  local venv
+  venv="$(cd "$(dirname "$0")/.." && pwd)/target/osmem-venv"
+  if "$venv/bin/python" -c 'import osmem_server' >/dev/null 2>&1; then
+    log "osmem-server: present in $venv"; return
+  fi
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    log "osmem-server: python3 venv missing; installing Debian's python3-venv"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-venv >/dev/null
+  fi
+  log "osmem-server: installing into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet osmem-server==0.1.6
+  log "osmem-server: ready"
+}
+
 # promtool checks config/prometheus-alerts.yml in tests/tests/metrics_files.rs. It comes with
 # Debian's prometheus package; the server that package ships is not started (a temporary
 # policy-rc.d refuses service starts during the install when the machine has none).
@@ -131,5 +152,6 @@ ensure_promtool() {
 ensure_postgres
 ensure_redis
 ensure_aiosmtpd
+ensure_osmem
 ensure_promtool
 if [ "${SETUP_NATS:-0}" = 1 ]; then ensure_nats; fi

@@ -27,6 +27,7 @@ pub mod action_helpers;
 pub mod fault;
 pub mod lookup;
 pub mod redis_server;
+pub mod search_servers;
 pub mod tcp_proxy;
 
 // ---------------------------------------------------------------------------------------------
