@@ -38,6 +38,8 @@ runs=(
   "target set, record=failures|0|failures|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-c --env OBSERVER__METRICS__LISTEN=127.0.0.1:0"
   "all layers|0|all|--feature concurrent --feature dedup --feature metrics --feature circuit_breaker --feature rate_limit --env $redis --env $prefix-d --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 $(for kv in $rate; do printf -- '--env %s ' "$kv"; done)"
   "target set, batch 500|0|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-f --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 --env OBSERVER__CONCURRENT__MAX_IN_FLIGHT=1024 --batch 500"
+  "search (postgres audit)|0|all|--feature search"
+  "search, cluster unreachable|0|all|--feature search --env OBSERVER__SEARCH__BACKEND=elasticsearch --env OBSERVER__SEARCH__URL=http://127.0.0.1:9"
   "checkpoint, 20 ms sink|20|all|"
   "target set, 20 ms sink|20|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-e --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 --env OBSERVER__CONCURRENT__MAX_IN_FLIGHT=256"
 )

@@ -258,7 +258,9 @@ fn search_indexer(
 ) -> Result<Option<tokio::task::JoinHandle<()>>> {
     use observer_features::search::{Cluster, Indexer, SearchMetrics};
     let cfg = &app.config;
-    if !cfg.features.search || cfg.search.backend != observer_core::config::SearchBackend::Elasticsearch {
+    if !cfg.features.search
+        || cfg.search.backend != observer_core::config::SearchBackend::Elasticsearch
+    {
         return Ok(None);
     }
     let cluster = Cluster::from_config(&cfg.search)?;

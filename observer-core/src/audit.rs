@@ -190,10 +190,7 @@ pub async fn insert(
     let ids: Vec<Uuid> = rows.iter().map(|r| r.event.id).collect();
     let pks: Vec<i64> = rows.iter().map(|r| r.event.pk).collect();
     let entities: Vec<&str> = rows.iter().map(|r| r.event.entity.as_str()).collect();
-    let entity_ids: Vec<Option<&str>> = rows
-        .iter()
-        .map(|r| r.event.entity_id.as_deref())
-        .collect();
+    let entity_ids: Vec<Option<&str>> = rows.iter().map(|r| r.event.entity_id.as_deref()).collect();
     let ops: Vec<&str> = rows.iter().map(|r| r.event.operation.as_str()).collect();
     let tenants: Vec<Option<Uuid>> = rows.iter().map(|r| r.event.tenant_id).collect();
     let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.event.created_at).collect();
@@ -228,7 +225,8 @@ pub async fn insert(
 }
 
 /// The columns [`AuditRecord::from_row`] reads, in order.
-pub const COLUMNS: &str = "id, listener_id, event_id, change_log_pk, entity, entity_id, operation, tenant_id, \
+pub const COLUMNS: &str =
+    "id, listener_id, event_id, change_log_pk, entity, entity_id, operation, tenant_id, \
      event_at, finished_at, observers, outcomes, actions, data, search_text";
 
 /// One stored audit row, as `search` prints it and the indexer sends it.

@@ -4,8 +4,8 @@
 //! Nothing here depends on `observer-features`; the layers there wrap the executor defined here.
 
 pub mod action;
-pub mod audit;
 pub mod actions;
+pub mod audit;
 pub mod change_log;
 pub mod condition;
 pub mod config;

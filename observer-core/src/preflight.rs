@@ -63,11 +63,19 @@ pub fn needs(objects: &Objects, cfg: &Config) -> Vec<Need> {
         }
     }
     if cfg.features.search {
-        v.push(need(&objects.audit, "INSERT", "recording the audit trail (features.search)"));
+        v.push(need(
+            &objects.audit,
+            "INSERT",
+            "recording the audit trail (features.search)",
+        ));
         if cfg.search.backend == crate::config::SearchBackend::Elasticsearch {
             v.push(need(&objects.audit, "SELECT", "indexing the audit trail"));
             for p in ["SELECT", "INSERT", "UPDATE"] {
-                v.push(need(&objects.search_index, p, "the search indexer's watermark"));
+                v.push(need(
+                    &objects.search_index,
+                    p,
+                    "the search indexer's watermark",
+                ));
             }
         }
     }

@@ -248,8 +248,8 @@ impl Cluster {
             .as_deref()
             .ok_or_else(|| bad("url", "not set".into()))?;
         let url = resolve_secret(raw, "search.url").map_err(|e| bad("url", e.to_string()))?;
-        let mut base = reqwest::Url::parse(&url)
-            .map_err(|e| bad("url", format!("not a URL: {e}")))?;
+        let mut base =
+            reqwest::Url::parse(&url).map_err(|e| bad("url", format!("not a URL: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(bad(
                 "url",
@@ -288,7 +288,9 @@ impl Cluster {
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
             .timeout(Duration::from_millis(cfg.request_timeout_ms.max(1)))
-            .connect_timeout(Duration::from_millis(cfg.request_timeout_ms.clamp(1, 10_000)));
+            .connect_timeout(Duration::from_millis(
+                cfg.request_timeout_ms.clamp(1, 10_000),
+            ));
         if let Some(path) = &cfg.ca_file {
             let pem = std::fs::read(path)
                 .map_err(|e| bad("ca_file", format!("cannot read `{path}`: {e}")))?;
@@ -318,10 +320,7 @@ impl Cluster {
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let url = self
-            .base
-            .join(path)
-            .unwrap_or_else(|_| self.base.clone());
+        let url = self.base.join(path).unwrap_or_else(|_| self.base.clone());
         let b = self.http.request(method, url);
         match &self.auth {
             Some(Auth::Basic { user, password }) => b.basic_auth(user, Some(password)),
@@ -380,7 +379,10 @@ impl Cluster {
         if answer.get("acknowledged").and_then(Value::as_bool) != Some(true) {
             return Err(SearchError::Answer {
                 url: self.shown.clone(),
-                message: format!("the index template was not acknowledged: {}", excerpt(&answer.to_string())),
+                message: format!(
+                    "the index template was not acknowledged: {}",
+                    excerpt(&answer.to_string())
+                ),
             });
         }
         Ok(())
@@ -769,9 +771,7 @@ impl Indexer {
                 tracing::warn!(error = %text, failed_attempts = failures, retry_in_ms = backoff.as_millis() as u64,
                     "search indexer: the batch is sent again (the watermark stays; deliveries are not affected)");
             }
-            client
-                .execute(note_error, &[&self.listener, &text])
-                .await?;
+            client.execute(note_error, &[&self.listener, &text]).await?;
             self.metrics.retries.inc();
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(None),

@@ -80,7 +80,14 @@ async fn bulk(
 ) -> Response {
     let mut g = state.lock().unwrap();
     if !authorised(&mut g, &headers) {
-        return (StatusCode::UNAUTHORIZED, axum::Json(error_body("security_exception", "missing or wrong credentials"))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(error_body(
+                "security_exception",
+                "missing or wrong credentials",
+            )),
+        )
+            .into_response();
     }
     g.bulk_requests += 1;
     let ct = headers
@@ -90,7 +97,10 @@ async fn bulk(
     if !ct.starts_with("application/x-ndjson") {
         return (
             StatusCode::NOT_ACCEPTABLE,
-            axum::Json(error_body("content_type", &format!("Content-Type header [{ct}] is not supported"))),
+            axum::Json(error_body(
+                "content_type",
+                &format!("Content-Type header [{ct}] is not supported"),
+            )),
         )
             .into_response();
     }
@@ -98,7 +108,10 @@ async fn bulk(
         g.refused_requests += 1;
         let mut resp = (
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            axum::Json(error_body("es_rejected_execution_exception", "rejected execution (planned by the test)")),
+            axum::Json(error_body(
+                "es_rejected_execution_exception",
+                "rejected execution (planned by the test)",
+            )),
         )
             .into_response();
         if let Some(s) = g.retry_after {
@@ -109,11 +122,25 @@ async fn bulk(
     }
     let text = String::from_utf8_lossy(&body);
     if !text.ends_with('\n') {
-        return (StatusCode::BAD_REQUEST, axum::Json(error_body("illegal_argument_exception", "The bulk request must be terminated by a newline [\\n]"))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(error_body(
+                "illegal_argument_exception",
+                "The bulk request must be terminated by a newline [\\n]",
+            )),
+        )
+            .into_response();
     }
     let lines: Vec<&str> = text.lines().collect();
     if lines.len() % 2 != 0 {
-        return (StatusCode::BAD_REQUEST, axum::Json(error_body("illegal_argument_exception", "an action line without its document"))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(error_body(
+                "illegal_argument_exception",
+                "an action line without its document",
+            )),
+        )
+            .into_response();
     }
     let mut items = Vec::new();
     let mut errors = false;
@@ -122,15 +149,36 @@ async fn bulk(
             serde_json::from_str::<Value>(pair[0]),
             serde_json::from_str::<Value>(pair[1]),
         ) else {
-            return (StatusCode::BAD_REQUEST, axum::Json(error_body("x_content_parse_exception", "a line is not JSON"))).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(error_body(
+                    "x_content_parse_exception",
+                    "a line is not JSON",
+                )),
+            )
+                .into_response();
         };
         let Some(meta) = action.get("index") else {
-            return (StatusCode::BAD_REQUEST, axum::Json(error_body("illegal_argument_exception", "only `index` actions are expected"))).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(error_body(
+                    "illegal_argument_exception",
+                    "only `index` actions are expected",
+                )),
+            )
+                .into_response();
         };
         let index = meta["_index"].as_str().unwrap_or("").to_string();
         let id = meta["_id"].as_str().unwrap_or("").to_string();
         if index.is_empty() || id.is_empty() || !source.is_object() {
-            return (StatusCode::BAD_REQUEST, axum::Json(error_body("illegal_argument_exception", "an item lacks _index, _id or an object source"))).into_response();
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(error_body(
+                    "illegal_argument_exception",
+                    "an item lacks _index, _id or an object source",
+                )),
+            )
+                .into_response();
         }
         let status = g
             .item_plan
@@ -151,8 +199,10 @@ async fn bulk(
             *g.writes.entry(id.clone()).or_default() += 1;
             let created = g.docs.insert(id.clone(), (index.clone(), source)).is_none();
             let status = if created { 201 } else { 200 };
-            items.push(json!({"index": {"_index": index, "_id": id, "status": status,
-                "result": if created { "created" } else { "updated" }}}));
+            items.push(
+                json!({"index": {"_index": index, "_id": id, "status": status,
+                "result": if created { "created" } else { "updated" }}}),
+            );
         }
     }
     axum::Json(json!({"took": 1, "errors": errors, "items": items})).into_response()
@@ -166,14 +216,25 @@ async fn template(
 ) -> Response {
     let mut g = state.lock().unwrap();
     if !authorised(&mut g, &headers) {
-        return (StatusCode::UNAUTHORIZED, axum::Json(error_body("security_exception", "missing or wrong credentials"))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(error_body(
+                "security_exception",
+                "missing or wrong credentials",
+            )),
+        )
+            .into_response();
     }
     match serde_json::from_slice::<Value>(&body) {
         Ok(v) if v["index_patterns"].is_array() => {
             g.templates.insert(name, v);
             axum::Json(json!({"acknowledged": true})).into_response()
         }
-        _ => (StatusCode::BAD_REQUEST, axum::Json(error_body("parse_exception", "bad template"))).into_response(),
+        _ => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(error_body("parse_exception", "bad template")),
+        )
+            .into_response(),
     }
 }
 
@@ -184,7 +245,14 @@ async fn count(
 ) -> Response {
     let mut g = state.lock().unwrap();
     if !authorised(&mut g, &headers) {
-        return (StatusCode::UNAUTHORIZED, axum::Json(error_body("security_exception", "missing or wrong credentials"))).into_response();
+        return (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(error_body(
+                "security_exception",
+                "missing or wrong credentials",
+            )),
+        )
+            .into_response();
     }
     let q: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let listener = q.pointer("/query/term/listener").and_then(Value::as_str);

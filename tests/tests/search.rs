@@ -13,7 +13,11 @@ async fn search(db: &TestDb, cfg: &str, args: &[&str]) -> Vec<Value> {
     all.extend_from_slice(args);
     all.push("--json");
     let out = db.cli_with(cfg, &all).await;
-    assert!(out.status.success(), "search {args:?}: {}", output_text(&out));
+    assert!(
+        out.status.success(),
+        "search {args:?}: {}",
+        output_text(&out)
+    );
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("search {args:?} prints JSON ({e}): {}", output_text(&out)));
     v.as_array().expect("an array").clone()
@@ -68,8 +72,13 @@ async fn search_finds_what_happened_to_order_42() {
     db.insert_order(7, "new", 42.0).await;
     db.insert_order(420, "new", 1.0).await;
     // No observer for customers: recorded as `no_match`.
-    db.insert_change("Customer", Some("42"), "INSERT", Some(json!({"name": "Ada"})))
-        .await;
+    db.insert_change(
+        "Customer",
+        Some("42"),
+        "INSERT",
+        Some(json!({"name": "Ada"})),
+    )
+    .await;
 
     eventually(Duration::from_secs(60), "five audit rows", || async {
         let n: i64 = db
@@ -81,9 +90,18 @@ async fn search_finds_what_happened_to_order_42() {
         (n == 5).then_some(())
     })
     .await;
-    assert_eq!(rx.requests_to("/hooks/42").len(), 6, "3 attempts for each of the two events of order 42");
+    assert_eq!(
+        rx.requests_to("/hooks/42").len(),
+        6,
+        "3 attempts for each of the two events of order 42"
+    );
 
-    let failed = search(&db, &cfg, &["42", "--entity", "order", "--outcome", "failed"]).await;
+    let failed = search(
+        &db,
+        &cfg,
+        &["42", "--entity", "order", "--outcome", "failed"],
+    )
+    .await;
     assert_eq!(
         summary(&failed),
         vec![
@@ -132,14 +150,22 @@ async fn search_finds_what_happened_to_order_42() {
         ]
     );
     assert_eq!(search(&db, &cfg, &["hook", "--limit", "2"]).await.len(), 2);
-    assert!(search(&db, &cfg, &["42", "--since", "2099-01-01"]).await.is_empty());
+    assert!(search(&db, &cfg, &["42", "--since", "2099-01-01"])
+        .await
+        .is_empty());
     assert_eq!(search(&db, &cfg, &["42", "--since", "1h"]).await.len(), 4);
     // Words of the error are indexed too.
-    assert_eq!(search(&db, &cfg, &["500", "--entity", "order"]).await.len(), 2);
+    assert_eq!(
+        search(&db, &cfg, &["500", "--entity", "order"]).await.len(),
+        2
+    );
 
     // The text form.
     let out = db
-        .cli_with(&cfg, &["search", "42", "--entity", "order", "--outcome", "failed"])
+        .cli_with(
+            &cfg,
+            &["search", "42", "--entity", "order", "--outcome", "failed"],
+        )
         .await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{}", output_text(&out));
@@ -151,12 +177,24 @@ async fn search_finds_what_happened_to_order_42() {
     );
 
     // Bad input is named.
-    let out = db.cli_with(&cfg, &["search", "42", "--outcome", "exploded"]).await;
+    let out = db
+        .cli_with(&cfg, &["search", "42", "--outcome", "exploded"])
+        .await;
     assert!(!out.status.success());
-    assert!(output_text(&out).contains("--outcome \"exploded\""), "{}", output_text(&out));
-    let out = db.cli_with(&cfg, &["search", "42", "--since", "yesterday"]).await;
+    assert!(
+        output_text(&out).contains("--outcome \"exploded\""),
+        "{}",
+        output_text(&out)
+    );
+    let out = db
+        .cli_with(&cfg, &["search", "42", "--since", "yesterday"])
+        .await;
     assert!(!out.status.success());
-    assert!(output_text(&out).contains("--since \"yesterday\""), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("--since \"yesterday\""),
+        "{}",
+        output_text(&out)
+    );
 
     // `status` reports the audit trail.
     let out = db.cli_with(&cfg, &["status", "--json"]).await;
@@ -194,7 +232,10 @@ async fn search_finds_what_happened_to_order_42() {
         .await;
     let third: i64 = db
         .client
-        .query_one("SELECT id FROM observer_audit ORDER BY id OFFSET 2 LIMIT 1", &[])
+        .query_one(
+            "SELECT id FROM observer_audit ORDER BY id OFFSET 2 LIMIT 1",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -218,14 +259,23 @@ async fn search_finds_what_happened_to_order_42() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(left, 2, "the two rows after the indexer's watermark are kept");
+    assert_eq!(
+        left, 2,
+        "the two rows after the indexer's watermark are kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_search_off_no_audit_rows_are_written() {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
-    let cfg = db.config(&webhook_observer("order-hook", "Order", &rx.url("/h"), "", ""));
+    let cfg = db.config(&webhook_observer(
+        "order-hook",
+        "Order",
+        &rx.url("/h"),
+        "",
+        "",
+    ));
     let mut daemon = Daemon::start(&db, &cfg).await;
     db.insert_order(1, "new", 1.0).await;
     rx.wait_for(1, Duration::from_secs(30)).await;

@@ -34,7 +34,12 @@ fn config(db: &TestDb, rx: &Receiver, url: &str, prefix: &str, extra: &str) -> S
 }
 
 /// Runs the CLI with `config` and extra environment.
-async fn cli_env(db: &TestDb, config: &str, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+async fn cli_env(
+    db: &TestDb,
+    config: &str,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Output {
     let path = db.write_file("cli-env.toml", config);
     let mut c = command();
     c.arg("--config").arg(&path).args(args);
@@ -92,12 +97,22 @@ async fn refused_items_and_429s_are_sent_again_and_no_record_is_lost() {
 
     let out = cli_env(&db, &cfg, &env, &["migrate", "--search"]).await;
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(output_text(&out).contains("installed index template `audit`"), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("installed index template `audit`"),
+        "{}",
+        output_text(&out)
+    );
     {
         let g = es.state.lock().unwrap();
-        let t = g.templates.get("audit").expect("template `audit` installed");
+        let t = g
+            .templates
+            .get("audit")
+            .expect("template `audit` installed");
         assert_eq!(t["index_patterns"], serde_json::json!(["audit-*"]));
-        assert_eq!(t["template"]["mappings"]["properties"]["data"]["enabled"], false);
+        assert_eq!(
+            t["template"]["mappings"]["properties"]["data"]["enabled"],
+            false
+        );
     }
 
     let mut daemon = Daemon::start_with_env(&db, &cfg, &env).await;
@@ -105,14 +120,20 @@ async fn refused_items_and_429s_are_sent_again_and_no_record_is_lost() {
         db.insert_order(id, "new", 5.0).await;
     }
     rx.wait_for(6, Duration::from_secs(30)).await;
-    eventually(Duration::from_secs(30), "six documents accepted", || async {
-        (es.ids().len() == 6).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "six documents accepted",
+        || async { (es.ids().len() == 6).then_some(()) },
+    )
     .await;
-    eventually(Duration::from_secs(10), "the watermark at the sixth row", || async {
-        let (id, docs, err) = watermark(&db).await;
-        (id == 6 && docs == 6 && err.is_none()).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the watermark at the sixth row",
+        || async {
+            let (id, docs, err) = watermark(&db).await;
+            (id == 6 && docs == 6 && err.is_none()).then_some(())
+        },
+    )
     .await;
     let want: Vec<String> = (1..=6).map(|i| format!("test:{i}")).collect();
     assert_eq!(sorted_ids(&es), want);
@@ -189,15 +210,20 @@ async fn an_outage_is_indexed_again_from_postgres_and_deliveries_go_on() {
     })
     .await;
     let err = st["indexer"]["last_error"].as_str().unwrap();
-    assert!(err.contains(&es.url()), "the error names the cluster: {err}");
+    assert!(
+        err.contains(&es.url()),
+        "the error names the cluster: {err}"
+    );
     assert_eq!(st["indexer"]["watermark"], 3);
     assert_eq!(st["cluster"]["reachable"], false);
 
     // Back: the gap is indexed from Postgres.
     es.restart().await;
-    eventually(Duration::from_secs(30), "eight documents after the outage", || async {
-        (es.ids().len() == 8).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "eight documents after the outage",
+        || async { (es.ids().len() == 8).then_some(()) },
+    )
     .await;
     eventually(Duration::from_secs(10), "the error cleared", || async {
         let (id, _, err) = watermark(&db).await;
@@ -215,9 +241,11 @@ async fn an_outage_is_indexed_again_from_postgres_and_deliveries_go_on() {
     daemon.stop().await;
     es.restart().await;
     let mut daemon = Daemon::start(&db, &cfg).await;
-    eventually(Duration::from_secs(30), "ten documents after the restart", || async {
-        (es.ids().len() == 10).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "ten documents after the restart",
+        || async { (es.ids().len() == 10).then_some(()) },
+    )
     .await;
     {
         let g = es.state.lock().unwrap();
@@ -245,7 +273,10 @@ async fn a_cluster_that_cannot_be_reached_or_refuses_is_named() {
     let out = db.cli_with(&cfg, &["migrate", "--search"]).await;
     assert!(!out.status.success());
     let text = output_text(&out);
-    assert!(text.contains(&format!("cannot reach the search cluster at {url}")), "{text}");
+    assert!(
+        text.contains(&format!("cannot reach the search cluster at {url}")),
+        "{text}"
+    );
     let out = db.cli_with(&cfg, &["search", "42"]).await;
     assert!(!out.status.success());
     assert!(output_text(&out).contains(&url), "{}", output_text(&out));
@@ -258,16 +289,28 @@ async fn a_cluster_that_cannot_be_reached_or_refuses_is_named() {
     assert!(!out.status.success());
     let text = output_text(&out);
     assert!(
-        text.contains(&format!("the search cluster at {} refused the request: HTTP 401", es.url())),
+        text.contains(&format!(
+            "the search cluster at {} refused the request: HTTP 401",
+            es.url()
+        )),
         "{text}"
     );
 
     // A credential written into the file is refused before anything connects.
-    let cfg = config(&db, &rx, &es.url(), "audit", "username = \"u\"\npassword = \"hunter2\"");
+    let cfg = config(
+        &db,
+        &rx,
+        &es.url(),
+        "audit",
+        "username = \"u\"\npassword = \"hunter2\"",
+    );
     let out = db.cli_with(&cfg, &["search", "x"]).await;
     assert!(!out.status.success());
     let text = output_text(&out);
-    assert!(text.contains("search.password") && !text.contains("hunter2"), "{text}");
+    assert!(
+        text.contains("search.password") && !text.contains("hunter2"),
+        "{text}"
+    );
 }
 
 /// `search` answering from a cluster that stores and searches for real (osmem-server or an
@@ -285,12 +328,20 @@ async fn contract(url: &str) {
     db.set_status(42, "paid").await;
     db.insert_order(7, "new", 42.0).await;
     db.insert_order(420, "new", 1.0).await;
-    db.insert_change("Customer", Some("42"), "INSERT", Some(serde_json::json!({"name": "Ada"})))
-        .await;
+    db.insert_change(
+        "Customer",
+        Some("42"),
+        "INSERT",
+        Some(serde_json::json!({"name": "Ada"})),
+    )
+    .await;
     eventually(Duration::from_secs(60), "five rows indexed", || async {
         let n: i64 = db
             .client
-            .query_one("SELECT coalesce(max(indexed_id), 0) FROM observer_search_index", &[])
+            .query_one(
+                "SELECT coalesce(max(indexed_id), 0) FROM observer_search_index",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
@@ -298,15 +349,30 @@ async fn contract(url: &str) {
     })
     .await;
     // Searches see new documents after the cluster's refresh (about a second).
-    let found = eventually(Duration::from_secs(30), "search answers from the cluster", || async {
-        let out = db
-            .cli_with(&cfg, &["search", "42", "--entity", "order", "--outcome", "failed", "--json"])
-            .await;
-        assert!(out.status.success(), "{}", output_text(&out));
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let v = v.as_array().unwrap().clone();
-        (v.len() == 2).then_some(v)
-    })
+    let found = eventually(
+        Duration::from_secs(30),
+        "search answers from the cluster",
+        || async {
+            let out = db
+                .cli_with(
+                    &cfg,
+                    &[
+                        "search",
+                        "42",
+                        "--entity",
+                        "order",
+                        "--outcome",
+                        "failed",
+                        "--json",
+                    ],
+                )
+                .await;
+            assert!(out.status.success(), "{}", output_text(&out));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let v = v.as_array().unwrap().clone();
+            (v.len() == 2).then_some(v)
+        },
+    )
     .await;
     for r in &found {
         assert_eq!(r["entity_id"], "42");
@@ -320,12 +386,33 @@ async fn contract(url: &str) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| format!("{}:{}", r["entity"].as_str().unwrap(), r["entity_id"].as_str().unwrap()))
+        .map(|r| {
+            format!(
+                "{}:{}",
+                r["entity"].as_str().unwrap(),
+                r["entity_id"].as_str().unwrap()
+            )
+        })
         .collect();
     ids.sort();
-    assert_eq!(ids, ["Customer:42", "Order:42", "Order:42", "Order:7"], "{all:#}");
+    assert_eq!(
+        ids,
+        ["Customer:42", "Order:42", "Order:42", "Order:7"],
+        "{all:#}"
+    );
     let out = db
-        .cli_with(&cfg, &["search", "", "--entity", "customer", "--outcome", "no_match", "--json"])
+        .cli_with(
+            &cfg,
+            &[
+                "search",
+                "",
+                "--entity",
+                "customer",
+                "--outcome",
+                "no_match",
+                "--json",
+            ],
+        )
         .await;
     let c: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(c.as_array().unwrap().len(), 1, "{c}");

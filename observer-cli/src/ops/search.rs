@@ -138,7 +138,8 @@ fn print_text(records: &[AuditRecord]) {
     for r in records {
         println!(
             "{}  {} {}  {}  event {}  (listener {}, pk {})",
-            r.finished_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            r.finished_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             shown(&r.entity),
             shown(r.entity_id.as_deref().unwrap_or("-")),
             r.operation,
@@ -375,18 +376,34 @@ mod tests {
     #[test]
     fn since_takes_durations_days_and_times() {
         let n = now();
-        assert_eq!(parse_since("1h", n).unwrap(), n - chrono::Duration::hours(1));
+        assert_eq!(
+            parse_since("1h", n).unwrap(),
+            n - chrono::Duration::hours(1)
+        );
         assert_eq!(parse_since("2d", n).unwrap(), n - chrono::Duration::days(2));
-        assert_eq!(parse_since("90s", n).unwrap(), n - chrono::Duration::seconds(90));
+        assert_eq!(
+            parse_since("90s", n).unwrap(),
+            n - chrono::Duration::seconds(90)
+        );
         assert_eq!(
             parse_since("2026-12-01", n).unwrap().to_rfc3339(),
             "2026-12-01T00:00:00+00:00"
         );
         assert_eq!(
-            parse_since("2026-12-01T10:00:00+02:00", n).unwrap().to_rfc3339(),
+            parse_since("2026-12-01T10:00:00+02:00", n)
+                .unwrap()
+                .to_rfc3339(),
             "2026-12-01T08:00:00+00:00"
         );
-        for bad in ["", "1", "1y", "h", "yesterday", "99999999999w", "2026-13-01"] {
+        for bad in [
+            "",
+            "1",
+            "1y",
+            "h",
+            "yesterday",
+            "99999999999w",
+            "2026-13-01",
+        ] {
             assert!(parse_since(bad, n).is_err(), "{bad:?} is refused");
         }
     }
@@ -402,7 +419,10 @@ mod tests {
             limit: 10,
             json: false,
         };
-        assert_eq!(query(&a, now()).unwrap().outcome.as_deref(), Some("dead_lettered"));
+        assert_eq!(
+            query(&a, now()).unwrap().outcome.as_deref(),
+            Some("dead_lettered")
+        );
         a.outcome = Some("exploded".into());
         let e = query(&a, now()).unwrap_err().to_string();
         assert!(e.contains("exploded") && e.contains("no_match"), "{e}");
