@@ -40,6 +40,8 @@ runs=(
   "target set, batch 500|0|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-f --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 --env OBSERVER__CONCURRENT__MAX_IN_FLIGHT=1024 --batch 500"
   "search (postgres audit)|0|all|--feature search"
   "search, cluster unreachable|0|all|--feature search --env OBSERVER__SEARCH__BACKEND=elasticsearch --env OBSERVER__SEARCH__URL=http://127.0.0.1:9"
+  "queue|0|all|--feature queue --env $redis --env $prefix-q --env OBSERVER__QUEUE__WORKERS=64 --env OBSERVER__QUEUE__DEDUP_TTL_SECS=600"
+  "queue, concurrent|0|all|--feature queue --feature concurrent --env $redis --env $prefix-r --env OBSERVER__QUEUE__WORKERS=64 --env OBSERVER__QUEUE__DEDUP_TTL_SECS=600"
   "checkpoint, 20 ms sink|20|all|"
   "target set, 20 ms sink|20|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-e --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 --env OBSERVER__CONCURRENT__MAX_IN_FLIGHT=256"
 )

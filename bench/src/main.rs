@@ -1019,12 +1019,21 @@ record = "{record}"
 name = "bench-sink"
 entity = "Order"
 events = ["INSERT"]
+{queue}
 
   [[observers.actions]]
   type = "webhook"
   url = "http://127.0.0.1:{port}/hook"
 {batch}"#,
             record = args.record,
+            // With `--feature queue` every delivery is a job: enqueued in the event path and
+            // worked off by the daemon's job workers (`[queue] workers`), so the sink counts
+            // events that went through the whole queue.
+            queue = if args.features.iter().any(|f| f == "queue") {
+                "queue = true"
+            } else {
+                ""
+            },
             batch = if args.batch > 0 {
                 format!(
                     "  batch = {{ max_events = {}, max_wait_ms = {} }}\n",

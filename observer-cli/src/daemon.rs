@@ -13,9 +13,10 @@ use observer_core::store::CheckpointStore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::role::Role;
 use crate::stack;
 
-pub async fn run(config: Option<&Path>) -> Result<()> {
+pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
     let app = App::load(config)?;
     let cfg = app.config.clone();
     stack::check_features(&cfg)?;
@@ -38,6 +39,10 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
             list.join("\n")
         )
     })?;
+    let inline = cfg.queued_but_inline();
+    if !inline.is_empty() {
+        tracing::warn!(observers = %inline.join(", "), "features.queue is off: these observers set `queue`, and their actions run inline");
+    }
     if observers.list.is_empty() {
         tracing::warn!(
             "no enabled observer: events will be read and checkpointed, nothing executed"
@@ -76,6 +81,9 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         checkpoint.clone(),
     )
     .await?;
+    if role == Role::QueueWorker {
+        return queue_worker(&app, &cfg, &actions, &layers, Arc::new(observers), endpoint).await;
+    }
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "host".into());
@@ -89,6 +97,8 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         &metrics,
     );
     let (observers_tx, observers_rx) = tokio::sync::watch::channel(Arc::new(observers));
+    #[cfg(feature = "queue")]
+    let (job_actions, job_observers) = (actions.clone(), observers_rx.clone());
     let ctx = RunContext {
         database: app.where_db(),
         config: cfg.clone(),
@@ -122,6 +132,8 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         metrics.clone(),
         shutdown.clone(),
     ));
+    #[cfg(feature = "queue")]
+    let (layers_for_jobs, current_for_jobs) = (layers.clone(), current.clone());
     let make = move || {
         let cfg = current
             .read()
@@ -137,8 +149,23 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
         shutdown.clone(),
     ));
     let indexer = search_indexer(&app, &metrics, shutdown.clone())?;
+    #[cfg(feature = "queue")]
+    let jobs = crate::jobs::start(
+        &app,
+        &cfg,
+        &job_actions,
+        &layers_for_jobs,
+        job_observers,
+        current_for_jobs,
+        shutdown.clone(),
+    )
+    .await?;
     let result = runloop::supervise(&ctx, &make, shutdown.clone()).await;
     shutdown.cancel();
+    #[cfg(feature = "queue")]
+    if let Some(jobs) = jobs {
+        let _ = jobs.await;
+    }
     if let Some(indexer) = indexer {
         if let Err(e) = indexer.await {
             tracing::warn!(error = %e, "search indexer task ended abnormally");
@@ -153,6 +180,75 @@ pub async fn run(config: Option<&Path>) -> Result<()> {
     }
     result?;
     Ok(())
+}
+
+/// `run --role queue-worker`: only the job workers (and the metrics endpoint), until a signal.
+async fn queue_worker(
+    app: &App,
+    cfg: &Arc<Config>,
+    actions: &ActionContext,
+    layers: &Arc<stack::LayerState>,
+    observers: Arc<Observers>,
+    endpoint: Option<impl Stoppable>,
+) -> Result<()> {
+    #[cfg(feature = "queue")]
+    {
+        crate::jobs::check_worker(cfg)?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        let (observers_tx, rx) = tokio::sync::watch::channel(observers);
+        let current = Arc::new(std::sync::RwLock::new(cfg.clone()));
+        // SIGHUP reloads observers (jobs run with the new ones) as in the daemon.
+        tokio::spawn(reload_on_hup(
+            app.config_path.clone(),
+            current.clone(),
+            observers_tx,
+            layers.metrics.clone(),
+            shutdown.clone(),
+        ));
+        tracing::info!(database = %app.where_db(), "starting as a queue worker (no change-log listener)");
+        let workers =
+            crate::jobs::start(app, cfg, actions, layers, rx, current, shutdown.clone()).await?;
+        let Some(workers) = workers else {
+            if let Some(e) = endpoint {
+                e.stop().await;
+            }
+            anyhow::bail!(
+                "no job queue to work: no observer sets `queue`, and Redis holds no jobs under the key prefix `{}`",
+                cfg.redis.key_prefix
+            );
+        };
+        let _ = workers.await;
+        if let Some(e) = endpoint {
+            e.stop().await;
+        }
+        Ok(())
+    }
+    #[cfg(not(feature = "queue"))]
+    {
+        let _ = (app, cfg, actions, layers, observers);
+        if let Some(e) = endpoint {
+            e.stop().await;
+        }
+        anyhow::bail!("--role queue-worker needs the `queue` layer, and this binary was built without it (cargo feature `queue`)")
+    }
+}
+
+/// What `queue_worker` needs of the metrics endpoint.
+trait Stoppable {
+    async fn stop(self);
+}
+
+#[cfg(feature = "metrics")]
+impl Stoppable for observer_features::metrics::MetricsServer {
+    async fn stop(self) {
+        observer_features::metrics::MetricsServer::stop(self).await
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+impl Stoppable for NoEndpoint {
+    async fn stop(self) {}
 }
 
 /// Applies `[retention]` every `interval_secs` (0 = off) until shutdown. A failed pass is logged
@@ -328,6 +424,9 @@ fn restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(features.checkpoint, "features.checkpoint");
     keep!(features.metrics, "features.metrics");
     keep!(features.caching, "features.caching");
+    // The job workers are started with the process (docs/configuration.md, `[queue]`).
+    keep!(features.queue, "features.queue");
+    keep!(queue, "queue");
     keep!(caching, "caching");
     keep!(features.search, "features.search");
     keep!(search, "search");

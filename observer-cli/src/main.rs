@@ -2,9 +2,12 @@
 
 mod app;
 mod daemon;
+#[cfg(feature = "queue")]
+mod jobs;
 mod listen;
 mod log_fields;
 mod ops;
+mod role;
 mod setup;
 mod stack;
 mod validate;
@@ -34,7 +37,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon: tail the change log and execute observers until SIGTERM/SIGINT.
-    Run,
+    Run {
+        /// What this process does: `all` (the listener, and job workers when the `queue`
+        /// layer has any), or `queue-worker` (only the job workers).
+        #[arg(long, value_enum, default_value_t = role::Role::All)]
+        role: role::Role,
+    },
     /// Install or upgrade the schema (change-log table, triggers, bookkeeping tables); idempotent.
     Migrate(setup::MigrateArgs),
     /// Attach, list or remove capture triggers on business tables.
@@ -63,6 +71,9 @@ enum Command {
     Cleanup(ops::cleanup::CleanupArgs),
     /// The audit trail: what happened to an event, an entity, an observer (features.search).
     Search(ops::search::SearchArgs),
+    /// The job queues of the `queue` layer: stats, list, retry, purge.
+    #[command(subcommand)]
+    Queue(ops::queue::QueueCommand),
 }
 
 fn init_logging(format: &str) {
@@ -157,8 +168,8 @@ fn main() -> ExitCode {
     let config = cli.config.as_deref();
     let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
         match cli.command {
-            Command::Run => daemon::run(config).await.map(|_| ExitCode::SUCCESS),
             Command::Migrate(a) => setup::migrate(config, a).await.map(|_| ExitCode::SUCCESS),
+            Command::Run { role } => daemon::run(config, role).await.map(|_| ExitCode::SUCCESS),
             Command::Capture(c) => setup::capture(config, c).await.map(|_| ExitCode::SUCCESS),
             Command::Validate(a) => validate::run(a).await,
             Command::Listen(a) => listen::run(a).await.map(|_| ExitCode::SUCCESS),
@@ -171,6 +182,7 @@ fn main() -> ExitCode {
             Command::Replay(a) => ops::replay::run(config, a).await,
             Command::Cleanup(a) => ops::cleanup::run(config, a).await,
             Command::Search(a) => ops::search::run(config, a).await,
+            Command::Queue(c) => ops::queue::run(config, c).await,
         }
     });
     match result {

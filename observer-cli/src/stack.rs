@@ -25,6 +25,7 @@ pub const BUILT: &[(&str, bool)] = &[
     ("caching", cfg!(feature = "caching")),
     ("failover", cfg!(feature = "failover")),
     ("search", cfg!(feature = "search")),
+    ("queue", cfg!(feature = "queue")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.
@@ -52,6 +53,9 @@ pub fn check_features(cfg: &Config) -> Result<()> {
     }
     if f.rate_limit && cfg.rate_limit.shared && cfg.redis.url.is_none() {
         bail!("rate_limit.shared is on but no Redis is configured: set [redis] url (or REDIS_URL), or set rate_limit.shared = false");
+    }
+    if f.queue && cfg.redis.url.is_none() {
+        bail!("features.queue is on but no Redis is configured: the job queue lives in Redis. Set [redis] url (or REDIS_URL), or set features.queue = false");
     }
     if cfg.features.caching && cfg.redis.url.is_none() {
         bail!(
@@ -119,6 +123,9 @@ pub struct LayerState {
     pub breakers: Arc<observer_features::circuit_breaker::BreakerState>,
     #[cfg(feature = "rate_limit")]
     pub rate: Arc<observer_features::rate_limit::RateState>,
+    /// The `observer_queue_*` series (registered once per process).
+    #[cfg(feature = "queue")]
+    pub queue: Arc<observer_features::queue::QueueMetrics>,
 }
 
 impl LayerState {
@@ -134,6 +141,11 @@ impl LayerState {
             ),
             #[cfg(feature = "rate_limit")]
             rate: observer_features::rate_limit::RateState::new(&cfg.rate_limit),
+            #[cfg(feature = "queue")]
+            queue: Arc::new(
+                observer_features::queue::QueueMetrics::register(&metrics.registry)
+                    .expect("the queue series are registered once per process"),
+            ),
             metrics,
         }
     }
@@ -158,6 +170,9 @@ pub fn build(cfg: &Config, ctx: ActionContext, state: &LayerState) -> BoxExecuto
     let (limit, timeout) = concurrent(cfg);
     let stack = ServiceBuilder::new()
         .concurrency_limit(limit)
+        // Queued observers' deliveries become jobs here; the workers run them through the
+        // layers below (`build_inline`).
+        .option_layer(queue(cfg, &ctx, state))
         // A destination whose breaker is open is answered before anything else is spent on it.
         .option_layer(circuit_breaker(cfg, state))
         // Then its rate and in-flight cap, so excess waits without touching the dedup store.
@@ -167,6 +182,36 @@ pub fn build(cfg: &Config, ctx: ActionContext, state: &LayerState) -> BoxExecuto
         .option_layer(timeout.filter(|_| f.concurrent))
         .service(CoreExecutor::new(ctx));
     BoxExecutor::new(stack)
+}
+
+/// The stack without the queue layer: what the job workers run jobs through, and what operator
+/// commands (`dlq retry`, `replay`) deliver through, so a retried job runs inline.
+pub fn build_inline(cfg: &Config, ctx: ActionContext, state: &LayerState) -> BoxExecutor {
+    let mut inline = cfg.clone();
+    inline.features.queue = false;
+    build(&inline, ctx, state)
+}
+
+#[cfg(feature = "queue")]
+fn queue(
+    cfg: &Config,
+    ctx: &ActionContext,
+    state: &LayerState,
+) -> Option<observer_features::queue::QueueLayer> {
+    let redis = ctx.redis.clone().filter(|_| cfg.features.queue)?;
+    Some(observer_features::queue::QueueLayer::new(
+        observer_features::queue::JobQueue::new(redis, cfg.queue.dedup_ttl_secs),
+        state.queue.clone(),
+    ))
+}
+
+#[cfg(not(feature = "queue"))]
+fn queue(
+    _cfg: &Config,
+    _ctx: &ActionContext,
+    _state: &LayerState,
+) -> Option<tower::layer::util::Identity> {
+    None
 }
 
 #[cfg(feature = "concurrent")]

@@ -24,6 +24,7 @@ pub async fn run(args: ValidateArgs) -> Result<ExitCode> {
     let mut issues: Vec<ConfigIssue> = Vec::new();
     let mut observers = 0;
     let mut actions = 0;
+    let mut notes: Vec<String> = Vec::new();
     match config::load(Some(&args.file)) {
         Err(e) => issues.push(ConfigIssue {
             location: file.clone(),
@@ -41,6 +42,13 @@ pub async fn run(args: ValidateArgs) -> Result<ExitCode> {
                     location: "features".into(),
                     message: e.to_string(),
                 });
+            }
+            let inline = cfg.queued_but_inline();
+            if !inline.is_empty() {
+                notes.push(format!(
+                    "features.queue is off: the actions of {} (which set `queue`) run inline, not as jobs",
+                    inline.join(", ")
+                ));
             }
             for (location, message) in cfg.check() {
                 issues.push(ConfigIssue { location, message });
@@ -63,9 +71,12 @@ pub async fn run(args: ValidateArgs) -> Result<ExitCode> {
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"file": file, "valid": issues.is_empty(), "observers": observers, "actions": actions, "errors": issues})
+            serde_json::json!({"file": file, "valid": issues.is_empty(), "observers": observers, "actions": actions, "errors": issues, "notes": notes})
         );
     } else if issues.is_empty() {
+        for n in &notes {
+            println!("{file}: note: {n}");
+        }
         println!("{file}: valid ({observers} enabled observer(s), {actions} action(s))");
     } else {
         for i in &issues {

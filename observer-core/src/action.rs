@@ -84,6 +84,12 @@ impl RedisHandle {
             .cloned()
     }
 
+    /// The client, for a connection of a caller's own (a blocking read must not hold up the
+    /// shared one).
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
     /// `prefix:part`.
     pub fn key(&self, part: &str) -> String {
         format!("{}:{part}", self.prefix)
@@ -335,6 +341,9 @@ pub enum AttemptResult {
     Duplicate,
     /// Not attempted: the observer's condition over its enrichment results was false.
     ConditionFalse,
+    /// Not attempted here: handed to the job queue `queue` (the `queue` layer) as stream entry
+    /// `job` (for a key an earlier run had already enqueued, that run's entry).
+    Enqueued { queue: String, job: String },
 }
 
 impl Attempt {

@@ -33,7 +33,84 @@ pub struct Config {
     pub search: SearchConfig,
     pub runtime: RuntimeConfig,
     pub outbound: OutboundConfig,
+    pub queue: QueueConfig,
     pub observers: Vec<ObserverConfig>,
+}
+
+/// `[queue]`: the `queue` layer's job workers (docs/architecture.md, "Job queue"). Which
+/// observers are queued is said on each observer (`queue = true` or `queue = "name"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Jobs this process works on at once, per queue: the daemon's own worker pool, and a
+    /// `run --role queue-worker` process's. 0: the daemon only enqueues (separate worker
+    /// processes work the jobs off).
+    pub workers: usize,
+    /// Per-queue override of `workers`, by queue name: `{ media = 2 }`.
+    pub per_queue: BTreeMap<String, usize>,
+    /// A job whose worker has not reported for this long (it died, or hangs) is taken over by
+    /// another worker. Workers report every third of it while a job runs or waits to retry.
+    pub visibility_timeout_ms: u64,
+    /// How long Redis remembers that an idempotency key was enqueued, so an event replayed after
+    /// a crash does not enqueue its job twice.
+    pub dedup_ttl_secs: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            workers: 4,
+            per_queue: BTreeMap::new(),
+            visibility_timeout_ms: 30_000,
+            dedup_ttl_secs: 7 * 86_400,
+        }
+    }
+}
+
+impl QueueConfig {
+    /// Jobs in flight at once for `queue` in one process.
+    pub fn workers_for(&self, queue: &str) -> usize {
+        self.per_queue.get(queue).copied().unwrap_or(self.workers)
+    }
+}
+
+impl Config {
+    /// Observers that set `queue` while `features.queue` is off: their actions run inline (the
+    /// roll-back setting). `validate` and `run` say so.
+    pub fn queued_but_inline(&self) -> Vec<&str> {
+        if self.features.queue {
+            return Vec::new();
+        }
+        self.observers
+            .iter()
+            .filter(|o| o.queue.is_some() && o.enabled)
+            .map(|o| o.name.as_str())
+            .collect()
+    }
+}
+
+/// Whether `name` can name a queue (it is part of Redis keys): 1-64 letters, digits, `-`, `_`, `.`.
+pub fn valid_queue_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// An observer's `queue`: `true` (the queue `default`), `false` (not queued) or a queue name.
+fn queue_route<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Flag(bool),
+        Name(String),
+    }
+    Ok(match Option::<Form>::deserialize(d)? {
+        None | Some(Form::Flag(false)) => None,
+        Some(Form::Flag(true)) => Some("default".into()),
+        Some(Form::Name(n)) => Some(n),
+    })
 }
 
 /// `[outbound]`: where actions and lookups may connect, and how much of an answer is read.
@@ -731,6 +808,15 @@ pub struct ObserverConfig {
     /// `caching` layer).
     #[serde(default)]
     pub enrich: Vec<EnrichConfig>,
+    /// `queue` layer: `true` or a queue name makes every action of this observer a job on that
+    /// queue (`true` is the queue `default`), worked off by the job workers instead of in the
+    /// event path. Ignored (the actions run inline) while `features.queue` is off.
+    #[serde(
+        default,
+        deserialize_with = "queue_route",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub queue: Option<String>,
     pub actions: Vec<ActionConfig>,
 }
 
@@ -1126,6 +1212,33 @@ impl Config {
             600_000,
             " ms",
         );
+        let q = &self.queue;
+        range("queue.workers", q.workers as i128, 0, 1024, "");
+        for (name, n) in &q.per_queue {
+            range(&format!("queue.per_queue.{name}"), *n as i128, 0, 1024, "");
+        }
+        range(
+            "queue.visibility_timeout_ms",
+            q.visibility_timeout_ms as i128,
+            300,
+            86_400_000,
+            " ms",
+        );
+        range(
+            "queue.dedup_ttl_secs",
+            q.dedup_ttl_secs as i128,
+            60,
+            365 * 86_400,
+            " s",
+        );
+        for name in q.per_queue.keys() {
+            if !valid_queue_name(name) {
+                extra.push((
+                    format!("queue.per_queue.{name}"),
+                    "is not a queue name: expected 1-64 letters, digits, `-`, `_` or `.`".into(),
+                ));
+            }
+        }
         range(
             "concurrent.max_in_flight",
             self.concurrent.max_in_flight as i128,

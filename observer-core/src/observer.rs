@@ -41,6 +41,8 @@ pub struct Observer {
     pub enrich: Vec<crate::enrich::Enricher>,
     /// `ordering = "entity"` (the default): actions for one (entity, id) start in commit order.
     pub ordered: bool,
+    /// `queue = …`: the job queue this observer's actions go to (the `queue` layer).
+    pub queue: Option<Arc<str>>,
     pub actions: Vec<ObserverAction>,
 }
 
@@ -256,6 +258,14 @@ fn compile_observer(
             }
         }
     }
+    if let Some(q) = &o.queue {
+        if !crate::config::valid_queue_name(q) {
+            issues.push(issue(
+                "queue",
+                format!("`{q}` is not a queue name: expected true, or 1-64 letters, digits, `-`, `_` or `.`"),
+            ));
+        }
+    }
     if o.actions.is_empty() {
         issues.push(issue(
             "actions",
@@ -307,6 +317,7 @@ fn compile_observer(
             condition_at_delivery,
             enrich,
             ordered: o.ordering == crate::config::Ordering::Entity,
+            queue: o.queue.as_deref().map(Arc::from),
             actions,
         })
     } else {

@@ -173,9 +173,12 @@ pub async fn deliver(
         attempts.push(attempt);
         match result {
             // Already delivered within the dedup window, or not wanted: nothing left to do.
-            AttemptResult::Delivered | AttemptResult::Duplicate | AttemptResult::ConditionFalse => {
-                break Outcome::Delivered
-            }
+            // Enqueued: the job queue owns it now (operator commands build the stack without
+            // the queue layer, so this is only reached by callers that chose to enqueue).
+            AttemptResult::Delivered
+            | AttemptResult::Duplicate
+            | AttemptResult::ConditionFalse
+            | AttemptResult::Enqueued { .. } => break Outcome::Delivered,
             AttemptResult::Deferred { .. } => continue,
             AttemptResult::Permanent => break Outcome::PermanentFailure,
             AttemptResult::Retry { after_ms } if n < policy.max_attempts => {

@@ -980,6 +980,7 @@ fn on_result(
             AttemptResult::Delivered => Some("delivered"),
             AttemptResult::Duplicate => Some("duplicate"),
             AttemptResult::ConditionFalse => Some("condition_false"),
+            AttemptResult::Enqueued { .. } => Some("enqueued"),
             AttemptResult::Retry { after_ms } if n < policy.max_attempts => {
                 let wait = next_delay(policy, n, after_ms);
                 tracing::debug!(observer = %observer.name, event_id = %event.id, attempt = n, wait_ms = wait.as_millis() as u64, error = error.as_deref().unwrap_or(""), "attempt failed; retry scheduled");

@@ -18,7 +18,7 @@ fn doc() -> String {
 }
 
 /// Maps whose keys are user data (header names), not configuration keys.
-const USER_MAPS: &[&str] = &["headers", "destinations"];
+const USER_MAPS: &[&str] = &["headers", "destinations", "per_queue"];
 
 fn sample() -> Config {
     let mut cfg = Config::default();
@@ -29,6 +29,7 @@ fn sample() -> Config {
         condition: Some("data.status == 'paid'".into()),
         enabled: true,
         ordering: Default::default(),
+        queue: Some("media".into()),
         enrich: vec![EnrichConfig {
             name: "user".into(),
             key: "user:{{ data.user_id }}".into(),

@@ -318,7 +318,8 @@ where
                         AttemptResult::Delivered | AttemptResult::Permanent => b.sm.on_success(),
                         AttemptResult::Deferred { .. }
                         | AttemptResult::Duplicate
-                        | AttemptResult::ConditionFalse => {}
+                        | AttemptResult::ConditionFalse
+                        | AttemptResult::Enqueued { .. } => {}
                     }
                 }
             }

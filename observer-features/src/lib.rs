@@ -26,3 +26,5 @@ pub mod caching;
 
 #[cfg(feature = "search")]
 pub mod search;
+#[cfg(feature = "queue")]
+pub mod queue;

@@ -829,6 +829,23 @@ impl Daemon {
 
     /// Spawns without waiting for anything.
     pub fn spawn(dir: &Path, config: &str, env: &[(&str, &str)]) -> Result<Daemon> {
+        Daemon::spawn_args(dir, config, &[], env)
+    }
+
+    /// `run ARGS` (e.g. `--role queue-worker`), waiting until the log shows `ready`.
+    pub async fn start_args(db: &TestDb, config: &str, args: &[&str], ready: &str) -> Daemon {
+        let d = Daemon::spawn_args(&db.dir, config, args, &[]).expect("spawn daemon");
+        d.wait_log(ready, Duration::from_secs(20)).await;
+        d
+    }
+
+    /// Spawns `run ARGS` without waiting for anything.
+    pub fn spawn_args(
+        dir: &Path,
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon> {
         let id = unique_suffix();
         let config_path = dir.join(format!("daemon-{id}.toml"));
         std::fs::write(&config_path, config)?;
@@ -836,7 +853,7 @@ impl Daemon {
         let out = std::fs::File::create(dir.join(format!("daemon-{id}.out")))?;
         let err = std::fs::File::create(&log_path)?;
         let mut c = command();
-        c.arg("--config").arg(&config_path).arg("run");
+        c.arg("--config").arg(&config_path).arg("run").args(args);
         for (k, v) in env {
             c.env(k, v);
         }

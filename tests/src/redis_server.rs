@@ -98,10 +98,13 @@ impl Drop for RedisPrefix {
     }
 }
 
-/// A private `redis-server` on 127.0.0.1:`port`, without persistence; killed on drop.
+/// A private `redis-server` on 127.0.0.1:`port`, without persistence (or with an append-only
+/// file synced on every write: [`PrivateRedis::start_aof`]); killed on drop.
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<std::process::Child>,
+    /// Where the append-only file lives, when persistence is on.
+    aof_dir: Option<std::path::PathBuf>,
 }
 
 impl PrivateRedis {
@@ -111,7 +114,29 @@ impl PrivateRedis {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut r = PrivateRedis { port, child: None };
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            aof_dir: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    /// Like [`PrivateRedis::start`], with AOF on (`appendfsync always`) in `dir`: what was
+    /// acknowledged survives a SIGKILL and [`PrivateRedis::restart`].
+    pub async fn start_aof(dir: &std::path::Path) -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).expect("create the Redis data directory");
+        let mut r = PrivateRedis {
+            port,
+            child: None,
+            aof_dir: Some(dir),
+        };
         r.restart().await;
         r
     }
@@ -123,6 +148,17 @@ impl PrivateRedis {
     /// Starts the server again on the same port (after [`PrivateRedis::kill`]).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
+        let persistence: Vec<String> = match &self.aof_dir {
+            None => vec!["--appendonly".into(), "no".into()],
+            Some(dir) => vec![
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "always".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+            ],
+        };
         let child = std::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -131,9 +167,8 @@ impl PrivateRedis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(&persistence)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

@@ -20,7 +20,7 @@ use crate::app::App;
 const RETRY_HELP: &str = "\
 Retry semantics: the dead letter's event is delivered again with the CURRENT config's observer of \
 the same name and the same action index (so a corrected URL or secret is used), through the same \
-executor stack as the daemon and with the stored idempotency key (the one of the original \
+executor stack as the daemon (without the queue layer: a dead-lettered job runs in this process) and with the stored idempotency key (the one of the original \
 delivery). The action's retry policy applies in this process: up to max_attempts attempts with its \
 backoff between them, honouring Retry-After. On success the row becomes `resolved` (resolved_at set), \
 manual_retries is incremented, the new attempts are appended to `attempts`, and a `delivered` row is \

@@ -9,6 +9,7 @@ pub mod cleanup;
 pub mod debug_event;
 pub mod dlq;
 pub mod metrics;
+pub mod queue;
 pub mod replay;
 pub mod search;
 pub mod status;
@@ -328,7 +329,8 @@ fn compile(app: &App, secrets: Secrets) -> Result<Observers> {
     })
 }
 
-/// The executor stack the daemon would build.
+/// The executor stack the daemon would build, without the queue layer: an operator command
+/// delivers in this process (a queued job that was dead-lettered runs inline on `dlq retry`).
 pub fn executor(app: &App) -> Result<BoxExecutor> {
     stack::check_features(&app.config)?;
     let pool = app.pool()?;
@@ -352,7 +354,7 @@ pub fn executor(app: &App) -> Result<BoxExecutor> {
         guard,
         max_response_bytes: app.config.outbound.max_response_bytes,
     };
-    Ok(stack::build(&app.config, ctx, &state))
+    Ok(stack::build_inline(&app.config, ctx, &state))
 }
 
 /// Prints one JSON document, with the characters serde_json leaves raw in strings (C1

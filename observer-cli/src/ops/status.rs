@@ -53,6 +53,10 @@ struct ListenerStatus {
     live: Option<serde_json::Value>,
     /// The audit trail and, with a cluster backend, its indexer (`ops/search.rs`).
     search: serde_json::Value,
+    /// The `queue` layer's job queues, read from Redis (`reachable: false` with the reason when
+    /// it does not answer); absent when no queue is configured or found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queues: Option<serde_json::Value>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -114,6 +118,13 @@ pub async fn run(config: Option<&Path>, args: StatusArgs) -> Result<ExitCode> {
             "reachable": true,
             "error": format!("the metrics endpoint at {} serves listener `{target}`, not this one", url.as_str().unwrap_or("?")),
         }));
+    }
+    let queues = super::queue::status_section(&app).await;
+    if let Some(s) = out
+        .iter_mut()
+        .find(|s| s.listener == app.config.listener.id)
+    {
+        s.queues = queues;
     }
     if args.json {
         if args.all {
@@ -185,6 +196,7 @@ async fn status_of(
         last_error_at: row.last_error_at,
         live: None,
         search,
+        queues: None,
     })
 }
 
@@ -228,6 +240,13 @@ async fn live_status(app: &App) -> (Option<String>, serde_json::Value) {
 }
 
 fn print_text(s: &ListenerStatus) {
+    print_listener(s);
+    if let Some(q) = &s.queues {
+        super::queue::print_status(q);
+    }
+}
+
+fn print_listener(s: &ListenerStatus) {
     let p = &s.position;
     println!("listener      {}", s.listener);
     println!("state         {}", s.state);
