@@ -146,6 +146,7 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
         pool.clone(),
         app.objects.clone(),
         cfg.retention.clone(),
+        cfg.features.search,
         shutdown.clone(),
     ));
     let indexer = search_indexer(&app, &metrics, shutdown.clone())?;
@@ -257,6 +258,7 @@ async fn retention_pass(
     pool: deadpool_postgres::Pool,
     objects: Arc<observer_core::schema::Objects>,
     policy: observer_core::config::RetentionConfig,
+    audit: bool,
     shutdown: CancellationToken,
 ) {
     if policy.interval_secs == 0 {
@@ -273,7 +275,7 @@ async fn retention_pass(
                 .get()
                 .await
                 .map_err(|e| anyhow!("database pool: {e}"))?;
-            observer_core::retention::apply(&**client, &objects, &policy, false)
+            observer_core::retention::apply(&**client, &objects, &policy, audit, false)
                 .await
                 .map_err(anyhow::Error::from)
         };

@@ -100,6 +100,16 @@ pub fn needs(objects: &Objects, cfg: &Config) -> Vec<Need> {
                 "[retention] action_log_days",
             ));
         }
+        if r.action_log_days > 0 && cfg.features.search {
+            for p in ["SELECT", "DELETE"] {
+                v.push(need(&objects.audit, p, "[retention] action_log_days (the audit trail)"));
+            }
+            v.push(need(
+                &objects.search_index,
+                "SELECT",
+                "[retention] keeping audit rows the indexer has yet to index",
+            ));
+        }
         if r.dead_letter_days > 0 {
             v.push(need(
                 &objects.dead_letters,

@@ -54,12 +54,14 @@ pub enum RetentionError {
     Db(#[from] tokio_postgres::Error),
 }
 
-/// Applies `policy` once; `dry_run` counts without deleting. A day count over
+/// Applies `policy` once; `dry_run` counts without deleting. `audit` includes the audit trail
+/// (the daemon passes `features.search`, so a daemon without the layer needs no grant on it). A day count over
 /// [`RetentionConfig::MAX_DAYS`] is refused before anything is read or deleted.
 pub async fn apply(
     client: &impl GenericClient,
     objects: &Objects,
     policy: &RetentionConfig,
+    audit: bool,
     dry_run: bool,
 ) -> Result<RetentionReport, RetentionError> {
     // Checked here as well as in `Config::check`, so no caller can reach SQL with a count that
@@ -147,7 +149,7 @@ pub async fn apply(
         )
         .await?;
     }
-    if policy.action_log_days > 0 {
+    if audit && policy.action_log_days > 0 {
         let present: bool = client
             .query_one(
                 "SELECT to_regclass($1) IS NOT NULL",

@@ -24,7 +24,7 @@ pub async fn run(config: Option<&Path>, a: CleanupArgs) -> Result<ExitCode> {
     let client = app.connect().await?;
     require_migrated(&client, &app.objects).await?;
     let policy = &app.config.retention;
-    let report = match retention::apply(&client, &app.objects, policy, a.dry_run).await {
+    let report = match retention::apply(&client, &app.objects, policy, true, a.dry_run).await {
         Ok(r) => r,
         Err(retention::RetentionError::Db(e)) => return Err(db_err(e)),
         Err(e) => return Err(e.into()),
