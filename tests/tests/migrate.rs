@@ -63,10 +63,12 @@ async fn migrate_adopts_an_existing_fraiseql_change_log_and_is_idempotent() {
         names,
         [
             "observer_action_log",
+            "observer_audit",
             "observer_checkpoints",
             "observer_dead_letters",
             "observer_instances",
             "observer_leases",
+            "observer_search_index",
             "tb_entity_change_log"
         ],
         "our tables live beside the change log"
