@@ -427,7 +427,7 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
             if ins.is_finished() {
                 bail!("the inserts ended before fault #{}: nothing left to measure a takeover by", i + 1);
             }
-            let leader = leader_index(&s, &ds).await?;
+            let (leader, term) = leader_term(&s, &ds).await?;
             let other = 1 - leader;
             let standing_by = ds[leader].log().matches("standing by").count();
             let at = Instant::now();
@@ -455,14 +455,22 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
                 .iter()
                 .map(|u| u.as_u128())
                 .collect();
-            // The lease moves to the other instance; from then on only it delivers.
+            // The lease moves to the other instance; from then on only it delivers. When only
+            // the leader's sessions were terminated, its process lives on and may legitimately
+            // win the next term itself (it reclaims a lease it still holds at once, with a new
+            // token, fenced like any takeover): a new term by either instance is the takeover.
             let deadline = at + Duration::from_secs(60);
-            while leader_index(&s, &ds).await.ok() != Some(other) {
+            let new_leader = loop {
+                match leader_term(&s, &ds).await.ok() {
+                    Some((l, _)) if l == other => break l,
+                    Some((l, t)) if matches!(fault, LeaderFault::Backends) && t > term => break l,
+                    _ => {}
+                }
                 if Instant::now() > deadline {
                     bail!("no takeover within 60 s of fault #{}", i + 1);
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            };
             let moved = Instant::now();
             // Takeover: from the fault to the first delivery after the lease moved (inserts
             // keep coming, so there is always one to make).
@@ -484,8 +492,9 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
                 .collect::<HashSet<u128>>()
                 .len();
             say(format!(
-                "{name} #{}: leader {leader} hit; the other delivered again {took:.3} s later",
-                i + 1
+                "{name} #{}: leader {leader} hit; {} delivered again {took:.3} s later",
+                i + 1,
+                if new_leader == other { "the other" } else { "it (new term)" }
             ));
             // The old leader rejoins as a standby.
             match fault {
@@ -505,7 +514,7 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
             }
             let t0 = Instant::now();
             let fresh = matches!(fault, LeaderFault::Kill9 | LeaderFault::Term);
-            while ds[leader].log().matches("standing by").count() <= if fresh { 0 } else { standing_by } {
+            while new_leader == other && ds[leader].log().matches("standing by").count() <= if fresh { 0 } else { standing_by } {
                 if t0.elapsed() > Duration::from_secs(60) {
                     bail!("the old leader did not stand by within 60 s; log:\n{}", ds[leader].log());
                 }
@@ -647,18 +656,28 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
 
 /// Which of the two daemons holds the lease now, by the pid in the lease row.
 async fn leader_index(s: &Scratch, ds: &[DaemonProc; 2]) -> Result<usize> {
+    Ok(leader_term(s, ds).await?.0)
+}
+
+/// Which daemon holds the lease, and its term (the fencing token).
+async fn leader_term(s: &Scratch, ds: &[DaemonProc; 2]) -> Result<(usize, i64)> {
     let c = s.client().await?;
-    let holder: Option<String> = c
+    let row = c
         .query_opt(
-            "SELECT holder_name FROM observer_leases WHERE listener_id = $1 AND expires_at > now()",
+            "SELECT holder_name, token FROM observer_leases WHERE listener_id = $1 AND expires_at > now()",
             &[&LISTENER],
         )
-        .await?
-        .and_then(|r| r.get(0));
+        .await?;
+    let (holder, token): (Option<String>, i64) = match row {
+        Some(r) => (r.get(0), r.get(1)),
+        None => (None, 0),
+    };
     let holder = holder.context("no instance holds the lease")?;
-    ds.iter()
+    let i = ds
+        .iter()
         .position(|d| d.pid().is_some_and(|p| holder.ends_with(&format!(":{p}"))))
-        .with_context(|| format!("the lease holder {holder} is neither daemon"))
+        .with_context(|| format!("the lease holder {holder} is neither daemon"))?;
+    Ok((i, token))
 }
 
 /// A scenario's error becomes a failed report (with the daemon's warnings) rather than an abort.
