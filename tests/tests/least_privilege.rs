@@ -89,8 +89,13 @@ impl Drop for Role {
 /// The test's usual config, logging in as `role`, with retention running every second so its
 /// DELETE grants are exercised.
 fn config_as(db: &TestDb, role: &Role, observers: &str) -> String {
+    config_with(db, role, "", observers)
+}
+
+/// [`config_as`] with a `[features]` body.
+fn config_with(db: &TestDb, role: &Role, features: &str, observers: &str) -> String {
     let config = db.config(&format!(
-        "[retention]\ninterval_secs = 1\naction_log_days = 1\ndead_letter_days = 1\nchange_log_days = 1\n\n{observers}"
+        "[features]\n{features}\n\n[retention]\ninterval_secs = 1\naction_log_days = 1\ndead_letter_days = 1\nchange_log_days = 1\n\n{observers}"
     ));
     config.replacen(&db.url, &role.url(&db.url), 1)
 }
@@ -117,11 +122,21 @@ async fn refused(db: &TestDb, config: &str) -> String {
 
 #[tokio::test]
 async fn runs_with_exactly_the_documented_grants() {
+    documented_grants_suffice("").await;
+}
+
+/// The search layer's audit trail is written, and purged by retention, with its documented grants.
+#[tokio::test]
+async fn runs_with_the_documented_grants_with_the_search_layer_on() {
+    documented_grants_suffice("search = true").await;
+}
+
+async fn documented_grants_suffice(features: &str) {
     let db = TestDb::new().await;
     let rx = Receiver::start().await;
     rx.set_path_status("/bad", 400);
     let role = Role::create(&db, None).await;
-    let mut d = Daemon::start(&db, &config_as(&db, &role, &observers(&rx))).await;
+    let mut d = Daemon::start(&db, &config_with(&db, &role, features, &observers(&rx))).await;
     for id in 1..=5 {
         db.insert_order(id, "new", 10.0).await;
     }
@@ -134,6 +149,12 @@ async fn runs_with_exactly_the_documented_grants() {
     })
     .await;
     db.wait_caught_up("test", Duration::from_secs(30)).await;
+    if features.contains("search") {
+        let rows = db
+            .json_rows("SELECT count(*) AS n FROM observer_audit")
+            .await;
+        assert_eq!(rows[0]["n"], 5, "one audit row per event: {rows:?}");
+    }
     // A retention pass (every second) has run with the role's DELETE grants.
     d.wait_log("retention", Duration::from_secs(10)).await;
     let logs = d.logs();
