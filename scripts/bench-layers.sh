@@ -4,15 +4,20 @@
 # Needs Postgres and Redis (scripts/setup.sh). Writes one JSON report per run under
 # target/bench-layers/ and prints a summary table. See docs/benchmarks.md.
 #
-#   scripts/bench-layers.sh [--events N] [--latency-secs S]
+#   scripts/bench-layers.sh [--events N] [--latency-secs S] [--only REGEX]
+#
+# --only runs the phases whose name matches the (extended) regular expression, e.g.
+# --only '^(checkpoint|search|queue)' for the search and queue figures beside their baseline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 events=100000
 latency_secs=10
+only=
 while [ $# -gt 0 ]; do
   case "$1" in
     --events) events="$2"; shift 2 ;;
     --latency-secs) latency_secs="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -49,6 +54,7 @@ runs=(
 printf '%-30s %10s %10s %10s %10s\n' "run" "events/s" "p50 ms" "p99 ms" "peak RSS"
 for r in "${runs[@]}"; do
   IFS='|' read -r name delay record flags <<<"$r"
+  if [ -n "$only" ] && ! grep -Eq -- "$only" <<<"$name"; then continue; fi
   n=$events
   # The 20 ms sink without concurrency takes 20 ms per event: keep that run short.
   if [ "$delay" != 0 ] && [[ "$flags" != *concurrent* ]]; then n=500; fi

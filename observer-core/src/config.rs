@@ -254,7 +254,8 @@ pub struct ListenerConfig {
     pub poll_interval_ms: u64,
     /// Where to begin when there is no checkpoint.
     pub start_from: StartFrom,
-    /// Events read but not yet completed before reading pauses (bounds memory).
+    /// Events read but not yet completed, and completed rows not yet written, before reading
+    /// pauses (bounds memory).
     pub max_pending_events: usize,
     /// How long shutdown waits for in-flight actions before handing them back.
     pub shutdown_timeout_ms: u64,

@@ -582,7 +582,11 @@ pub async fn run(
                     });
                 }
             }
+            // Completed work waiting for the writer counts too: a writer slower than delivery
+            // (the audit trail's full-text index, a slow disk) pauses reading instead of
+            // piling records up in memory.
             batch = rx.recv(), if tracker.pending() < max_pending
+                && recorder.buffered() < max_pending
                 && !writer_stalled.load(std::sync::atomic::Ordering::Relaxed) => {
                 let items = match batch {
                     Some(Ok(items)) => items,
