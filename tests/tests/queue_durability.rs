@@ -145,7 +145,7 @@ async fn backlog(url: &str, n: usize) {
 async fn a_backlog_of_jobs_is_drained() {
     // 10,000 by default so a debug build finishes in about 15 s on a shared 2-core machine (it
     // drains ~650 jobs/s there, CPU-bound in the debug worker); QUEUE_BACKLOG_JOBS=100000 runs
-    // the full backlog (docs/benchmarks.md has the release figure).
+    // the full backlog (docs/benchmarks.md has its figure).
     let n: usize = std::env::var("QUEUE_BACKLOG_JOBS")
         .ok()
         .and_then(|v| v.parse().ok())
