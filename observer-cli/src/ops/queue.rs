@@ -112,12 +112,12 @@ fn check_name(q: &str) -> Result<()> {
     Ok(())
 }
 
+/// The figures of every queue: those the observers name and those found in Redis.
 #[cfg(feature = "queue")]
-async fn stats(
+async fn every_queue(
     app: &App,
     queue: &observer_features::queue::JobQueue,
-    json: bool,
-) -> Result<ExitCode> {
+) -> Result<Vec<observer_features::queue::QueueStats>, observer_features::queue::QueueError> {
     let mut names: Vec<String> = app
         .config
         .observers
@@ -131,6 +131,16 @@ async fn stats(
     for n in &names {
         all.push(queue.stats(n).await?);
     }
+    Ok(all)
+}
+
+#[cfg(feature = "queue")]
+async fn stats(
+    app: &App,
+    queue: &observer_features::queue::JobQueue,
+    json: bool,
+) -> Result<ExitCode> {
+    let all = every_queue(app, queue).await?;
     if json {
         print_json(&json!({"redis": queue.server(), "queues": all}))?;
         return Ok(ExitCode::SUCCESS);
@@ -309,23 +319,7 @@ pub async fn status_section(app: &App) -> Option<serde_json::Value> {
             Err(e) => return Some(json!({"reachable": false, "error": format!("{e:#}")})),
         };
         let queue = observer_features::queue::JobQueue::new(redis, app.config.queue.dedup_ttl_secs);
-        let read = async {
-            let mut names: Vec<String> = app
-                .config
-                .observers
-                .iter()
-                .filter_map(|o| o.queue.clone())
-                .collect();
-            names.extend(queue.discover().await?);
-            names.sort();
-            names.dedup();
-            let mut all = Vec::new();
-            for n in &names {
-                all.push(queue.stats(n).await?);
-            }
-            Ok::<_, observer_features::queue::QueueError>(all)
-        };
-        match read.await {
+        match every_queue(app, &queue).await {
             Ok(all) if all.is_empty() && !configured => None,
             Ok(all) => Some(json!({
                 "reachable": true,

@@ -315,20 +315,6 @@ impl Workers {
                 AttemptResult::Delivered | AttemptResult::Enqueued { .. } => "delivered",
                 AttemptResult::Duplicate => "duplicate",
                 AttemptResult::ConditionFalse => "condition_false",
-                AttemptResult::Permanent => {
-                    self.metrics.count(queue, "failed");
-                    let e = error.unwrap_or_else(|| "failed".into());
-                    return self.dead(
-                        queue,
-                        &job,
-                        &event,
-                        &observer,
-                        kind,
-                        attempts,
-                        "permanent_failure",
-                        e,
-                    );
-                }
                 AttemptResult::Retry { after_ms } if n < policy.max_attempts => {
                     self.metrics.count(queue, "failed");
                     self.metrics.count(queue, "retried");
@@ -352,19 +338,17 @@ impl Workers {
                     tokio::time::sleep(delay).await;
                     continue;
                 }
-                AttemptResult::Retry { .. } | AttemptResult::Deferred { .. } => {
+                AttemptResult::Permanent
+                | AttemptResult::Retry { .. }
+                | AttemptResult::Deferred { .. } => {
                     self.metrics.count(queue, "failed");
+                    let reason = if matches!(result, AttemptResult::Permanent) {
+                        "permanent_failure"
+                    } else {
+                        "retries_exhausted"
+                    };
                     let e = error.unwrap_or_else(|| "failed".into());
-                    return self.dead(
-                        queue,
-                        &job,
-                        &event,
-                        &observer,
-                        kind,
-                        attempts,
-                        "retries_exhausted",
-                        e,
-                    );
+                    return self.dead(queue, &job, &event, &observer, kind, attempts, reason, e);
                 }
             };
             self.metrics.count(queue, "completed");

@@ -655,10 +655,6 @@ async fn failover(setup: &Setup, size: Size, name: &str, fault: LeaderFault) -> 
 }
 
 /// Which of the two daemons holds the lease now, by the pid in the lease row.
-async fn leader_index(s: &Scratch, ds: &[DaemonProc; 2]) -> Result<usize> {
-    Ok(leader_term(s, ds).await?.0)
-}
-
 /// Which daemon holds the lease, and its term (the fencing token).
 async fn leader_term(s: &Scratch, ds: &[DaemonProc; 2]) -> Result<(usize, i64)> {
     let c = s.client().await?;
