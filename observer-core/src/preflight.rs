@@ -102,7 +102,11 @@ pub fn needs(objects: &Objects, cfg: &Config) -> Vec<Need> {
         }
         if r.action_log_days > 0 && cfg.features.search {
             for p in ["SELECT", "DELETE"] {
-                v.push(need(&objects.audit, p, "[retention] action_log_days (the audit trail)"));
+                v.push(need(
+                    &objects.audit,
+                    p,
+                    "[retention] action_log_days (the audit trail)",
+                ));
             }
             v.push(need(
                 &objects.search_index,

@@ -24,7 +24,9 @@ pub mod rate_limit;
 #[cfg(feature = "caching")]
 pub mod caching;
 
-#[cfg(feature = "search")]
-pub mod search;
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "queue")]
 pub mod queue;
+#[cfg(feature = "search")]
+pub mod search;
