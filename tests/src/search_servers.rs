@@ -132,7 +132,7 @@ async fn bulk(
             .into_response();
     }
     let lines: Vec<&str> = text.lines().collect();
-    if lines.len() % 2 != 0 {
+    if !lines.len().is_multiple_of(2) {
         return (
             StatusCode::BAD_REQUEST,
             axum::Json(error_body(
