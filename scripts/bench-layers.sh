@@ -21,6 +21,11 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+if [ -n "$only" ]; then
+  # grep exits 2 on a bad expression; say so instead of skipping every phase.
+  rc=0; grep -Eq -- "$only" <<<"" 2>/dev/null || rc=$?
+  if [ "$rc" -gt 1 ]; then echo "--only: not a valid extended regular expression: $only" >&2; exit 2; fi
+fi
 scripts/setup.sh
 cargo build --release --quiet -p observer-cli -p observer-bench
 bin=target/release

@@ -87,6 +87,8 @@ async fn redis_killed_and_restarted_with_aof_loses_no_job() {
         (xlen(&redis.url()).await == 0).then_some(())
     })
     .await;
+    // A grace period in which a duplicate delivery would still arrive (an absence has no
+    // condition to wait for).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ids: HashSet<String> = got
         .iter()

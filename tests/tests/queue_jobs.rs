@@ -359,6 +359,8 @@ async fn switching_the_layer_off_still_works_off_the_jobs_left_in_the_queue() {
     })
     .await;
     db.wait_caught_up("test", T).await;
+    // A grace period in which a duplicate delivery would still arrive (an absence has no
+    // condition to wait for).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let ids: std::collections::HashSet<String> = rx
         .requests()
