@@ -84,6 +84,28 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
     if role == Role::QueueWorker {
         return queue_worker(&app, &cfg, &actions, &layers, Arc::new(observers), endpoint).await;
     }
+    if matches!(role, Role::Publisher | Role::Worker) && !cfg.features.nats {
+        anyhow::bail!(
+            "--role {} needs the `nats` layer: set features.nats = true (OBSERVER__FEATURES__NATS=true) with its [nats] section, \
+             and create the stream with `fraiseql-observers migrate --nats`",
+            if role == Role::Publisher { "publisher" } else { "worker" }
+        );
+    }
+    if role == Role::Worker {
+        return crate::nats::worker(&app, &cfg, &actions, &layers, Arc::new(observers), endpoint)
+            .await;
+    }
+    // A publisher runs the same listener with one observer that forwards every event to the
+    // stream (observer_core::forward), through its own small stack (`stack::build_publisher`).
+    let publishing = role == Role::Publisher;
+    let (cfg, observers) = if publishing {
+        let forwarder = crate::nats::forwarder(&cfg, &layers).await?;
+        let observers = observer_core::forward::forwarding_observers(forwarder);
+        metrics.init_observer(observer_core::forward::PUBLISHER_OBSERVER, &["forward"]);
+        (Arc::new(stack::publisher_config(&cfg)), observers)
+    } else {
+        (cfg, observers)
+    };
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "host".into());
@@ -119,19 +141,25 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
         observers = ctx.observers.borrow().list.len(),
         checkpoint = cfg.features.checkpoint,
         failover = cfg.features.failover,
+        role = ?role,
         "starting"
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     // The stack is rebuilt from the current config whenever a reload is accepted.
     let current = Arc::new(std::sync::RwLock::new(cfg.clone()));
-    tokio::spawn(reload_on_hup(
-        app.config_path.clone(),
-        current.clone(),
-        observers_tx,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
+    if publishing {
+        // Its observers are not the file's: a reload has nothing to change.
+        tokio::spawn(ignore_hup(observers_tx, shutdown.clone()));
+    } else {
+        tokio::spawn(reload_on_hup(
+            app.config_path.clone(),
+            current.clone(),
+            observers_tx,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     #[cfg(feature = "queue")]
     let (layers_for_jobs, current_for_jobs) = (layers.clone(), current.clone());
     let make = move || {
@@ -139,14 +167,18 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
             .read()
             .map(|c| c.clone())
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
-        stack::build(&cfg, actions.clone(), &layers)
+        if publishing {
+            stack::build_publisher(&cfg, actions.clone())
+        } else {
+            stack::build(&cfg, actions.clone(), &layers)
+        }
     };
     // Owned: stopped by the same token and awaited before we return.
     let retention = tokio::spawn(retention_pass(
         pool.clone(),
         app.objects.clone(),
         cfg.retention.clone(),
-        cfg.features.search,
+        app.config.features.search,
         shutdown.clone(),
     ));
     let indexer = search_indexer(&app, &metrics, shutdown.clone())?;
@@ -236,7 +268,7 @@ async fn queue_worker(
 }
 
 /// What `queue_worker` needs of the metrics endpoint.
-trait Stoppable {
+pub(crate) trait Stoppable {
     async fn stop(self);
 }
 
@@ -453,7 +485,7 @@ fn load_checked(path: Option<&Path>) -> Result<(Config, Observers)> {
 
 /// SIGHUP: reload the file, validate it completely, and only then swap observers and the
 /// executor stack (layer toggles and their settings); on any error keep running as before.
-async fn reload_on_hup(
+pub(crate) async fn reload_on_hup(
     path: Option<std::path::PathBuf>,
     current: Arc<std::sync::RwLock<Arc<Config>>>,
     observers: tokio::sync::watch::Sender<Arc<Observers>>,
@@ -504,7 +536,25 @@ async fn reload_on_hup(
     }
 }
 
-async fn signals(shutdown: CancellationToken) {
+/// SIGHUP for a publisher: logged and otherwise ignored (its one observer does not come from
+/// the file; restart it to change `[nats]` or `[listener]`).
+async fn ignore_hup(
+    _observers: tokio::sync::watch::Sender<Arc<Observers>>,
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = hup.recv() => tracing::info!("SIGHUP: a publisher has no observers to reload; restart it to change its settings"),
+        }
+    }
+}
+
+pub(crate) async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -6,6 +6,7 @@ mod daemon;
 mod jobs;
 mod listen;
 mod log_fields;
+mod nats;
 mod ops;
 mod role;
 mod setup;
@@ -39,7 +40,8 @@ enum Command {
     /// Run the daemon: tail the change log and execute observers until SIGTERM/SIGINT.
     Run {
         /// What this process does: `all` (the listener, and job workers when the `queue`
-        /// layer has any), or `queue-worker` (only the job workers).
+        /// layer has any), `queue-worker` (only the job workers), `publisher` (the listener,
+        /// publishing events to NATS JetStream) or `worker` (working events off JetStream).
         #[arg(long, value_enum, default_value_t = role::Role::All)]
         role: role::Role,
     },

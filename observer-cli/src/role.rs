@@ -11,4 +11,10 @@ pub enum Role {
     /// Only work off the job queues (the `queue` layer), no change-log listener: scale the job
     /// workers out on their own.
     QueueWorker,
+    /// Tail the change log and publish every event to the NATS JetStream stream of `[nats]`
+    /// instead of running actions (the `nats` layer; failover-protected like any listener).
+    Publisher,
+    /// Work events off the JetStream stream through the executor stack: no change-log
+    /// listener; run any number of them (the `nats` layer).
+    Worker,
 }

@@ -39,6 +39,9 @@ pub struct MigrateArgs {
     /// Also install the index template in the `[search]` cluster (backend `elasticsearch`).
     #[arg(long)]
     search: bool,
+    /// Also create (or check) the NATS JetStream stream and the partition consumers of `[nats]`.
+    #[arg(long)]
+    nats: bool,
 }
 
 pub async fn migrate(config: Option<&Path>, args: MigrateArgs) -> Result<()> {
@@ -58,7 +61,37 @@ pub async fn migrate(config: Option<&Path>, args: MigrateArgs) -> Result<()> {
     if args.search {
         println!("{}", crate::ops::search::install_template(&app).await?);
     }
+    if args.nats {
+        println!("{}", migrate_nats(&app.config).await?);
+    }
     Ok(())
+}
+
+/// `migrate --nats`: the stream and one consumer per partition, created or checked.
+#[cfg(feature = "nats")]
+async fn migrate_nats(cfg: &observer_core::config::Config) -> Result<String> {
+    let n = &cfg.nats;
+    let s = observer_features::nats::stream::ensure(n, true).await?;
+    Ok(format!(
+        "nats {}: stream `{}` {} (subjects `{}.>`, work-queue retention, file storage, max {} messages / {} bytes, duplicate window {} s); \
+         {} partition consumers ({} created, {} checked: max_ack_pending 1, ack wait {} ms)",
+        s.server,
+        n.stream,
+        if s.stream_created { "created" } else { "checked" },
+        n.subject_prefix,
+        n.max_messages,
+        n.max_bytes,
+        n.duplicate_window_secs,
+        n.partitions,
+        s.consumers_created,
+        s.consumers_checked,
+        n.backoff_ms.first().copied().unwrap_or(n.ack_wait_ms),
+    ))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn migrate_nats(_cfg: &observer_core::config::Config) -> Result<String> {
+    anyhow::bail!("--nats needs the `nats` layer, and this binary was built without it (cargo feature `nats`)")
 }
 
 pub async fn capture(config: Option<&Path>, cmd: CaptureCommand) -> Result<()> {

@@ -26,6 +26,7 @@ pub const BUILT: &[(&str, bool)] = &[
     ("failover", cfg!(feature = "failover")),
     ("search", cfg!(feature = "search")),
     ("queue", cfg!(feature = "queue")),
+    ("nats", cfg!(feature = "nats")),
 ];
 
 /// Fails when config switches on a layer this binary was built without.
@@ -126,6 +127,9 @@ pub struct LayerState {
     /// The `observer_queue_*` series (registered once per process).
     #[cfg(feature = "queue")]
     pub queue: Arc<observer_features::queue::QueueMetrics>,
+    /// The `observer_nats_*` series (registered once per process).
+    #[cfg(feature = "nats")]
+    pub nats: Arc<observer_features::nats::NatsMetrics>,
 }
 
 impl LayerState {
@@ -145,6 +149,11 @@ impl LayerState {
             queue: Arc::new(
                 observer_features::queue::QueueMetrics::register(&metrics.registry)
                     .expect("the queue series are registered once per process"),
+            ),
+            #[cfg(feature = "nats")]
+            nats: Arc::new(
+                observer_features::nats::NatsMetrics::register(&metrics.registry)
+                    .expect("the nats series are registered once per process"),
             ),
             metrics,
         }
@@ -180,6 +189,37 @@ pub fn build(cfg: &Config, ctx: ActionContext, state: &LayerState) -> BoxExecuto
         // Claims only what is about to run; confirms or releases after the result.
         .option_layer(dedup(cfg, &ctx, state))
         .option_layer(timeout.filter(|_| f.concurrent))
+        .service(CoreExecutor::new(ctx));
+    BoxExecutor::new(stack)
+}
+
+/// The configuration a publisher (`run --role publisher`) runs the loop with: its one
+/// observer only forwards, so the layers that guard destinations (dedup, breaker, rate limit,
+/// queue) have nothing to do — the workers run them; the audit trail is the workers' too; and
+/// the action log records only forwards that needed a retry (`failures`), unless it is off.
+pub fn publisher_config(cfg: &Config) -> Config {
+    let mut p = cfg.clone();
+    let f = &mut p.features;
+    (
+        f.dedup,
+        f.circuit_breaker,
+        f.rate_limit,
+        f.queue,
+        f.search,
+        f.caching,
+    ) = (false, false, false, false, false, false);
+    if p.action_log.record == observer_core::config::RecordMode::All {
+        p.action_log.record = observer_core::config::RecordMode::Failures;
+    }
+    p
+}
+
+/// The publisher's executor: the core executor (whose only action forwards to JetStream) under
+/// a concurrency limit of `nats.max_outstanding_acks`: that many publishes wait for their
+/// acknowledgement at once, in place of one round trip per event.
+pub fn build_publisher(cfg: &Config, ctx: ActionContext) -> BoxExecutor {
+    let stack = ServiceBuilder::new()
+        .concurrency_limit(cfg.nats.max_outstanding_acks.max(1))
         .service(CoreExecutor::new(ctx));
     BoxExecutor::new(stack)
 }

@@ -152,6 +152,8 @@ pub enum CompiledAction {
     Email(crate::actions::email::Email),
     RedisPublish(crate::actions::redis_publish::RedisPublish),
     Cache(crate::actions::cache::Cache),
+    /// The publisher role's only action: hand the event to another system (`forward.rs`).
+    Forward(crate::forward::Forward),
 }
 
 impl CompiledAction {
@@ -166,6 +168,7 @@ impl CompiledAction {
             CompiledAction::Slack(s) => s.destination(),
             CompiledAction::Email(e) => Some(e.destination()),
             CompiledAction::RedisPublish(_) | CompiledAction::Cache(_) => Some("redis".into()),
+            CompiledAction::Forward(f) => Some(f.to.destination()),
         }
     }
 
@@ -182,6 +185,7 @@ impl CompiledAction {
             CompiledAction::Email(e) => e.templates(),
             CompiledAction::RedisPublish(r) => r.templates(),
             CompiledAction::Cache(c) => c.templates(),
+            CompiledAction::Forward(_) => Vec::new(),
         }
     }
 
@@ -194,6 +198,7 @@ impl CompiledAction {
             CompiledAction::Email(_) => "email",
             CompiledAction::RedisPublish(_) => "redis_publish",
             CompiledAction::Cache(_) => "cache",
+            CompiledAction::Forward(_) => "forward",
         }
     }
 }
@@ -645,6 +650,7 @@ impl CompiledAction {
             CompiledAction::Email(e) => e.send(ctx, scope).await,
             CompiledAction::RedisPublish(r) => r.publish(ctx, scope).await,
             CompiledAction::Cache(c) => c.invalidate(ctx, scope).await,
+            CompiledAction::Forward(f) => f.send(scope.event).await,
         };
         Attempt {
             attempt,

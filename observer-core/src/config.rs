@@ -34,6 +34,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub outbound: OutboundConfig,
     pub queue: QueueConfig,
+    pub nats: NatsConfig,
     pub observers: Vec<ObserverConfig>,
 }
 
@@ -72,6 +73,99 @@ impl QueueConfig {
     pub fn workers_for(&self, queue: &str) -> usize {
         self.per_queue.get(queue).copied().unwrap_or(self.workers)
     }
+}
+
+/// `[nats]`: the `nats` layer (docs/scaling.md): the JetStream stream a `run --role publisher`
+/// process publishes change events to, and the consumers `run --role worker` processes work
+/// them off from. `migrate --nats` creates or checks the stream and the consumers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// The server(s): `nats://host:port`, several separated by commas. Credentials may be given
+    /// as `nats://user:password@host:port` (use `${env:NAME}` for the password); never logged.
+    pub url: String,
+    /// The stream's name.
+    pub stream: String,
+    /// Subjects are `<subject_prefix>.<entity>.<partition>`; the stream holds `<subject_prefix>.>`.
+    pub subject_prefix: String,
+    /// Partitions: events of one (entity, entity id) always go to the same one; at most one
+    /// event per partition is worked on at a time across all workers. Fixed once the stream has
+    /// messages (changing it would move entities between partitions mid-stream).
+    pub partitions: u32,
+    /// Copies of the stream in a NATS cluster (1 on a single server).
+    pub replicas: usize,
+    /// The stream refuses new events beyond this many waiting (-1: no limit); the publisher
+    /// then retries, and the checkpoint waits. It never drops old ones (discard policy `new`).
+    pub max_messages: i64,
+    /// The same, in bytes (-1: no limit).
+    pub max_bytes: i64,
+    /// How long the stream remembers an event id (`Nats-Msg-Id`): a publisher that republishes
+    /// after a crash or a takeover within this window stores nothing twice.
+    pub duplicate_window_secs: u64,
+    /// Publishes whose acknowledgement the publisher waits for at once.
+    pub max_outstanding_acks: usize,
+    /// How long the publisher waits for one acknowledgement before retrying the event.
+    pub publish_timeout_ms: u64,
+    /// The workers' durable consumers are `<consumer_prefix>-<partition>`.
+    pub consumer_prefix: String,
+    /// A delivery not acknowledged (nor reported in progress) for this long goes to another
+    /// worker: the worker that had it died or hangs.
+    pub ack_wait_ms: u64,
+    /// Deliveries of one event that may end without completing (the worker died, hung or was
+    /// stopped); the next delivery writes it to the dead-letter table (reason
+    /// `max_deliver_exceeded`) instead of running it.
+    pub max_deliver: i64,
+    /// Redelivery backoff: the wait before the n-th redelivery (the last value repeats). Empty:
+    /// `ack_wait_ms` each time. JetStream uses the first value in place of `ack_wait_ms`.
+    pub backoff_ms: Vec<u64>,
+    /// While an event's actions run, the worker tells the server it is still working on it this
+    /// often, so a long action is not redelivered; below the ack wait.
+    pub progress_interval_ms: u64,
+    /// How long connecting to the server may take before it is an error.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "OBSERVER_EVENTS".into(),
+            subject_prefix: "observer".into(),
+            partitions: 64,
+            replicas: 1,
+            max_messages: 10_000_000,
+            max_bytes: 8 << 30,
+            duplicate_window_secs: 300,
+            max_outstanding_acks: 512,
+            publish_timeout_ms: 5_000,
+            consumer_prefix: "observer-worker".into(),
+            ack_wait_ms: 30_000,
+            max_deliver: 5,
+            backoff_ms: Vec::new(),
+            progress_interval_ms: 10_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Whether `name` can name a JetStream stream or consumer: 1-64 letters, digits, `-` or `_`.
+pub fn valid_nats_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+}
+
+/// Whether `prefix` can start subjects: tokens of letters, digits, `-` or `_`, separated by dots.
+pub fn valid_subject_prefix(prefix: &str) -> bool {
+    !prefix.is_empty()
+        && prefix.len() <= 128
+        && prefix.split('.').all(|t| {
+            !t.is_empty()
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        })
 }
 
 impl Config {
@@ -297,6 +391,8 @@ pub struct FeaturesConfig {
     pub failover: bool,
     pub search: bool,
     pub queue: bool,
+    /// Scale-out over NATS JetStream: allows `run --role publisher` and `run --role worker`
+    /// (cargo feature `nats`).
     pub nats: bool,
 }
 
@@ -1239,6 +1335,109 @@ impl Config {
                     "is not a queue name: expected 1-64 letters, digits, `-`, `_` or `.`".into(),
                 ));
             }
+        }
+        let n = &self.nats;
+        range("nats.partitions", n.partitions as i128, 1, 4096, "");
+        range("nats.replicas", n.replicas as i128, 1, 5, "");
+        range(
+            "nats.max_messages",
+            n.max_messages as i128,
+            -1,
+            i64::MAX as i128,
+            "",
+        );
+        range(
+            "nats.max_bytes",
+            n.max_bytes as i128,
+            -1,
+            i64::MAX as i128,
+            " bytes",
+        );
+        range(
+            "nats.duplicate_window_secs",
+            n.duplicate_window_secs as i128,
+            1,
+            7 * 86_400,
+            " s",
+        );
+        range(
+            "nats.max_outstanding_acks",
+            n.max_outstanding_acks as i128,
+            1,
+            65_536,
+            "",
+        );
+        range(
+            "nats.publish_timeout_ms",
+            n.publish_timeout_ms as i128,
+            10,
+            600_000,
+            " ms",
+        );
+        range(
+            "nats.ack_wait_ms",
+            n.ack_wait_ms as i128,
+            100,
+            86_400_000,
+            " ms",
+        );
+        range("nats.max_deliver", n.max_deliver as i128, 1, 1_000_000, "");
+        range(
+            "nats.progress_interval_ms",
+            n.progress_interval_ms as i128,
+            10,
+            86_400_000,
+            " ms",
+        );
+        range(
+            "nats.connect_timeout_ms",
+            n.connect_timeout_ms as i128,
+            1,
+            600_000,
+            " ms",
+        );
+        for (i, b) in n.backoff_ms.iter().enumerate() {
+            range(
+                &format!("nats.backoff_ms[{i}]"),
+                *b as i128,
+                100,
+                86_400_000,
+                " ms",
+            );
+        }
+        if n.max_messages == 0 || n.max_bytes == 0 {
+            extra.push((
+                "nats.max_messages".into(),
+                "0 would refuse every event: use -1 for no limit".into(),
+            ));
+        }
+        let shortest_wait = n.backoff_ms.first().copied().unwrap_or(n.ack_wait_ms);
+        if n.progress_interval_ms >= shortest_wait {
+            extra.push((
+                "nats.progress_interval_ms".into(),
+                format!("{} ms is not below the ack wait ({shortest_wait} ms): a long action would be redelivered while it runs", n.progress_interval_ms),
+            ));
+        }
+        if !valid_nats_name(&n.stream) {
+            extra.push((
+                "nats.stream".into(),
+                "is not a stream name: expected 1-64 letters, digits, `-` or `_`".into(),
+            ));
+        }
+        if !valid_nats_name(&n.consumer_prefix) || n.consumer_prefix.len() > 56 {
+            extra.push((
+                "nats.consumer_prefix".into(),
+                "is not a consumer name prefix: expected 1-56 letters, digits, `-` or `_`".into(),
+            ));
+        }
+        if !valid_subject_prefix(&n.subject_prefix) {
+            extra.push(("nats.subject_prefix".into(), "is not a subject prefix: expected tokens of letters, digits, `-` or `_` separated by `.`".into()));
+        }
+        if n.url.trim().is_empty() {
+            extra.push((
+                "nats.url".into(),
+                "is empty: expected nats://host:port".into(),
+            ));
         }
         range(
             "concurrent.max_in_flight",

@@ -12,6 +12,7 @@ pub mod config;
 pub mod enrich;
 pub mod event;
 pub mod executor;
+pub mod forward;
 pub mod http_server;
 pub mod leadership;
 pub mod metrics;

@@ -192,11 +192,32 @@ fn restart_delay(previous: Duration, progressed: bool, ran_for: Duration) -> Dur
     }
 }
 
-/// One item read from the change log, with the position that completing it reaches.
-enum Item {
+/// One item for the loop: read from the change log (with the position that completing it
+/// reaches), or taken from a message stream (with what to do once its outcomes are durable).
+pub enum Item {
     Row(ChangeRow, Position),
     /// A window was drained: completing everything before it reaches `Position::at(hi)`.
     WindowEnd(Position),
+    /// An event from a message stream (`run --role worker`): matched and executed like a row;
+    /// `Settle` is called once its outcomes (action log, dead letters) are durable.
+    Message(ChangeEvent, Box<dyn Settle>),
+    /// A message that is not run but dead-lettered at once (it cannot be decoded, or it was
+    /// delivered more often than allowed), then settled like a completed one.
+    Refused {
+        event_id: Option<uuid::Uuid>,
+        pk: i64,
+        raw: serde_json::Value,
+        reason: &'static str,
+        error: String,
+        settle: Box<dyn Settle>,
+    },
+}
+
+/// What a message source does with a message once the loop is done with it.
+pub trait Settle: Send {
+    /// Called once the message's outcomes are durable: acknowledge it. A `Settle` dropped
+    /// without this call (the run ended first) is not done: its message must be delivered again.
+    fn done(self: Box<Self>);
 }
 
 /// The LISTEN connection: holds the listener lock and wakes the reader on NOTIFY.
@@ -321,8 +342,14 @@ type EventMark = (uuid::Uuid, i64, chrono::DateTime<Utc>);
 
 #[derive(Default)]
 struct Tracker {
-    /// (sequence, position reached when done, done, the event it is — None for markers).
-    slots: VecDeque<(u64, Position, bool, Option<EventMark>)>,
+    /// (sequence, position reached when done — None for messages, done, the event it is — None
+    /// for markers).
+    slots: VecDeque<(u64, Option<Position>, bool, Option<EventMark>)>,
+    /// Messages in progress: settled (in any order, not only at the watermark) once done and
+    /// recorded.
+    settles: HashMap<u64, Box<dyn Settle>>,
+    /// Done messages waiting for their outcomes to be written.
+    settled: Vec<Box<dyn Settle>>,
     next_seq: u64,
     watermark: Option<Position>,
     completed_events: i64,
@@ -330,14 +357,25 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn push(&mut self, pos: Position, event: Option<EventMark>) -> u64 {
+    fn push(
+        &mut self,
+        pos: Option<Position>,
+        event: Option<EventMark>,
+        settle: Option<Box<dyn Settle>>,
+    ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.slots.push_back((seq, pos, false, event));
+        if let Some(s) = settle {
+            self.settles.insert(seq, s);
+        }
         seq
     }
 
     fn complete(&mut self, seq: u64) {
+        if let Some(s) = self.settles.remove(&seq) {
+            self.settled.push(s);
+        }
         if let Some(front) = self.slots.front().map(|s| s.0) {
             if let Some(slot) = seq
                 .checked_sub(front)
@@ -348,7 +386,9 @@ impl Tracker {
         }
         while matches!(self.slots.front(), Some(s) if s.2) {
             if let Some((_, pos, _, ev)) = self.slots.pop_front() {
-                self.watermark = Some(pos);
+                if pos.is_some() {
+                    self.watermark = pos;
+                }
                 if ev.is_some() {
                     self.completed_events += 1;
                     self.last_event = ev;
@@ -372,10 +412,6 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let cfg = &ctx.config;
     let metrics = ctx.metrics.clone();
-    let mut live = ctx.observers.clone();
-    let mut observers = live.borrow_and_update().clone();
-    let mut live_open = true;
-    let mut executor = make_executor();
     let listener = cfg.listener.id.as_str();
     let wake = Arc::new(Notify::new());
     let listen = listen_connection(ctx, wake.clone()).await?;
@@ -390,7 +426,6 @@ pub async fn run(
     // Until the run ends, whichever way: 1 while this process leads.
     metrics.leader.set(1);
     let _not_leader = LeaderGauge(metrics.clone());
-    let term_lost = term.lost();
     listen
         .client
         .batch_execute(&format!(
@@ -473,13 +508,82 @@ pub async fn run(
     ));
     let _stop_reader = reader_stop.clone().drop_guard();
 
+    let (result, reached) = drive(Drive {
+        cfg,
+        objects: &ctx.objects,
+        metrics: metrics.clone(),
+        observers: ctx.observers.clone(),
+        make_executor,
+        shutdown,
+        source_lost: listen.lost.clone(),
+        term: term.clone(),
+        book,
+        checkpoint: ctx.checkpoint.clone().zip(epoch),
+        start: Some(start),
+        rx: &mut rx,
+        stop_source: reader_stop.clone(),
+    })
+    .await;
+    reader.abort();
+    // Only after the last write: a standby that takes over from here resumes where we stopped.
+    if !matches!(&result, Err(e) if e.is_lost_leadership()) {
+        term.release().await;
+    }
+    *resume = reached;
+    result
+}
+
+/// What one drive of the loop works on: where items come from, where outcomes go.
+struct Drive<'a> {
+    cfg: &'a Config,
+    objects: &'a Arc<Objects>,
+    metrics: Arc<crate::metrics::Metrics>,
+    observers: tokio::sync::watch::Receiver<Arc<Observers>>,
+    make_executor: &'a (dyn Fn() -> BoxExecutor + Send + Sync),
+    shutdown: CancellationToken,
+    /// Cancelled when the source of items is lost (the LISTEN connection): the run ends.
+    source_lost: CancellationToken,
+    term: Arc<dyn Term>,
+    /// The writer's connection.
+    book: tokio_postgres::Client,
+    checkpoint: Option<(Arc<dyn CheckpointStore>, i64)>,
+    /// The watermark to start from (the change log's position; `None` for messages).
+    start: Option<Position>,
+    rx: &'a mut mpsc::Receiver<Result<Vec<Item>, String>>,
+    /// Cancelled when the loop stops taking items.
+    stop_source: CancellationToken,
+}
+
+/// The loop itself: match → execute → record, for items from any source, until shutdown or
+/// the first failure. Returns how it ended and the completion watermark reached.
+async fn drive(d: Drive<'_>) -> (Result<(), RunError>, Option<Position>) {
+    let Drive {
+        cfg,
+        objects,
+        metrics,
+        observers: mut live,
+        make_executor,
+        shutdown,
+        source_lost,
+        term,
+        book,
+        checkpoint,
+        start,
+        rx,
+        stop_source,
+    } = d;
+    let listener = cfg.listener.id.as_str();
+    let mut observers = live.borrow_and_update().clone();
+    let mut live_open = true;
+    let mut executor = make_executor();
+    let term_lost = term.lost();
     let audit = cfg.features.search.then_some(crate::store::AuditMode {
         include_data: cfg.search.include_data,
     });
     let mut recorder =
-        Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record).with_audit(audit);
+        Recorder::new(objects.clone(), listener, cfg.action_log.record).with_audit(audit);
     let mut tracker = Tracker {
-        watermark: Some(start),
+        watermark: start,
         ..Tracker::default()
     };
     let mut sent_watermark: Option<Position> = None;
@@ -494,8 +598,8 @@ pub async fn run(
     let writer = tokio::spawn(write_loop(
         writer_stalled.clone(),
         book,
-        Recorder::new(ctx.objects.clone(), listener, cfg.action_log.record).with_audit(audit),
-        ctx.checkpoint.clone().zip(epoch),
+        Recorder::new(objects.clone(), listener, cfg.action_log.record).with_audit(audit),
+        checkpoint,
         term.clone(),
         listener.to_string(),
         job_rx,
@@ -515,7 +619,7 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
-            _ = listen.lost.cancelled() => break Err(RunError::ListenLost),
+            _ = source_lost.cancelled() => break Err(RunError::ListenLost),
             _ = term_lost.cancelled() => break Err(RunError::LeaseLost(format!("term {} ended", term.token()))),
             failed = &mut writer_failed => match failed {
                 Ok(e) => break Err(e.into()),
@@ -528,12 +632,12 @@ pub async fn run(
                 metrics.in_flight.set(inflight.len() as i64);
                 observe_lag(&tracker, &metrics);
                 let moved = tracker.watermark != sent_watermark;
-                if recorder.is_empty() && !moved && last_sent.elapsed() < Duration::from_secs(5) {
+                if recorder.is_empty() && !moved && tracker.settled.is_empty() && last_sent.elapsed() < Duration::from_secs(5) {
                     continue;
                 }
                 // Busy writer: keep accumulating; the next tick tries again.
                 if let Ok(permit) = jobs.try_reserve() {
-                    permit.send(write_job(&mut recorder, &tracker, &progress));
+                    permit.send(write_job(&mut recorder, &mut tracker, &progress));
                     sent_watermark = tracker.watermark.clone();
                     last_sent = Instant::now();
                 }
@@ -544,6 +648,15 @@ pub async fn run(
                     Err(e) => break Err(RunError::Task(format!("dispatch task failed: {e}"))),
                 };
                 on_result(work, result, &mut sched, &mut retries, &mut recorder, &mut progress, &mut tracker, &metrics);
+                // A done message holds its partition until it is settled: write at once when
+                // the writer is free (while it is busy, completions gather for its next job).
+                if !tracker.settled.is_empty() {
+                    if let Ok(permit) = jobs.try_reserve() {
+                        permit.send(write_job(&mut recorder, &mut tracker, &progress));
+                        sent_watermark = tracker.watermark.clone();
+                        last_sent = Instant::now();
+                    }
+                }
             }
             Some(expired) = retries.next(), if !retries.is_empty() => {
                 let (seq, unit, state) = expired.into_inner();
@@ -596,6 +709,13 @@ pub async fn run(
                 for item in items {
                     accept(item, &observers, &mut tracker, &mut sched, &mut recorder, &mut progress, &metrics);
                 }
+                if !tracker.settled.is_empty() {
+                    if let Ok(permit) = jobs.try_reserve() {
+                        permit.send(write_job(&mut recorder, &mut tracker, &progress));
+                        sent_watermark = tracker.watermark.clone();
+                        last_sent = Instant::now();
+                    }
+                }
             }
         }
     };
@@ -603,8 +723,7 @@ pub async fn run(
 
     // Shutdown (or failure): stop reading, let in-flight dispatches finish within the deadline —
     // unless another instance leads now: then nothing this run finishes could be recorded.
-    reader_stop.cancel();
-    reader.abort();
+    stop_source.cancel();
     let lost_leadership = matches!(&result, Err(e) if e.is_lost_leadership());
     if lost_leadership {
         metrics.leader.set(0);
@@ -638,7 +757,7 @@ pub async fn run(
     if jobs
         .reserve()
         .await
-        .map(|p| p.send(write_job(&mut recorder, &tracker, &progress)))
+        .map(|p| p.send(write_job(&mut recorder, &mut tracker, &progress)))
         .is_err()
     {
         tracing::error!(
@@ -656,12 +775,116 @@ pub async fn run(
     if let Some(p) = &tracker.watermark {
         tracing::info!(listener, reached = %describe(p), "stopped");
     }
-    // Only after the last write: a standby that takes over from here resumes where we stopped.
-    if !lost_leadership {
-        term.release().await;
+    (result, tracker.watermark)
+}
+
+/// Everything a worker run needs (`run --role worker`): a run without a change log, a
+/// checkpoint or a leadership — its items are messages, settled once their outcomes are written.
+pub struct WorkContext {
+    /// `host:port/dbname`, for messages.
+    pub database: String,
+    pub config: Arc<Config>,
+    pub observers: tokio::sync::watch::Receiver<Arc<Observers>>,
+    pub objects: Arc<Objects>,
+    pub pg_config: tokio_postgres::Config,
+    pub tls: crate::tls::PgTls,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Works off `items` until `shutdown`, starting a fresh run after a database failure (the
+/// messages of the failed run that were not settled are delivered again by their source).
+pub async fn supervise_work(
+    ctx: &WorkContext,
+    make_executor: &(dyn Fn() -> BoxExecutor + Send + Sync),
+    items: &mut mpsc::Receiver<Result<Vec<Item>, String>>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let mut delay = FIRST_RESTART_DELAY;
+    loop {
+        let started = Instant::now();
+        let processed_before = ctx.metrics.events_processed.get();
+        match work(ctx, make_executor, items, shutdown.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(RunError::Store(e @ (StoreError::NotMigrated(_) | StoreError::Privileges(_)))) => {
+                return Err(e.into())
+            }
+            Err(e) => {
+                if shutdown.is_cancelled() {
+                    return Err(e);
+                }
+                let progressed = ctx.metrics.events_processed.get() > processed_before;
+                delay = restart_delay(delay, progressed, started.elapsed());
+                tracing::error!(database = %ctx.database, error = %e, retry_in_ms = delay.as_millis() as u64, "worker run failed; restarting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = next_restart_delay(delay);
+            }
+        }
     }
-    *resume = tracker.watermark.clone();
+}
+
+/// One worker run: until shutdown or the first database failure.
+async fn work(
+    ctx: &WorkContext,
+    make_executor: &(dyn Fn() -> BoxExecutor + Send + Sync),
+    items: &mut mpsc::Receiver<Result<Vec<Item>, String>>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let (book, conn) = ctx.pg_config.connect(ctx.tls.clone()).await?;
+    let conn = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::warn!(error = %e, "bookkeeping connection failed");
+        }
+    });
+    let _stop_conn = AbortOnDrop(conn);
+    let needs = crate::preflight::needs(&ctx.objects, &ctx.config);
+    for warning in crate::preflight::check(&book, &ctx.objects, &needs).await? {
+        tracing::warn!("{warning}");
+    }
+
+    let (result, _) = drive(Drive {
+        cfg: &ctx.config,
+        objects: &ctx.objects,
+        metrics: ctx.metrics.clone(),
+        observers: ctx.observers.clone(),
+        make_executor,
+        shutdown,
+        source_lost: CancellationToken::new(),
+        term: Arc::new(Unfenced::default()),
+        book,
+        checkpoint: None,
+        start: None,
+        rx: items,
+        stop_source: CancellationToken::new(),
+    })
+    .await;
     result
+}
+
+/// The term of a worker: nothing to lead, nothing to fence (its messages are fenced by the
+/// stream: a message is someone else's once its ack wait has passed, and is then run again).
+#[derive(Default)]
+struct Unfenced {
+    never: CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl Term for Unfenced {
+    fn token(&self) -> i64 {
+        0
+    }
+    fn lost(&self) -> CancellationToken {
+        self.never.clone()
+    }
+    fn holds(&self) -> bool {
+        true
+    }
+    async fn fence(&self, _tx: &tokio_postgres::Transaction<'_>) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn release(&self) {}
 }
 
 /// Sets the `leader` gauge back to 0 when the run ends.
@@ -683,9 +906,11 @@ struct WriteJob {
     work: crate::store::Recorded,
     watermark: Option<Position>,
     progress: Progress,
+    /// Messages done: settled once this job (and all before it) is written.
+    settles: Vec<Box<dyn Settle>>,
 }
 
-fn write_job(recorder: &mut Recorder, tracker: &Tracker, progress: &Progress) -> WriteJob {
+fn write_job(recorder: &mut Recorder, tracker: &mut Tracker, progress: &Progress) -> WriteJob {
     let mut progress = progress.clone();
     progress.events = tracker.completed_events;
     progress.last_event = tracker.last_event;
@@ -693,6 +918,7 @@ fn write_job(recorder: &mut Recorder, tracker: &Tracker, progress: &Progress) ->
         work: recorder.take(),
         watermark: tracker.watermark.clone(),
         progress,
+        settles: std::mem::take(&mut tracker.settled),
     }
 }
 
@@ -715,16 +941,20 @@ async fn write_loop(
 ) {
     let mut saved_events = 0i64;
     let mut latest: Option<(Option<Position>, Progress)> = None;
+    // Dropped unsettled if the run ends before they are written: delivered again.
+    let mut settles: Vec<Box<dyn Settle>> = Vec::new();
     let mut failures = 0u32;
     loop {
         if latest.is_none() {
             let Some(job) = jobs.recv().await else { return };
             pending.absorb(job.work);
+            settles.extend(job.settles);
             latest = Some((job.watermark, job.progress));
         }
         // Merge anything queued meanwhile: one transaction for all of it.
         while let Ok(more) = jobs.try_recv() {
             pending.absorb(more.work);
+            settles.extend(more.settles);
             latest = Some((more.watermark, more.progress));
         }
         let Some((watermark, progress)) = &latest else {
@@ -740,6 +970,9 @@ async fn write_loop(
             Ok(()) => {
                 saved_events = progress.events;
                 latest = None;
+                for s in settles.drain(..) {
+                    s.done();
+                }
                 if failures > 0 {
                     tracing::info!(
                         failed_attempts = failures,
@@ -806,13 +1039,31 @@ fn accept(
     progress: &mut Progress,
     metrics: &crate::metrics::Metrics,
 ) {
-    let (row, pos) = match item {
+    let (row, pos, settle) = match item {
         Item::WindowEnd(pos) => {
-            let seq = tracker.push(pos, None);
+            let seq = tracker.push(Some(pos), None, None);
             tracker.complete(seq);
             return;
         }
-        Item::Row(row, pos) => (row, pos),
+        Item::Row(row, pos) => (row, Some(pos), None),
+        Item::Message(event, settle) => (ChangeRow::Event(event), None, Some(settle)),
+        Item::Refused {
+            event_id,
+            pk,
+            raw,
+            reason,
+            error,
+            settle,
+        } => {
+            metrics.events_read.inc();
+            let id = event_id.map(|i| i.to_string()).unwrap_or_default();
+            tracing::warn!(event_id = %id, %reason, %error, "message not run; dead-lettered");
+            progress.last_error = Some((format!("event {id}: {error}"), Utc::now()));
+            refuse(recorder, metrics, event_id, pk, raw, reason, error);
+            let seq = tracker.push(None, None, Some(settle));
+            tracker.complete(seq);
+            return;
+        }
     };
     metrics.events_read.inc();
     let event = match row {
@@ -824,27 +1075,14 @@ fn accept(
         } => {
             tracing::warn!(pk, %reason, "change-log row cannot be processed; dead-lettered");
             progress.last_error = Some((format!("change-log row {pk}: {reason}"), Utc::now()));
-            metrics.dead_letters.inc();
-            recorder.dead_letter(NewDeadLetter {
-                event_id,
-                change_log_pk: pk,
-                event: raw,
-                observer: None,
-                action_index: None,
-                action_type: None,
-                action: None,
-                idempotency_key: None,
-                reason: "poison_event",
-                last_error: reason,
-                attempts: vec![],
-            });
-            let seq = tracker.push(pos, None);
+            refuse(recorder, metrics, event_id, pk, raw, "poison_event", reason);
+            let seq = tracker.push(pos, None, settle);
             tracker.complete(seq);
             return;
         }
         ChangeRow::Event(e) => Arc::new(e),
     };
-    let seq = tracker.push(pos, Some((event.id, event.pk, event.created_at)));
+    let seq = tracker.push(pos, Some((event.id, event.pk, event.created_at)), settle);
     let mut units = Vec::new();
     let mut work = Vec::new();
     let mut total = 0;
@@ -903,6 +1141,32 @@ fn accept(
     for (unit, (key, states)) in work.into_iter().enumerate() {
         sched.admit(seq, unit, key, states);
     }
+}
+
+/// Dead-letters an event that is not run at all (no observer, no action).
+fn refuse(
+    recorder: &mut Recorder,
+    metrics: &crate::metrics::Metrics,
+    event_id: Option<uuid::Uuid>,
+    pk: i64,
+    raw: serde_json::Value,
+    reason: &'static str,
+    error: String,
+) {
+    metrics.dead_letters.inc();
+    recorder.dead_letter(NewDeadLetter {
+        event_id,
+        change_log_pk: pk,
+        event: raw,
+        observer: None,
+        action_index: None,
+        action_type: None,
+        action: None,
+        idempotency_key: None,
+        reason,
+        last_error: error,
+        attempts: vec![],
+    });
 }
 
 /// Handles the attempts of one dispatch: done, deferred, retry later, or dead letter; releases
@@ -1308,24 +1572,27 @@ mod tests {
         let snap: Snapshot = "5:5:".parse().unwrap();
         let mut t = Tracker::default();
         let a = t.push(
-            Position {
+            Some(Position {
                 after_pk: 1,
                 ..Position::at(snap.clone())
-            },
+            }),
+            None,
             None,
         );
         let b = t.push(
-            Position {
+            Some(Position {
                 after_pk: 2,
                 ..Position::at(snap.clone())
-            },
+            }),
+            None,
             None,
         );
         let c = t.push(
-            Position {
+            Some(Position {
                 after_pk: 3,
                 ..Position::at(snap)
-            },
+            }),
+            None,
             None,
         );
         t.complete(b);

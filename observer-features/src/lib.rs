@@ -24,6 +24,8 @@ pub mod rate_limit;
 #[cfg(feature = "caching")]
 pub mod caching;
 
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "queue")]
 pub mod queue;
 #[cfg(feature = "search")]

@@ -57,6 +57,10 @@ struct ListenerStatus {
     /// it does not answer); absent when no queue is configured or found.
     #[serde(skip_serializing_if = "Option::is_none")]
     queues: Option<serde_json::Value>,
+    /// The `nats` layer's stream, consumers and workers (`reachable: false` with the reason
+    /// when the server does not answer); absent unless `features.nats` is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats: Option<serde_json::Value>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -125,6 +129,7 @@ pub async fn run(config: Option<&Path>, args: StatusArgs) -> Result<ExitCode> {
         .find(|s| s.listener == app.config.listener.id)
     {
         s.queues = queues;
+        s.nats = nats_section(&app.config).await;
     }
     if args.json {
         if args.all {
@@ -197,6 +202,7 @@ async fn status_of(
         live: None,
         search,
         queues: None,
+        nats: None,
     })
 }
 
@@ -243,6 +249,73 @@ fn print_text(s: &ListenerStatus) {
     print_listener(s);
     if let Some(q) = &s.queues {
         super::queue::print_status(q);
+    }
+    if let Some(n) = &s.nats {
+        print_nats(n);
+    }
+}
+
+/// The stream's depth, each partition consumer's counts and the workers that answer.
+async fn nats_section(cfg: &observer_core::config::Config) -> Option<serde_json::Value> {
+    if !cfg.features.nats {
+        return None;
+    }
+    #[cfg(feature = "nats")]
+    {
+        match observer_features::nats::stream::stats(&cfg.nats).await {
+            Ok(s) => Some(serde_json::json!({"reachable": true, "stream": s})),
+            Err(e) => Some(serde_json::json!({"reachable": false, "error": e.to_string()})),
+        }
+    }
+    #[cfg(not(feature = "nats"))]
+    None
+}
+
+fn print_nats(n: &serde_json::Value) {
+    if n["reachable"] != true {
+        println!(
+            "  nats: unreachable: {}",
+            n["error"].as_str().unwrap_or("?")
+        );
+        return;
+    }
+    let s = &n["stream"];
+    println!(
+        "  nats: stream {} on {}: {} events waiting ({} bytes)",
+        s["stream"].as_str().unwrap_or("?"),
+        s["server"].as_str().unwrap_or("?"),
+        s["messages"],
+        s["bytes"]
+    );
+    let consumers = s["consumers"].as_array().cloned().unwrap_or_default();
+    let busy: Vec<&serde_json::Value> = consumers
+        .iter()
+        .filter(|c| c["pending"] != 0 || c["ack_pending"] != 0 || c["redelivered"] != 0)
+        .collect();
+    println!(
+        "    consumers: {} (pending / ack pending / redelivered shown for those not idle: {})",
+        consumers.len(),
+        busy.len()
+    );
+    for c in busy {
+        println!(
+            "      {}: pending {}, ack pending {}, redelivered {}, pulls waiting {}",
+            c["name"].as_str().unwrap_or("?"),
+            c["pending"],
+            c["ack_pending"],
+            c["redelivered"],
+            c["waiting"]
+        );
+    }
+    let workers = s["workers"].as_array().cloned().unwrap_or_default();
+    println!("    workers answering: {}", workers.len());
+    for w in workers {
+        println!(
+            "      {}: up {} s, {} acknowledged",
+            w["name"].as_str().unwrap_or("?"),
+            w["up_secs"],
+            w["acked"]
+        );
     }
 }
 
