@@ -26,6 +26,7 @@ pub use observer_core::executor::idempotency_key;
 pub mod action_helpers;
 pub mod fault;
 pub mod lookup;
+pub mod nats_server;
 pub mod redis_server;
 pub mod search_servers;
 pub mod tcp_proxy;

@@ -97,7 +97,7 @@ pub async fn connect(cfg: &NatsConfig, name: &str) -> Result<async_nats::Client,
                 async_nats::Event::Disconnected => {
                     tracing::warn!("NATS connection lost; reconnecting")
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connection (re)established"),
+                async_nats::Event::Connected => tracing::debug!("NATS connection established"),
                 other => tracing::debug!(event = %other, "NATS client event"),
             }
         });

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
-use async_nats::jetstream::Context;
 use observer_core::config::NatsConfig;
 
 use super::{consumer_name, partition_filter, shown_servers, NatsError};
@@ -68,30 +67,45 @@ pub struct Setup {
     pub consumers_checked: usize,
 }
 
-/// Checks that the server has JetStream (`$JS.API.INFO`).
-pub async fn probe(js: &Context, server: &str) -> Result<(), NatsError> {
-    match js.query_account().await {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let text = e.to_string();
-            let lower = text.to_ascii_lowercase();
-            if lower.contains("no responders")
-                || lower.contains("not enabled")
-                || lower.contains("timed out")
-                || lower.contains("timeout")
-            {
-                Err(NatsError::NoJetStream {
-                    server: server.to_string(),
-                    error: text,
-                })
-            } else {
-                Err(NatsError::Request {
+/// Checks that the server has JetStream: a plain request to `$JS.API.INFO` (read as JSON, so
+/// any server version's answer is understood).
+pub async fn probe(client: &async_nats::Client, server: &str) -> Result<(), NatsError> {
+    let no_js = |error: String| NatsError::NoJetStream {
+        server: server.to_string(),
+        error,
+    };
+    let request = client.request("$JS.API.INFO", "".into());
+    let answer = match tokio::time::timeout(Duration::from_secs(5), request).await {
+        Err(_) => return Err(no_js("$JS.API.INFO: no answer within 5 s".into())),
+        Ok(Err(e)) => {
+            return match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    Err(no_js("$JS.API.INFO: no responders".into()))
+                }
+                async_nats::RequestErrorKind::TimedOut => {
+                    Err(no_js("$JS.API.INFO: timed out".into()))
+                }
+                _ => Err(NatsError::Request {
                     server: server.to_string(),
                     what: "$JS.API.INFO".into(),
-                    error: text,
-                })
+                    error: e.to_string(),
+                }),
             }
         }
+        Ok(Ok(m)) => m,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap_or_default();
+    match v.get("error") {
+        None => Ok(()),
+        Some(e) if e["code"] == 503 => Err(no_js(format!(
+            "$JS.API.INFO: {}",
+            e["description"].as_str().unwrap_or("unavailable")
+        ))),
+        Some(e) => Err(NatsError::Request {
+            server: server.to_string(),
+            what: "$JS.API.INFO".into(),
+            error: e.to_string(),
+        }),
     }
 }
 
@@ -101,8 +115,8 @@ pub async fn probe(js: &Context, server: &str) -> Result<(), NatsError> {
 pub async fn ensure(cfg: &NatsConfig, create: bool) -> Result<Setup, NatsError> {
     let server = shown_servers(&cfg.url);
     let client = super::connect(cfg, "fraiseql-observers migrate").await?;
+    probe(&client, &server).await?;
     let js = async_nats::jetstream::new(client);
-    probe(&js, &server).await?;
     let req = |what: String| {
         let server = server.clone();
         move |e: &dyn std::fmt::Display| NatsError::Request {
@@ -359,8 +373,8 @@ pub struct StreamStats {
 pub async fn stats(cfg: &NatsConfig) -> Result<StreamStats, NatsError> {
     let server = shown_servers(&cfg.url);
     let client = super::connect(cfg, "fraiseql-observers status").await?;
+    probe(&client, &server).await?;
     let js = async_nats::jetstream::new(client.clone());
-    probe(&js, &server).await?;
     let mut stream = match js.get_stream(&cfg.stream).await {
         Ok(s) => s,
         Err(e) if e.to_string().contains("not found") => {
