@@ -3,8 +3,10 @@
 #   Postgres on 127.0.0.1:5432 reachable as user `postgres`, Redis on 127.0.0.1:6379 and NATS
 #   with JetStream on 127.0.0.1:4222 (each installed from Debian's packages and started on
 #   loopback when missing; a running server is reused). Redis is needed by the dedup, caching
-#   and shared rate-limit layers and their tests; NATS by nothing in this build yet, so it is
-#   only brought up when SETUP_NATS=1.
+#   and shared rate-limit layers and their tests. The `nats` layer's tests start private
+#   nats-servers of their own (own port, own store), so only the binary is ensured here
+#   (`ensure_nats_binary`); a server on 4222 is brought up only when SETUP_NATS=1 (the README's
+#   scale-out walk-through), and a running one is reused.
 # Safe to run any number of times. Prints what it did.
 set -euo pipefail
 
@@ -74,12 +76,19 @@ ensure_redis() {
   log "redis: ready"
 }
 
+# The nats-server binary, for the tests' private servers; starts nothing.
+ensure_nats_binary() {
+  if command -v nats-server >/dev/null 2>&1; then log "nats-server: installed"; return; fi
+  log "nats-server: not installed; installing Debian's nats-server package"
+  apt_install nats-server
+  # The package may start its own service; only on its default port, which we leave alone.
+  command -v nats-server >/dev/null 2>&1 || { log "nats-server: still missing after the install"; exit 1; }
+  log "nats-server: ready"
+}
+
 ensure_nats() {
   if port_open 4222; then log "nats: reachable on 127.0.0.1:4222"; return; fi
-  if ! command -v nats-server >/dev/null 2>&1; then
-    log "nats: not installed; installing Debian's nats-server package"
-    apt_install nats-server
-  fi
+  ensure_nats_binary
   log "nats: starting with JetStream on 127.0.0.1:4222"
   nohup nats-server -a 127.0.0.1 -p 4222 -js >/tmp/fraiseql-observers-nats.log 2>&1 &
   for _ in $(seq 1 50); do port_open 4222 && break; sleep 0.1; done
@@ -154,4 +163,5 @@ ensure_redis
 ensure_aiosmtpd
 ensure_osmem
 ensure_promtool
+ensure_nats_binary
 if [ "${SETUP_NATS:-0}" = 1 ]; then ensure_nats; fi

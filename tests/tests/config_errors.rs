@@ -88,26 +88,6 @@ async fn run_with_unreachable_database_names_the_address() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A layer switched on from the environment that this binary was built without stops `run`
-/// and `validate` with an error naming the cargo feature and the variable to switch it off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_layer_that_is_not_built_is_a_start_up_error_naming_its_cargo_feature() {
-    let dir = temp_dir(&format!("not-built-{}", std::process::id()));
-    let file = dir.join("c.toml");
-    std::fs::write(&file, "[listener]\nid = \"x\"\n").unwrap();
-    for args in [vec!["run"], vec!["validate", file.to_str().unwrap()]] {
-        let mut cmd = command();
-        cmd.arg("--config").arg(&file).args(&args);
-        cmd.env("OBSERVER__FEATURES__NATS", "true");
-        let out = cmd.output().await.expect("run the binary");
-        let text = output_text(&out);
-        assert!(!out.status.success(), "{args:?}: {text}");
-        assert!(text.contains("cargo feature `nats`"), "{args:?}: {text}");
-        assert!(
-            text.contains("OBSERVER__FEATURES__NATS=false"),
-            "{args:?}: {text}"
-        );
-        assert!(!text.contains("panicked"), "{text}");
-    }
-    let _ = std::fs::remove_dir_all(dir);
-}
+// There is no test here of a layer switched on that the binary was built without: since the
+// `nats` layer landed, the default build holds every layer, so no such layer exists to switch
+// on. `stack::check_features` still refuses one in a build made with fewer cargo features.

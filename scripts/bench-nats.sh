@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Benchmark of the `nats` layer (docs/scaling.md): release build, a private nats-server -js on a
+# free port (its own store, removed at exit; the server on 4222 is never touched), a database
+# of its own on the local Postgres, and a loopback HTTP sink (Python, threaded) that answers 204
+# after an optional delay.
+#
+#   scripts/bench-nats.sh [EVENTS]          # default 20000
+#
+# Prints, with the load average at the start and at the end:
+#   1. publisher only: change log -> JetStream acknowledged, events/s (no workers);
+#   2. end to end (change log -> publisher -> stream -> workers -> sink) with 1, 2 and 4
+#      workers, against the fast sink and a 20 ms sink, events/s;
+#   3. when `wrk` is installed: wrk's requests/s against the fast sink in the same run, and each
+#      fast-sink figure as a ratio to it (figures move between runs; compare ratios).
+# On a 2-core machine the workers, the publisher, nats-server, Postgres and the sink share the
+# CPU: the 20 ms sink is the test of scaling (throughput should grow with workers until
+# partitions x 20 ms or the CPU binds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N="${1:-20000}"
+PG="${BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
+cargo build --release --quiet -p observer-cli
+target_dir="$(cargo metadata --format-version 1 --no-deps 2>/dev/null | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+BIN="${target_dir:-target}/release/fraiseql-observers"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+work="$(mktemp -d)"
+db="obs_bench_nats_$$"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+nport="$(free_port)"; mport="$(free_port)"
+nats-server -a 127.0.0.1 -p "$nport" -m "$mport" -js -sd "$work/js" >"$work/nats.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$mport/healthz?js-enabled-only=true" >/dev/null && break; sleep 0.1; done
+
+cat >"$work/sink.py" <<'PY'
+import sys, threading, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+delay = float(sys.argv[2]) / 1000.0
+count = 0
+lock = threading.Lock()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = str(count).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_POST(self):
+        global count
+        n = int(self.headers.get("Content-Length", "0")); self.rfile.read(n)
+        if delay: time.sleep(delay)
+        with lock: count += 1
+        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+
+psql "$PG/postgres" -qc "CREATE DATABASE $db" >/dev/null
+sport="$(free_port)"
+config() { # $1 = sink port
+  cat <<TOML
+[database]
+url = "$PG/$db"
+[listener]
+id = "bench"
+start_from = "beginning"
+[features]
+nats = true
+concurrent = true
+[concurrent]
+max_in_flight = 256
+[action_log]
+record = "failures"
+[nats]
+url = "nats://127.0.0.1:$nport"
+partitions = 64
+[outbound]
+allow = ["127.0.0.0/8"]
+[[observers]]
+name = "bench"
+entity = "Order"
+  [[observers.actions]]
+  type = "webhook"
+  url = "http://127.0.0.1:$1/hook"
+TOML
+}
+config "$sport" >"$work/c.toml"
+"$BIN" --config "$work/c.toml" migrate >/dev/null
+psql "$PG/$db" -qc "INSERT INTO tb_entity_change_log (object_type, object_id, modification_type, object_data)
+  SELECT 'Order', i::text, 'INSERT', jsonb_build_object('id', i, 'status', 'new') FROM generate_series(1, $N) i" >/dev/null
+
+stream_seq() { # last sequence of stream $1
+  curl -sf "http://127.0.0.1:$mport/jsz?streams=true" | python3 -c "
+import json,sys
+d=json.load(sys.stdin); n=0
+for a in d.get('account_details',[]):
+  for s in a.get('stream_detail',[]):
+    if s['name']==sys.argv[1]: n=s['state']['last_seq']
+print(n)" "$1"
+}
+elapsed() { python3 -c "import time; print(f'{time.time()-$1:.2f}')"; }
+now() { python3 -c 'import time; print(time.time())'; }
+
+run_env() { # stream and listener of their own per run, so each starts from an empty stream
+  echo "OBSERVER__NATS__STREAM=$1 OBSERVER__NATS__SUBJECT_PREFIX=p$1 OBSERVER__NATS__CONSUMER_PREFIX=c$1 OBSERVER__LISTENER__ID=l$1"
+}
+
+# 1. Publisher only.
+env $(run_env PUBONLY) "$BIN" --config "$work/c.toml" migrate --nats >/dev/null
+t0="$(now)"
+env $(run_env PUBONLY) "$BIN" --config "$work/c.toml" run --role publisher 2>"$work/pub.log" &
+ppid=$!; pids+=($ppid)
+until [ "$(stream_seq PUBONLY)" -ge "$N" ]; do sleep 0.2; done
+t="$(elapsed "$t0")"; kill "$ppid"; wait "$ppid" 2>/dev/null || true
+echo "publisher only: $N events in $t s = $(python3 -c "print(round($N/$t))") events/s (change log -> JetStream acknowledged, incl. start-up)"
+
+# 2. End to end.
+wrk_rps=""
+for delay in 0 20; do
+  python3 "$work/sink.py" "$sport" "$delay" &
+  sink=$!; pids+=($sink)
+  for _ in $(seq 1 50); do curl -sf "http://127.0.0.1:$sport/" >/dev/null && break; sleep 0.1; done
+  if [ "$delay" = 0 ] && command -v wrk >/dev/null; then
+    wrk_rps="$(wrk -t2 -c64 -d5s -s <(echo 'wrk.method="POST"; wrk.body="{}"') "http://127.0.0.1:$sport/hook" | awk '/Requests\/sec/ {print $2}')"
+    echo "wrk against the fast sink: $wrk_rps requests/s"
+  fi
+  for workers in 1 2 4; do
+    name="E${delay}W${workers}"
+    env $(run_env "$name") "$BIN" --config "$work/c.toml" migrate --nats >/dev/null
+    base="$(curl -sf "http://127.0.0.1:$sport/")"
+    wp=()
+    for i in $(seq 1 "$workers"); do
+      env $(run_env "$name") "$BIN" --config "$work/c.toml" run --role worker 2>"$work/$name-w$i.log" &
+      wp+=($!); pids+=($!)
+    done
+    sleep 1
+    t0="$(now)"
+    env $(run_env "$name") "$BIN" --config "$work/c.toml" run --role publisher 2>"$work/$name-p.log" &
+    ppid=$!; pids+=($ppid)
+    until [ "$(( $(curl -sf "http://127.0.0.1:$sport/") - base ))" -ge "$N" ]; do sleep 0.2; done
+    t="$(elapsed "$t0")"
+    rate="$(python3 -c "print(round($N/$t))")"
+    ratio=""
+    if [ "$delay" = 0 ] && [ -n "$wrk_rps" ]; then ratio=" ($(python3 -c "print(round($rate/$wrk_rps, 3))") of wrk)"; fi
+    echo "end to end, ${delay} ms sink, $workers worker(s): $N events in $t s = $rate events/s$ratio"
+    kill "$ppid" "${wp[@]}"; wait "$ppid" "${wp[@]}" 2>/dev/null || true
+  done
+  kill "$sink"; wait "$sink" 2>/dev/null || true
+done
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
