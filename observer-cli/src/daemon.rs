@@ -464,6 +464,9 @@ fn restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     keep!(caching, "caching");
     keep!(features.search, "features.search");
     keep!(search, "search");
+    // A worker's connection, stream and consumers are set up at start.
+    keep!(features.nats, "features.nats");
+    keep!(nats, "nats");
     kept
 }
 

@@ -42,8 +42,12 @@ async fn worker(db: &TestDb, cfg: &str) -> Daemon {
 }
 
 async fn publisher(db: &TestDb, cfg: &str) -> Daemon {
+    publisher_env(db, cfg, &[]).await
+}
+
+async fn publisher_env(db: &TestDb, cfg: &str, env: &[(&str, &str)]) -> Daemon {
     let d =
-        Daemon::spawn_args(&db.dir, cfg, &["--role", "publisher"], &[]).expect("spawn publisher");
+        Daemon::spawn_args(&db.dir, cfg, &["--role", "publisher"], env).expect("spawn publisher");
     d.wait_log_any(&READY_MARKERS, T).await;
     d
 }
@@ -226,9 +230,23 @@ async fn a_killed_publisher_is_replaced_and_the_stream_holds_each_event_once() {
         &webhook_observer("o", "Order", &rx.url("/h"), "", ""),
     );
     migrate_nats(&db, &cfg).await;
-    let mut a = publisher(&db, &cfg).await;
+    // The checkpoint is written every 2 s, so at the kill the stream surely holds events past
+    // it: the standby republishes them, and only `Nats-Msg-Id` keeps them from being stored twice.
+    let slow_checkpoint = [("OBSERVER__LISTENER__FLUSH_INTERVAL_MS", "2000")];
+    let mut a = publisher_env(&db, &cfg, &slow_checkpoint).await;
     a.wait_log("this instance is now the leader", T).await;
-    let mut b = publisher(&db, &cfg).await;
+    // The standby's metrics say how many of its publishes the stream already held.
+    let metrics_at = format!("127.0.0.1:{}", observer_tests::metrics::free_port());
+    let mut b = publisher_env(
+        &db,
+        &cfg,
+        &[
+            slow_checkpoint[0],
+            ("OBSERVER__FEATURES__METRICS", "true"),
+            ("OBSERVER__METRICS__LISTEN", &metrics_at),
+        ],
+    )
+    .await;
     b.wait_log("standing by", T).await;
     // No worker yet: the stream keeps everything published, so its count is the proof.
     let n = 300i64;
@@ -272,6 +290,17 @@ async fn a_killed_publisher_is_replaced_and_the_stream_holds_each_event_once() {
         n as u64,
         "no duplicate was stored"
     );
+    let (_, text) = observer_tests::metrics::get(&format!("http://{metrics_at}/metrics"))
+        .await
+        .expect("the standby's metrics");
+    let dups =
+        observer_tests::metrics::sample(&text, "observer_nats_publish_duplicates_total", &[])
+            .unwrap_or(0.0);
+    assert!(
+        dups > 0.0,
+        "the standby republished nothing the first had published: the test proved nothing"
+    );
+    println!("republished after the takeover and absorbed by the duplicate window: {dups}");
     let mut w = worker(&db, &cfg).await;
     rx.wait_until(T, "every event delivered", |r| r.len() >= n as usize)
         .await;
