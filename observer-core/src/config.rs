@@ -1405,9 +1405,15 @@ impl Config {
                 " ms",
             );
         }
-        if n.max_messages == 0 || n.max_bytes == 0 {
+        if n.max_messages == 0 {
             extra.push((
                 "nats.max_messages".into(),
+                "0 would refuse every event: use -1 for no limit".into(),
+            ));
+        }
+        if n.max_bytes == 0 {
+            extra.push((
+                "nats.max_bytes".into(),
                 "0 would refuse every event: use -1 for no limit".into(),
             ));
         }

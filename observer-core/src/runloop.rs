@@ -843,7 +843,6 @@ async fn work(
     for warning in crate::preflight::check(&book, &ctx.objects, &needs).await? {
         tracing::warn!("{warning}");
     }
-
     let (result, _) = drive(Drive {
         cfg: &ctx.config,
         objects: &ctx.objects,
@@ -1565,6 +1564,32 @@ mod tests {
             let ceiling = (100u64 << (n - 1)).min(1000);
             assert!(d >= ceiling / 2 && d <= ceiling, "n={n} d={d}");
         }
+    }
+
+    #[test]
+    fn messages_settle_in_any_order_and_never_move_the_watermark() {
+        struct Done(Arc<std::sync::Mutex<Vec<u8>>>, u8);
+        impl Settle for Done {
+            fn done(self: Box<Self>) {
+                self.0.lock().unwrap().push(self.1);
+            }
+        }
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut t = Tracker::default();
+        let a = t.push(None, None, Some(Box::new(Done(log.clone(), 1))));
+        let b = t.push(None, None, Some(Box::new(Done(log.clone(), 2))));
+        // The second is done first: it is settled at once (another partition does not wait
+        // for a slow one), the first stays held.
+        t.complete(b);
+        assert_eq!(t.settled.len(), 1);
+        for s in std::mem::take(&mut t.settled) {
+            s.done();
+        }
+        assert_eq!(*log.lock().unwrap(), vec![2]);
+        t.complete(a);
+        assert_eq!(t.settled.len(), 1);
+        assert!(t.watermark.is_none(), "messages carry no change-log position");
+        assert!(t.settles.is_empty());
     }
 
     #[test]
