@@ -39,7 +39,7 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 nport="$(free_port)"; mport="$(free_port)"
 nats-server -a 127.0.0.1 -p "$nport" -m "$mport" -js -sd "$work/js" >"$work/nats.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$mport/healthz?js-enabled-only=true" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$mport/jsz" >/dev/null && break; sleep 0.1; done
 
 cat >"$work/sink.py" <<'PY'
 import sys, threading, time
@@ -98,7 +98,7 @@ psql "$PG/$db" -qc "INSERT INTO tb_entity_change_log (object_type, object_id, mo
   SELECT 'Order', i::text, 'INSERT', jsonb_build_object('id', i, 'status', 'new') FROM generate_series(1, $N) i" >/dev/null
 
 stream_seq() { # last sequence of stream $1
-  curl -sf "http://127.0.0.1:$mport/jsz?streams=true" | python3 -c "
+  curl -sf "http://127.0.0.1:$mport/jsz?accounts=true&streams=true" | python3 -c "
 import json,sys
 d=json.load(sys.stdin); n=0
 for a in d.get('account_details',[]):
