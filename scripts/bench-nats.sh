@@ -110,7 +110,8 @@ elapsed() { python3 -c "import time; print(f'{time.time()-$1:.2f}')"; }
 now() { python3 -c 'import time; print(time.time())'; }
 
 run_env() { # stream and listener of their own per run, so each starts from an empty stream
-  echo "OBSERVER__NATS__STREAM=$1 OBSERVER__NATS__SUBJECT_PREFIX=p$1 OBSERVER__NATS__CONSUMER_PREFIX=c$1 OBSERVER__LISTENER__ID=l$1"
+  # (max_bytes: the server reserves it per stream; seven streams of the default would not fit.)
+  echo "OBSERVER__NATS__STREAM=$1 OBSERVER__NATS__SUBJECT_PREFIX=p$1 OBSERVER__NATS__CONSUMER_PREFIX=c$1 OBSERVER__LISTENER__ID=l$1 OBSERVER__NATS__MAX_BYTES=268435456"
 }
 
 # 1. Publisher only.

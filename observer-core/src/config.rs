@@ -134,7 +134,7 @@ impl Default for NatsConfig {
             partitions: 64,
             replicas: 1,
             max_messages: 10_000_000,
-            max_bytes: 8 << 30,
+            max_bytes: 1 << 30,
             duplicate_window_secs: 300,
             max_outstanding_acks: 512,
             publish_timeout_ms: 5_000,

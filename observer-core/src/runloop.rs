@@ -642,21 +642,23 @@ async fn drive(d: Drive<'_>) -> (Result<(), RunError>, Option<Position>) {
                     last_sent = Instant::now();
                 }
             }
+            // A done message holds its partition until it is settled: it goes to the writer as
+            // soon as the writer can take a job, not at the next tick (while the writer is busy,
+            // completions gather for its next job).
+            permit = jobs.reserve(), if !tracker.settled.is_empty() => {
+                let Ok(permit) = permit else {
+                    break Err(RunError::Task("the writer task ended unexpectedly".into()));
+                };
+                permit.send(write_job(&mut recorder, &mut tracker, &progress));
+                sent_watermark = tracker.watermark.clone();
+                last_sent = Instant::now();
+            }
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                 let (work, result) = match done {
                     Ok(v) => v,
                     Err(e) => break Err(RunError::Task(format!("dispatch task failed: {e}"))),
                 };
                 on_result(work, result, &mut sched, &mut retries, &mut recorder, &mut progress, &mut tracker, &metrics);
-                // A done message holds its partition until it is settled: write at once when
-                // the writer is free (while it is busy, completions gather for its next job).
-                if !tracker.settled.is_empty() {
-                    if let Ok(permit) = jobs.try_reserve() {
-                        permit.send(write_job(&mut recorder, &mut tracker, &progress));
-                        sent_watermark = tracker.watermark.clone();
-                        last_sent = Instant::now();
-                    }
-                }
             }
             Some(expired) = retries.next(), if !retries.is_empty() => {
                 let (seq, unit, state) = expired.into_inner();
@@ -708,13 +710,6 @@ async fn drive(d: Drive<'_>) -> (Result<(), RunError>, Option<Position>) {
                 };
                 for item in items {
                     accept(item, &observers, &mut tracker, &mut sched, &mut recorder, &mut progress, &metrics);
-                }
-                if !tracker.settled.is_empty() {
-                    if let Ok(permit) = jobs.try_reserve() {
-                        permit.send(write_job(&mut recorder, &mut tracker, &progress));
-                        sent_watermark = tracker.watermark.clone();
-                        last_sent = Instant::now();
-                    }
                 }
             }
         }
@@ -1588,7 +1583,10 @@ mod tests {
         assert_eq!(*log.lock().unwrap(), vec![2]);
         t.complete(a);
         assert_eq!(t.settled.len(), 1);
-        assert!(t.watermark.is_none(), "messages carry no change-log position");
+        assert!(
+            t.watermark.is_none(),
+            "messages carry no change-log position"
+        );
         assert!(t.settles.is_empty());
     }
 
