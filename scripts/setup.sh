@@ -6,7 +6,8 @@
 #   and shared rate-limit layers and their tests. The `nats` layer's tests start private
 #   nats-servers of their own (own port, own store), so only the binary is ensured here
 #   (`ensure_nats_binary`); a server on 4222 is brought up only when SETUP_NATS=1 (the README's
-#   scale-out walk-through), and a running one is reused.
+#   scale-out walk-through), and a running one is reused. SETUP_BENCH=1 also ensures what the
+#   benchmark scripts need beyond that: wrk (Debian's package), for their same-run ceiling.
 # Safe to run any number of times. Prints what it did.
 set -euo pipefail
 
@@ -74,6 +75,15 @@ ensure_redis() {
   for _ in $(seq 1 50); do port_open 6379 && break; sleep 0.1; done
   port_open 6379 || { log "redis: still unreachable on 127.0.0.1:6379"; exit 1; }
   log "redis: ready"
+}
+
+# wrk, for the benchmarks' same-run ceiling (scripts/bench-*.sh); starts nothing.
+ensure_wrk() {
+  if command -v wrk >/dev/null 2>&1; then log "wrk: installed"; return; fi
+  log "wrk: not installed; installing Debian's wrk package"
+  apt_install wrk
+  command -v wrk >/dev/null 2>&1 || { log "wrk: still missing after the install"; exit 1; }
+  log "wrk: ready"
 }
 
 # The nats-server binary, for the tests' private servers; starts nothing.
@@ -165,3 +175,4 @@ ensure_osmem
 ensure_promtool
 ensure_nats_binary
 if [ "${SETUP_NATS:-0}" = 1 ]; then ensure_nats; fi
+if [ "${SETUP_BENCH:-0}" = 1 ]; then ensure_wrk; fi

@@ -122,6 +122,11 @@ struct Args {
     /// Skip the idle probe.
     #[arg(long)]
     skip_idle: bool,
+    /// Run only the sink, on this loopback port, until killed (for scripts/bench-nats.sh): POST
+    /// anywhere is a delivery (answered 204 after --sink-delay-ms); `GET /count` answers the
+    /// deliveries seen so far. No database, no daemon.
+    #[arg(long, value_name = "PORT")]
+    serve_sink: Option<u16>,
 }
 
 /// Sends `kill -SIG pid` (STOP or CONT).
@@ -150,6 +155,8 @@ struct Rec {
 #[derive(Default)]
 struct SinkState {
     delay_ms: u64,
+    /// Keep a `Rec` per delivery (the bench's own phases read them); off for `--serve-sink`.
+    keep_recs: bool,
     recs: Mutex<Vec<Rec>>,
     /// Deliveries seen (events; a request that could not be parsed counts one).
     total: AtomicU64,
@@ -238,6 +245,7 @@ async fn hook(State(s): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
     }
     // One envelope, or an array of them (a batched webhook).
     let n = match parse_envelopes(&body) {
+        Some(found) if !s.keep_recs => found.len() as u64,
         Some(found) => {
             let n = found.len() as u64;
             s.recs
@@ -260,6 +268,38 @@ async fn hook(State(s): State<Arc<SinkState>>, body: Bytes) -> StatusCode {
     StatusCode::NO_CONTENT
 }
 
+async fn count(State(s): State<Arc<SinkState>>) -> String {
+    s.total.load(Ordering::Relaxed).to_string()
+}
+
+fn sink_app(state: Arc<SinkState>) -> axum::Router {
+    axum::Router::new()
+        .route("/count", axum::routing::get(count))
+        .fallback(hook)
+        .with_state(state)
+}
+
+/// `--serve-sink PORT`: the sink alone, on the calling thread's 1-worker runtime, until killed.
+fn serve_sink(port: u16, delay_ms: u64) -> Result<()> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .with_context(|| format!("binding the sink to 127.0.0.1:{port}"))?;
+    listener.set_nonblocking(true)?;
+    let state = Arc::new(SinkState {
+        delay_ms,
+        ..SinkState::default()
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(listener, sink_app(state))
+            .await
+            .context("serving the sink")
+    })
+}
+
 /// Starts the sink on its own 1-worker runtime; returns its port.
 fn start_sink(state: Arc<SinkState>) -> Result<u16> {
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the sink")?;
@@ -277,8 +317,7 @@ fn start_sink(state: Arc<SinkState>) -> Result<u16> {
             rt.block_on(async move {
                 let listener =
                     tokio::net::TcpListener::from_std(std_listener).expect("sink listener");
-                let app = axum::Router::new().fallback(hook).with_state(state);
-                if let Err(e) = axum::serve(listener, app).await {
+                if let Err(e) = axum::serve(listener, sink_app(state)).await {
                     eprintln!("sink failed: {e}");
                 }
             });
@@ -898,6 +937,9 @@ fn run_cmd(bin: &PathBuf, config: &PathBuf, args: &[&str]) -> Result<String> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(port) = args.serve_sink {
+        return serve_sink(port, args.sink_delay_ms);
+    }
     // The bench's own client side: 1 worker is plenty for the inserting connections and keeps
     // the bench off the daemon's cores as much as possible.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -991,6 +1033,7 @@ async fn run_all(
 ) -> Result<Value> {
     let sink = Arc::new(SinkState {
         delay_ms: args.sink_delay_ms,
+        keep_recs: true,
         ..SinkState::default()
     });
     let port = start_sink(sink.clone())?;
