@@ -10,6 +10,7 @@ use observer_core::config::Config;
 use observer_core::observer::Observers;
 use observer_core::runloop::{self, RunContext};
 use observer_core::store::CheckpointStore;
+use observer_core::webhook_client::WebhookClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
@@ -56,6 +57,8 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
         })?,
     );
     let http = ActionContext::http_client(guard.clone()).context("building the HTTP client")?;
+    let webhook = WebhookClient::new(guard.clone(), cfg.concurrent.max_in_flight)
+        .context("building the webhook client")?;
     let metrics = observer_core::metrics::Metrics::new();
     for o in &observers.list {
         let kinds: Vec<&str> = o.actions.iter().map(|a| a.action.kind()).collect();
@@ -64,6 +67,7 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
     let redis = app.redis()?;
     let actions = ActionContext {
         http,
+        webhook,
         pool: pool.clone(),
         cache: stack::lookup_cache(&cfg, redis.as_ref()),
         redis,

@@ -15,10 +15,14 @@ use crate::schema::quote_ident;
 use crate::signing::{signature_headers, SigningKey};
 use crate::template::{Target, Template};
 
-/// What an action needs at run time: one HTTP client and one database pool per process.
+/// What an action needs at run time: the HTTP clients and one database pool per process.
 #[derive(Clone)]
 pub struct ActionContext {
+    /// The client of the cold HTTP paths (Slack, batched webhooks, enrichment lookups).
     pub http: reqwest::Client,
+    /// The client of the per-event webhook request (see [`crate::webhook_client`]); it dials
+    /// through the same guard.
+    pub webhook: crate::webhook_client::WebhookClient,
     pub pool: deadpool_postgres::Pool,
     /// The `[redis]` connection, when one is configured (multiplexed and reconnecting).
     pub redis: Option<RedisHandle>,
@@ -109,7 +113,7 @@ impl ActionContext {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .dns_resolver(crate::outbound::GuardedResolver::new(guard))
-            .user_agent(concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
             .pool_max_idle_per_host(1024)
             .tcp_nodelay(true)
             .build()
@@ -713,10 +717,19 @@ impl Webhook {
             return b.submit(send, url, rendered, element, key).await;
         }
         let body = rendered_body.unwrap_or_else(|| scope.event.envelope_json(observer, None));
-        let mut req = ctx
-            .http
-            .request(self.method.clone(), parsed)
-            .timeout(self.timeout)
+        let uri = match parsed.as_str().parse::<hyper::Uri>() {
+            Ok(u) => u,
+            Err(e) => {
+                return permanent(format!(
+                    "cannot build request to `{}`: {e}",
+                    shown_url(&url, self.url_secret)
+                ))
+            }
+        };
+        let mut req = hyper::Request::builder()
+            .method(self.method.clone())
+            .uri(uri)
+            .header(reqwest::header::USER_AGENT, USER_AGENT)
             .header("idempotency-key", key);
         if !self
             .headers
@@ -735,32 +748,56 @@ impl Webhook {
         if let Some(s) = sig.signature {
             req = req.header("webhook-signature", s);
         }
-        let resp = match req.body(body).send().await {
+        let req = match req.body(http_body_util::Full::new(bytes::Bytes::from(body))) {
             Ok(r) => r,
             Err(e) => {
-                // reqwest names the URL in its errors: never a secret or a query value.
-                let e = shown_error(e, &url, self.url_secret);
-                if e.is_builder() {
-                    return permanent(format!(
-                        "cannot build request to `{}`: {e}",
-                        shown_url(&url, self.url_secret)
-                    ));
-                }
-                if let Some(r) = crate::outbound::refusal(&e) {
-                    return permanent(r);
-                }
-                let what = if e.is_timeout() {
-                    format!("timed out after {} ms", self.timeout.as_millis())
-                } else if e.is_connect() {
-                    format!("cannot connect: {}", crate::error_chain(&e))
-                } else {
-                    format!("request failed: {}", crate::error_chain(&e))
-                };
-                return (AttemptResult::Retry { after_ms: None }, None, Some(what));
+                return permanent(format!(
+                    "cannot build request to `{}`: {e}",
+                    shown_url(&url, self.url_secret)
+                ))
             }
         };
-        self.policy.outcome(resp, "").await
+        // One bound for the whole exchange, as reqwest's request timeout: connecting, sending,
+        // the answer's head and the part of its body that is read.
+        let exchange = async {
+            let resp = ctx.webhook.send(req).await?;
+            let (parts, body) = resp.into_parts();
+            if parts.status.is_success() {
+                crate::webhook_client::read_excerpt(body).await;
+                return Ok((AttemptResult::Delivered, Some(parts.status.as_u16()), None));
+            }
+            let head = self.policy.head(parts.status, &parts.headers);
+            let excerpt = crate::webhook_client::read_excerpt(body).await;
+            Ok(self.policy.judge(head, &excerpt, ""))
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => webhook_failure(&e),
+            Err(_) => (
+                AttemptResult::Retry { after_ms: None },
+                None,
+                Some(format!("timed out after {} ms", self.timeout.as_millis())),
+            ),
+        }
     }
+}
+
+/// `User-Agent` of every request the daemon makes.
+pub const USER_AGENT: &str = concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION"));
+
+/// The outcome of a webhook request that got no answer: a guard refusal is permanent, anything
+/// else (cannot connect, connection reset, TLS failure) is retried. hyper's errors never hold
+/// the URL, so nothing secret is quoted.
+fn webhook_failure(e: &hyper_util::client::legacy::Error) -> Outcome {
+    if let Some(r) = crate::outbound::refusal(e) {
+        return permanent(r);
+    }
+    let what = if e.is_connect() {
+        format!("cannot connect: {}", crate::error_chain(e))
+    } else {
+        format!("request failed: {}", crate::error_chain(e))
+    };
+    (AttemptResult::Retry { after_ms: None }, None, Some(what))
 }
 
 /// Most of a response body read before the connection is dropped: a short body is read to its
@@ -770,23 +807,46 @@ pub const DRAIN_LIMIT: usize = 64 * 1024;
 /// Reads at most a short excerpt of the body (for the error message) and drops the rest,
 /// reading no more than [`DRAIN_LIMIT`] bytes however much the receiver sends.
 pub(crate) async fn drain(mut resp: reqwest::Response) -> String {
-    let mut buf = Vec::new();
-    let mut read = 0usize;
+    let mut excerpt = Excerpt::default();
     while let Ok(Some(chunk)) = resp.chunk().await {
-        if buf.len() < EXCERPT {
-            buf.extend_from_slice(&chunk[..chunk.len().min(EXCERPT - buf.len())]);
-        }
-        read += chunk.len();
-        if read >= DRAIN_LIMIT {
+        if !excerpt.push(&chunk) {
             break;
         }
     }
-    let text = String::from_utf8_lossy(&buf);
-    text.chars()
-        .filter(|c| !c.is_control() || *c == ' ')
-        .collect::<String>()
-        .trim()
-        .to_string()
+    excerpt.finish()
+}
+
+/// The first [`EXCERPT`] bytes of a body being read, and how much was read: what both HTTP
+/// clients keep of an answer.
+#[derive(Default)]
+pub(crate) struct Excerpt {
+    buf: Vec<u8>,
+    read: usize,
+}
+
+impl Excerpt {
+    /// Takes one chunk; `false` once [`DRAIN_LIMIT`] bytes were read (stop reading).
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> bool {
+        if self.buf.len() < EXCERPT {
+            let room = EXCERPT - self.buf.len();
+            self.buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        self.read += chunk.len();
+        self.read < DRAIN_LIMIT
+    }
+
+    /// The excerpt as one printable line.
+    pub(crate) fn finish(self) -> String {
+        if self.buf.is_empty() {
+            return String::new();
+        }
+        let text = String::from_utf8_lossy(&self.buf);
+        text.chars()
+            .filter(|c| !c.is_control() || *c == ' ')
+            .collect::<String>()
+            .trim()
+            .to_string()
+    }
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date; capped at one hour.

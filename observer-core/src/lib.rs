@@ -29,6 +29,7 @@ pub mod signing;
 pub mod store;
 pub mod template;
 pub mod tls;
+pub mod webhook_client;
 
 /// An error and its causes, joined with `: ` (`tokio_postgres::Error` and `reqwest::Error` keep
 /// the useful part, such as "connection refused", in their sources).

@@ -342,11 +342,17 @@ pub fn executor(app: &App) -> Result<BoxExecutor> {
     );
     let http = ActionContext::http_client(guard.clone())
         .map_err(|e| anyhow!("building the HTTP client: {e}"))?;
+    let webhook = observer_core::webhook_client::WebhookClient::new(
+        guard.clone(),
+        app.config.concurrent.max_in_flight,
+    )
+    .map_err(|e| anyhow!("building the webhook client: {e}"))?;
     let metrics = observer_core::metrics::Metrics::new();
     let state = stack::LayerState::new(&app.config, metrics.clone());
     let redis = app.redis()?;
     let ctx = ActionContext {
         http,
+        webhook,
         pool,
         cache: stack::lookup_cache(&app.config, redis.as_ref()),
         redis,

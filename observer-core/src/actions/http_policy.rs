@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use reqwest::header::HeaderName;
+use reqwest::header::{HeaderMap, HeaderName};
+use reqwest::StatusCode;
 
 use crate::action::{drain, parse_retry_after, AttemptResult, Outcome};
 use crate::config::{RetryConfig, StatusSpec};
@@ -98,19 +99,27 @@ impl HttpPolicy {
     /// message (e.g. "Slack answered "). Reads at most a short excerpt of the body.
     pub async fn outcome(&self, resp: reqwest::Response, what: &str) -> Outcome {
         let status = resp.status();
-        let code = status.as_u16();
         if status.is_success() {
             drain(resp).await;
-            return (AttemptResult::Delivered, Some(code), None);
+            return (AttemptResult::Delivered, Some(status.as_u16()), None);
         }
-        let headers = resp.headers();
-        let abort = self.abort_header.as_ref().filter(|h| {
-            headers
-                .get(*h)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-        });
-        let abort = abort.map(|h| h.as_str().to_string());
+        let head = self.head(status, resp.headers());
+        let excerpt = drain(resp).await;
+        self.judge(head, &excerpt, what)
+    }
+
+    /// What the policy needs of a non-2xx answer's head, taken before its body is read.
+    pub fn head(&self, status: StatusCode, headers: &HeaderMap) -> AnswerHead {
+        let abort = self
+            .abort_header
+            .as_ref()
+            .filter(|h| {
+                headers
+                    .get(*h)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            })
+            .map(|h| h.as_str().to_string());
         let retry_after = headers
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
@@ -119,17 +128,31 @@ impl HttpPolicy {
         let location = headers
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
+            .filter(|_| status.is_redirection())
             .map(str::to_string);
-        let excerpt = drain(resp).await;
+        AnswerHead {
+            status,
+            abort,
+            retry_after,
+            location,
+        }
+    }
+
+    /// The outcome of an answer from its head and an excerpt of its body (delivered on 2xx).
+    pub fn judge(&self, head: AnswerHead, excerpt: &str, what: &str) -> Outcome {
+        let code = head.status.as_u16();
+        if head.status.is_success() {
+            return (AttemptResult::Delivered, Some(code), None);
+        }
         let mut error = format!("{what}HTTP {code}");
-        if let Some(l) = location.filter(|_| status.is_redirection()) {
+        if let Some(l) = head.location {
             error.push_str(&format!(" redirect to `{l}` (redirects are not followed)"));
         }
         if !excerpt.is_empty() {
             error.push_str(": ");
-            error.push_str(&excerpt);
+            error.push_str(excerpt);
         }
-        let result = if let Some(h) = abort {
+        let result = if let Some(h) = head.abort {
             error.push_str(&format!(
                 " (aborted by the receiver with `{h}: true`: dead-lettered without further retries)"
             ));
@@ -139,13 +162,24 @@ impl HttpPolicy {
             AttemptResult::Permanent
         } else if self.retry_on.iter().any(|m| m.matches(code)) {
             AttemptResult::Retry {
-                after_ms: retry_after.map(|d| d.as_millis() as u64),
+                after_ms: head.retry_after.map(|d| d.as_millis() as u64),
             }
         } else {
             AttemptResult::Permanent
         };
         (result, Some(code), Some(error))
     }
+}
+
+/// The parts of an answer's head the status policy reads.
+#[derive(Debug)]
+pub struct AnswerHead {
+    status: StatusCode,
+    /// The `abort_header` when the receiver set it to `true`.
+    abort: Option<String>,
+    retry_after: Option<Duration>,
+    /// `Location` of a 3xx.
+    location: Option<String>,
 }
 
 #[cfg(test)]
