@@ -526,7 +526,10 @@ async fn a_window_of_large_rows_is_read_within_the_byte_budget() {
          max_batch_bytes = 1048576\nmax_pending_events = 1",
         &webhook_observer("all", "*", &rx.url("/all"), "", ""),
     );
-    let mut daemon = Daemon::start(&db, &config).await;
+    // The rows are of 55 different entities: they arrive in read order (what is checked below)
+    // only with one dispatch at a time; concurrency (on by default) keeps per-entity order only.
+    let mut daemon =
+        Daemon::start_with_env(&db, &config, &[("OBSERVER__FEATURES__CONCURRENT", "false")]).await;
     // One transaction: one snapshot window of 25 small rows, then 30 large ones.
     db.exec(
         "INSERT INTO tb_entity_change_log (object_type, object_id, modification_type, object_data)

@@ -14,8 +14,16 @@ async fn checkpoint_off_starts_at_tail_and_writes_nothing() {
         "id = \"nockpt\"",
         &webhook_observer("o", "Order", &rx.url("/h"), "", ""),
     );
-    let mut daemon =
-        Daemon::start_with_env(&db, &cfg, &[("OBSERVER__FEATURES__CHECKPOINT", "false")]).await;
+    // One dispatch at a time (concurrency is on by default): the proof below needs read order.
+    let mut daemon = Daemon::start_with_env(
+        &db,
+        &cfg,
+        &[
+            ("OBSERVER__FEATURES__CHECKPOINT", "false"),
+            ("OBSERVER__FEATURES__CONCURRENT", "false"),
+        ],
+    )
+    .await;
     db.insert_order(2, "after-start", 1.0).await;
     let reqs = rx.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(reqs[0].json()["entity_id"], "2");

@@ -16,11 +16,13 @@ fn entity_ids(reqs: &[Received]) -> Vec<String> {
 }
 
 const ON: &[(&str, &str)] = &[("OBSERVER__FEATURES__CONCURRENT", "true")];
+/// On by default since issue 16: the sequential case must say so.
+const OFF: &[(&str, &str)] = &[("OBSERVER__FEATURES__CONCURRENT", "false")];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrelated_entities_run_in_parallel_only_when_the_layer_is_on() {
     let delay = Duration::from_millis(300);
-    for (env, parallel) in [(ON, true), (&[][..], false)] {
+    for (env, parallel) in [(ON, true), (OFF, false), (&[][..], true)] {
         let db = TestDb::new().await;
         let rx = Receiver::start().await;
         rx.set_delay(delay);
