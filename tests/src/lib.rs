@@ -543,6 +543,8 @@ pub struct Behaviour {
     pub path_delay: HashMap<String, Duration>,
     /// `Retry-After` header added to every non-2xx answer.
     pub retry_after: Option<String>,
+    /// `Location` header added to the answers of a path (with a 3xx `path_status`: a redirect).
+    pub path_location: HashMap<String, String>,
 }
 
 impl Default for Behaviour {
@@ -556,6 +558,7 @@ impl Default for Behaviour {
             delay: Duration::ZERO,
             path_delay: HashMap::new(),
             retry_after: None,
+            path_location: HashMap::new(),
         }
     }
 }
@@ -592,7 +595,7 @@ async fn handle(
 ) -> Response {
     let at = Instant::now();
     let path = uri.path().to_string();
-    let (status, delay, retry_after) = {
+    let (status, delay, retry_after, location) = {
         let mut g = inner.lock().unwrap();
         let n = g.seen;
         g.seen += 1;
@@ -608,6 +611,7 @@ async fn handle(
         };
         let delay = b.path_delay.get(&path).copied().unwrap_or(b.delay);
         let retry_after = b.retry_after.clone();
+        let location = b.path_location.get(&path).cloned();
         let rec = Received {
             method: method.to_string(),
             path: path.clone(),
@@ -632,7 +636,7 @@ async fn handle(
             }),
         };
         g.requests.push(rec);
-        (status, delay, retry_after)
+        (status, delay, retry_after, location)
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -647,6 +651,10 @@ async fn handle(
         },
     )
         .into_response();
+    if let Some(l) = location {
+        resp.headers_mut()
+            .insert("location", l.parse().expect("location value"));
+    }
     if !code.is_success() {
         if let Some(r) = retry_after {
             resp.headers_mut()
@@ -701,6 +709,15 @@ impl Receiver {
     pub fn set_path_status(&self, path: &str, status: u16) {
         self.behave(|b| {
             b.path_status.insert(path.to_string(), status);
+        });
+    }
+
+    /// Answers `path` with `status` and `Location: location` (a redirect when 3xx).
+    pub fn set_path_redirect(&self, path: &str, status: u16, location: &str) {
+        self.behave(|b| {
+            b.path_status.insert(path.to_string(), status);
+            b.path_location
+                .insert(path.to_string(), location.to_string());
         });
     }
 

@@ -235,6 +235,67 @@ async fn the_allow_list_admits_exactly_what_it_names_and_events_keep_flowing() {
     assert!(daemon.stop().await.success());
 }
 
+/// docs/security.md, "Redirects": none is followed, on the per-event webhook path (hyper-util)
+/// and the batched one (reqwest) alike. The redirect points at an admitted path of the same
+/// receiver, so only not following it keeps that path empty; the dead letter names the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_and_name_their_target() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let target = rx.url("/target");
+    for (path, status) in [("/moved", 302), ("/moved-batch", 307), ("/moved-perm", 308)] {
+        rx.set_path_redirect(path, status, &target);
+    }
+    let observers = [
+        observer(
+            "moved",
+            "",
+            &format!("  type = \"webhook\"\n  url = \"{}\"", rx.url("/moved")),
+        ),
+        observer(
+            "moved-perm",
+            "",
+            &format!("  type = \"webhook\"\n  url = \"{}\"", rx.url("/moved-perm")),
+        ),
+        observer(
+            "moved-batch",
+            "",
+            &format!(
+                "  type = \"webhook\"\n  url = \"{}\"\n  batch = {{ max_events = 10, max_wait_ms = 50 }}",
+                rx.url("/moved-batch")
+            ),
+        ),
+    ]
+    .concat();
+    let cfg = db.config_with_outbound("allow = [\"127.0.0.1/32\"]", &observers);
+    let mut daemon = Daemon::start(&db, &cfg).await;
+    db.insert_order(1, "new", 1.0).await;
+    db.wait_caught_up("test", T).await;
+    let dl = db.dead_letters().await;
+    assert_eq!(dl.len(), 3, "{dl:#?}");
+    for (name, status) in [("moved", 302), ("moved-perm", 308), ("moved-batch", 307)] {
+        let row = by_observer(&dl, name);
+        let err = row["last_error"].as_str().unwrap_or_default();
+        assert_eq!(row["reason"], "permanent_failure", "{row:#}");
+        assert_eq!(row["attempts"].as_array().map(Vec::len), Some(1), "{row:#}");
+        for needle in [
+            format!("HTTP {status}"),
+            format!("redirect to `{target}`"),
+            "redirects are not followed".to_string(),
+        ] {
+            assert!(err.contains(&needle), "{name}: no `{needle}` in: {err}");
+        }
+    }
+    assert!(
+        rx.requests_to("/target").is_empty(),
+        "a redirect was followed"
+    );
+    for path in ["/moved", "/moved-perm", "/moved-batch"] {
+        assert_eq!(rx.requests_to(path).len(), 1, "{path}");
+    }
+    assert!(daemon.stop().await.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_allow_entries_are_config_errors_naming_the_entry() {
     let db = TestDb::new().await;
