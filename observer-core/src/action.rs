@@ -679,7 +679,7 @@ impl Webhook {
             Ok(u) => u,
             Err(e) => return permanent(format!("url template: {e}")),
         };
-        let parsed = match ctx.checked_url(&url, || shown_url(&url, self.url_secret)) {
+        let mut parsed = match ctx.checked_url(&url, || shown_url(&url, self.url_secret)) {
             Ok(p) => p,
             Err(e) => return permanent(e),
         };
@@ -717,6 +717,7 @@ impl Webhook {
             return b.submit(send, url, rendered, element, key).await;
         }
         let body = rendered_body.unwrap_or_else(|| scope.event.envelope_json(observer, None));
+        let basic = take_basic_auth(&mut parsed);
         let uri = match parsed.as_str().parse::<hyper::Uri>() {
             Ok(u) => u,
             Err(e) => {
@@ -730,7 +731,12 @@ impl Webhook {
             .method(self.method.clone())
             .uri(uri)
             .header(reqwest::header::USER_AGENT, USER_AGENT)
+            // As reqwest sent it, so a receiver sees the same request from either client.
+            .header(reqwest::header::ACCEPT, "*/*")
             .header("idempotency-key", key);
+        if let Some(b) = basic {
+            req = req.header(reqwest::header::AUTHORIZATION, b);
+        }
         if !self
             .headers
             .iter()
@@ -780,6 +786,37 @@ impl Webhook {
             ),
         }
     }
+}
+
+/// `user:password@` of a URL as a Basic `Authorization` value (percent-decoded), removed from the
+/// URL: what reqwest does for the cold paths, so a webhook URL with credentials means the same
+/// on both clients. `None` when the URL has none.
+fn take_basic_auth(url: &mut reqwest::Url) -> Option<HeaderValue> {
+    use base64::Engine;
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .map(|c| c.into_owned())
+    };
+    let user = decode(url.username())?;
+    let password = match url.password() {
+        Some(p) => Some(decode(p)?),
+        None => None,
+    };
+    if user.is_empty() && password.is_none() {
+        return None;
+    }
+    url.set_username("").ok()?;
+    url.set_password(None).ok()?;
+    let pair = format!("{user}:{}", password.unwrap_or_default());
+    let mut v = HeaderValue::from_str(&format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    ))
+    .ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// `User-Agent` of every request the daemon makes.
@@ -953,6 +990,23 @@ mod tests {
             shown_url("https://h.example/?t=abc", true),
             "<url from a secret reference>"
         );
+    }
+
+    #[test]
+    fn url_credentials_become_basic_auth_and_leave_the_url() {
+        let mut u = reqwest::Url::parse("https://us%40er:p%3Ass@hooks.example/x?a=1").unwrap();
+        let v = take_basic_auth(&mut u).unwrap();
+        // base64("us@er:p:ss")
+        assert_eq!(v.to_str().unwrap(), "Basic dXNAZXI6cDpzcw==");
+        assert!(v.is_sensitive());
+        assert_eq!(u.as_str(), "https://hooks.example/x?a=1");
+        let mut u = reqwest::Url::parse("https://only@hooks.example/").unwrap();
+        assert_eq!(
+            take_basic_auth(&mut u).unwrap().to_str().unwrap(),
+            "Basic b25seTo="
+        );
+        let mut u = reqwest::Url::parse("https://hooks.example/").unwrap();
+        assert!(take_basic_auth(&mut u).is_none());
     }
 
     #[test]

@@ -138,3 +138,34 @@ async fn composite_primary_key_gives_json_array_object_id() {
     assert_eq!(body["data"]["sku"], "abc");
     assert!(daemon.stop().await.success());
 }
+
+/// `user:password@` in a webhook URL is sent as Basic authorization (percent-decoded) and not
+/// in the request line, as reqwest did before the hot path moved to hyper-util; the request
+/// also names the daemon in `User-Agent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_credentials_are_sent_as_basic_authorization() {
+    let db = TestDb::new().await;
+    let rx = Receiver::start().await;
+    let url = rx
+        .url("/auth")
+        .replacen("http://", "http://hook%40user:s%3Acret@", 1);
+    let cfg = db.config(&webhook_observer("auth", "Order", &url, "", ""));
+    let mut daemon = Daemon::start(&db, &cfg).await;
+    db.insert_order(1, "new", 1.0).await;
+    let reqs = rx.wait_for(1, Duration::from_secs(30)).await;
+    use base64::Engine;
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("hook@user:s:cret")
+    );
+    assert_eq!(reqs[0].header("authorization"), Some(expected.as_str()));
+    assert_eq!(reqs[0].path, "/auth");
+    assert!(
+        reqs[0]
+            .header("user-agent")
+            .is_some_and(|u| u.starts_with("fraiseql-observers/")),
+        "{:?}",
+        reqs[0].header("user-agent")
+    );
+    assert!(daemon.stop().await.success());
+}
