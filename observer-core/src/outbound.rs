@@ -4,10 +4,11 @@
 //!
 //! A configured URL is data an attacker may influence (a template whose host comes from an
 //! event, a DNS name that an outsider controls), so the check is made on the addresses a name
-//! *resolves to*, not on the name: HTTP goes through [`GuardedResolver`], the reqwest DNS
-//! resolver of the process's one client, which drops refused addresses before a socket is
-//! opened; URLs whose host is an IP literal never reach a resolver, so [`Guard::check_url`]
-//! checks those before the request is built. SMTP (lettre resolves names itself) is checked
+//! *resolves to*, not on the name: HTTP goes through [`GuardedResolver`] (the DNS resolver of
+//! the process's reqwest client) or `webhook_client::GuardedResolve` (the connector's resolver
+//! of the per-event webhook client), which drop refused addresses before a socket is opened;
+//! URLs whose host is an IP literal never reach a resolver, so [`Guard::check_url`] checks
+//! those before the request is built (and the webhook client's connector again before dialling). SMTP (lettre resolves names itself) is checked
 //! with [`Guard::resolve_checked`] right before the send; see docs/security.md for the
 //! rebinding window that leaves.
 //!
