@@ -5,9 +5,6 @@ use std::time::Duration;
 
 use observer_tests::*;
 
-/// One dispatch at a time (`concurrent` is on by default).
-const SEQUENTIAL: &[(&str, &str)] = &[("OBSERVER__FEATURES__CONCURRENT", "false")];
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoint_set_event_id_replays_from_that_event_and_purge_deletes_what_it_says() {
     let db = TestDb::new().await;
@@ -28,19 +25,27 @@ async fn checkpoint_set_event_id_replays_from_that_event_and_purge_deletes_what_
         "",
     ));
     let cfg = db.config(&observers);
-    // The replayed keys are compared with the first run's in arrival order, which is read order
-    // across entities only with one dispatch at a time (concurrency keeps per-entity order only).
-    let mut daemon = Daemon::start_with_env(&db, &cfg, SEQUENTIAL).await;
+    let mut daemon = Daemon::start(&db, &cfg).await;
     for id in 1..=3 {
         db.insert_order(id, "new", 1.0).await; // one transaction each
     }
     db.wait_caught_up("test", Duration::from_secs(20)).await;
     assert!(daemon.stop().await.success());
-    let first: Vec<String> = rx
-        .requests_to("/orders")
-        .iter()
-        .map(|r| r.idempotency_key().to_string())
-        .collect();
+    // (entity id, key) in arrival order; keyed by entity, since concurrency (on by default)
+    // keeps each entity's order but not the order across entities.
+    let keyed = |reqs: &[Received]| -> Vec<(String, String)> {
+        reqs.iter()
+            .map(|r| {
+                let id = r.json()["entity_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (id, r.idempotency_key().to_string())
+            })
+            .collect()
+    };
+    let mut first = keyed(&rx.requests_to("/orders"));
+    first.sort();
     assert_eq!(first.len(), 3);
 
     // Replay from order 2's event: orders 2 and 3 again, with the same keys; order 1 not.
@@ -57,23 +62,25 @@ async fn checkpoint_set_event_id_replays_from_that_event_and_purge_deletes_what_
         .cli_with(&cfg, &["checkpoint", "set", "--event-id", &from, "--yes"])
         .await;
     assert!(out.status.success(), "{}", output_text(&out));
-    let mut daemon = Daemon::start_with_env(&db, &cfg, SEQUENTIAL).await;
+    let mut daemon = Daemon::start(&db, &cfg).await;
     rx.wait_until(Duration::from_secs(20), "two redeliveries", |r| {
         r.iter().filter(|q| q.path == "/orders").count() >= 5
     })
     .await;
     db.wait_caught_up("test", Duration::from_secs(20)).await;
     assert!(daemon.stop().await.success());
-    let all: Vec<String> = rx
-        .requests_to("/orders")
-        .iter()
-        .map(|r| r.idempotency_key().to_string())
-        .collect();
+    let all = keyed(&rx.requests_to("/orders"));
     assert_eq!(all.len(), 5, "orders 2 and 3 again, order 1 not: {all:?}");
+    let mut replayed = all[3..].to_vec();
+    replayed.sort();
     assert_eq!(
-        &all[3..],
+        first.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        ["1", "2", "3"]
+    );
+    assert_eq!(
+        replayed,
         &first[1..],
-        "the replay carries the original keys, in order"
+        "the replay carries orders 2 and 3 with their original keys"
     );
 
     // The broken observer dead-lettered 3 + 2 (replayed) rows, all pending.
