@@ -163,7 +163,11 @@ for delay in 0 20; do
       env "$cap" $(run_env "$name") "$BIN" --config "$work/c.toml" run --role worker 2>"$work/$name-w$i.log" &
       wp+=($!); pids+=($!)
     done
-    sleep 1
+    # Every worker pulling before the clock starts.
+    for i in $(seq 1 "$workers"); do
+      for _ in $(seq 1 300); do grep -q 'pulling from every partition' "$work/$name-w$i.log" && break; sleep 0.1; done
+      grep -q 'pulling from every partition' "$work/$name-w$i.log" || { echo "bench-nats: worker $i of $name did not start; see $work/$name-w$i.log (kept)" >&2; trap - EXIT; for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; exit 1; }
+    done
     t0="$(now)"
     env $(run_env "$name") "$BIN" --config "$work/c.toml" run --role publisher 2>"$work/$name-p.log" &
     ppid=$!; pids+=($ppid)
