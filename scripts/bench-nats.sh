@@ -19,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-20000}"
+case "$N" in ""|*[!0-9]*|0) echo "bench-nats: EVENTS must be a positive whole number, got '$N'" >&2; exit 2 ;; esac
 PG="${BENCH_PG:-postgres://postgres@127.0.0.1:5432}"
 SETUP_BENCH=1 scripts/setup.sh
 cargo build --release --quiet -p observer-cli -p observer-bench
