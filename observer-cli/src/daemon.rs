@@ -166,6 +166,7 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
     }
     #[cfg(feature = "queue")]
     let (layers_for_jobs, current_for_jobs) = (layers.clone(), current.clone());
+    let layers_settle = layers.clone();
     let make = move || {
         let cfg = current
             .read()
@@ -199,6 +200,7 @@ pub async fn run(config: Option<&Path>, role: Role) -> Result<()> {
     .await?;
     let result = runloop::supervise(&ctx, &make, shutdown.clone()).await;
     shutdown.cancel();
+    layers_settle.settle().await;
     #[cfg(feature = "queue")]
     if let Some(jobs) = jobs {
         let _ = jobs.await;
@@ -256,6 +258,7 @@ async fn queue_worker(
             );
         };
         let _ = workers.await;
+        layers.settle().await;
         if let Some(e) = endpoint {
             e.stop().await;
         }

@@ -71,7 +71,10 @@ pub async fn start(
         return Ok(None);
     };
     let queue = JobQueue::new(redis, cfg.queue.dedup_ttl_secs);
-    let list = queues(&queue, cfg, &observers.borrow().clone()).await;
+    // Cloned out first: the watch's read guard must not be held across the await (it would block
+    // a reload's send meanwhile, and it cannot move between threads).
+    let now = observers.borrow().clone();
+    let list = queues(&queue, cfg, &now).await;
     if list.is_empty() {
         return Ok(None);
     }

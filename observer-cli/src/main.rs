@@ -172,7 +172,18 @@ fn main() -> ExitCode {
     let result: anyhow::Result<ExitCode> = runtime.block_on(async move {
         match cli.command {
             Command::Migrate(a) => setup::migrate(config, a).await.map(|_| ExitCode::SUCCESS),
-            Command::Run { role } => daemon::run(config, role).await.map(|_| ExitCode::SUCCESS),
+            // On a runtime worker, not on this thread: every dispatch the run loop spawns from
+            // `block_on`'s thread went through the runtime's shared inject queue and woke a
+            // worker with a futex, and every completion woke this thread back (docs/benchmarks.md,
+            // "Hot path": the loop's thread was at 84 % of a core in a drain).
+            Command::Run { role } => {
+                let config = config.map(PathBuf::from);
+                match tokio::spawn(async move { daemon::run(config.as_deref(), role).await }).await
+                {
+                    Ok(r) => r.map(|_| ExitCode::SUCCESS),
+                    Err(e) => Err(anyhow::anyhow!("the daemon task ended abnormally: {e}")),
+                }
+            }
             Command::Capture(c) => setup::capture(config, c).await.map(|_| ExitCode::SUCCESS),
             Command::Validate(a) => validate::run(a).await,
             Command::Listen(a) => listen::run(a).await.map(|_| ExitCode::SUCCESS),

@@ -97,6 +97,7 @@ pub async fn worker(
             "starting as a worker (no change-log listener)");
         let result = observer_core::runloop::supervise_work(&ctx, &make, &mut items, shutdown.clone()).await;
         shutdown.cancel();
+        layers.settle().await;
         while pulls.join_next().await.is_some() {}
         // Messages still queued for the loop are given back (their settles are dropped here).
         drop(items);

@@ -159,6 +159,17 @@ impl LayerState {
         }
     }
 
+    /// At shutdown, after the last dispatch: waits (up to 5 s) for what the layers still send
+    /// on their own (dedup's confirmations), so it is not lost with the process.
+    pub async fn settle(&self) {
+        #[cfg(feature = "dedup")]
+        if !self.dedup.settle(std::time::Duration::from_secs(5)).await {
+            tracing::warn!(
+                "dedup confirmations still unanswered after 5 s; those claims end with their lease"
+            );
+        }
+    }
+
     /// Each destination's breaker state (`closed`, `half_open`, `open`) as this process sees
     /// it; empty when the layer is off or not built. Other processes read the same through the
     /// `observer_breaker_state` series of the metrics endpoint.

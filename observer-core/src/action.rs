@@ -220,6 +220,24 @@ pub struct Webhook {
     /// The URL was written with a `${env:…}`/`${file:…}` reference (e.g. a token in the query):
     /// messages then never show it.
     url_secret: bool,
+    /// For a URL without placeholders: the request target, parsed and checked against the guard
+    /// once (with the address of the guard it was checked against), not for every event — it
+    /// was 3 % of the daemon's CPU in a drain (docs/benchmarks.md).
+    static_target: std::sync::OnceLock<StaticTarget>,
+}
+
+/// A static URL's target and the guard it was checked against (held weakly: its allocation then
+/// stays, so another guard cannot take its address and pass for it).
+type StaticTarget = (
+    std::sync::Weak<crate::outbound::Guard>,
+    Result<RequestTarget, String>,
+);
+
+/// Where a webhook request goes: the URI, and its `user:password@` as a Basic header.
+#[derive(Debug, Clone)]
+struct RequestTarget {
+    uri: hyper::Uri,
+    basic: Option<HeaderValue>,
 }
 
 #[derive(Debug)]
@@ -583,6 +601,7 @@ fn compile_webhook(
             None
         },
         url_secret: w.url.contains("${"),
+        static_target: std::sync::OnceLock::new(),
     }))
 }
 
@@ -674,13 +693,49 @@ pub(crate) fn permanent(e: impl std::fmt::Display) -> Outcome {
 }
 
 impl Webhook {
+    /// Parses and checks a rendered URL into a request target. `Err` is a permanent failure's
+    /// message.
+    fn request_target(&self, ctx: &ActionContext, url: &str) -> Result<RequestTarget, String> {
+        let mut parsed = ctx.checked_url(url, || shown_url(url, self.url_secret))?;
+        let basic = take_basic_auth(&mut parsed);
+        match parsed.as_str().parse::<hyper::Uri>() {
+            Ok(uri) => Ok(RequestTarget { uri, basic }),
+            Err(e) => Err(format!(
+                "cannot build request to `{}`: {e}",
+                shown_url(url, self.url_secret)
+            )),
+        }
+    }
+
+    /// The target of a URL without placeholders, computed once per guard.
+    fn static_target(&self, ctx: &ActionContext) -> Result<RequestTarget, String> {
+        let compute = || self.request_target(ctx, &self.url.literal_text(""));
+        let (checked_with, target) = self
+            .static_target
+            .get_or_init(|| (std::sync::Arc::downgrade(&ctx.guard), compute()));
+        if std::ptr::eq(checked_with.as_ptr(), std::sync::Arc::as_ptr(&ctx.guard)) {
+            target.clone()
+        } else {
+            compute()
+        }
+    }
+
     async fn send(&self, ctx: &ActionContext, scope: &Scope<'_>) -> Outcome {
-        let url = match self.url.render(scope) {
-            Ok(u) => u,
-            Err(e) => return permanent(format!("url template: {e}")),
+        let mut url = None;
+        let target = if self.url.is_static() && self.batcher.is_none() {
+            self.static_target(ctx)
+        } else {
+            match self.url.render(scope) {
+                Ok(u) => {
+                    let t = self.request_target(ctx, &u);
+                    url = Some(u);
+                    t
+                }
+                Err(e) => return permanent(format!("url template: {e}")),
+            }
         };
-        let mut parsed = match ctx.checked_url(&url, || shown_url(&url, self.url_secret)) {
-            Ok(p) => p,
+        let RequestTarget { uri, basic } = match target {
+            Ok(t) => t,
             Err(e) => return permanent(e),
         };
         let key = scope.idempotency_key.unwrap_or_default();
@@ -714,19 +769,10 @@ impl Webhook {
                 Some(body) => crate::actions::webhook_batch::element(body, key),
                 None => scope.event.envelope_json(observer, Some(key)),
             };
+            let url = url.unwrap_or_else(|| self.url.literal_text(""));
             return b.submit(send, url, rendered, element, key).await;
         }
         let body = rendered_body.unwrap_or_else(|| scope.event.envelope_json(observer, None));
-        let basic = take_basic_auth(&mut parsed);
-        let uri = match parsed.as_str().parse::<hyper::Uri>() {
-            Ok(u) => u,
-            Err(e) => {
-                return permanent(format!(
-                    "cannot build request to `{}`: {e}",
-                    shown_url(&url, self.url_secret)
-                ))
-            }
-        };
         let mut req = hyper::Request::builder()
             .method(self.method.clone())
             .uri(uri)
@@ -759,7 +805,10 @@ impl Webhook {
             Err(e) => {
                 return permanent(format!(
                     "cannot build request to `{}`: {e}",
-                    shown_url(&url, self.url_secret)
+                    shown_url(
+                        &url.unwrap_or_else(|| self.url.literal_text("")),
+                        self.url_secret
+                    )
                 ))
             }
         };

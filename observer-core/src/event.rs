@@ -88,8 +88,18 @@ impl ChangeEvent {
     /// `data`), with `idempotency_key` added when given: the per-delivery form of
     /// [`ChangeEvent::envelope`], byte for byte the same keys in the same order.
     pub fn envelope_json(&self, observer: &str, idempotency_key: Option<&str>) -> String {
-        serde_json::to_string(&self.envelope_ref(observer, idempotency_key))
-            .expect("an envelope serializes: its keys are strings")
+        // Sized from the last envelope rendered: envelopes of one workload are of a size, and
+        // growing a fresh buffer from serde_json's 128 bytes reallocated it several times per
+        // event (the allocator was a sixth of the daemon's CPU, docs/benchmarks.md).
+        static LAST_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(256);
+        let hint = LAST_LEN.load(std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::with_capacity(hint.min(1 << 20));
+        serde_json::to_writer(&mut out, &self.envelope_ref(observer, idempotency_key))
+            .expect("an envelope serializes: its keys are strings");
+        LAST_LEN.store(out.len() + 64, std::sync::atomic::Ordering::Relaxed);
+        // serde_json writes UTF-8 only.
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     fn envelope_ref<'a>(&'a self, observer: &'a str, key: Option<&'a str>) -> Envelope<'a> {

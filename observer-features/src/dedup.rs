@@ -53,6 +53,9 @@ const WAIT_RETRY_MS: u64 = 1_000;
 /// Pipelines sent before the oldest one has answered.
 const PIPELINES_IN_FLIGHT: usize = 8;
 
+/// Confirmations (done or release) sent and not yet answered; a dispatch waits for room beyond.
+const CONFIRMS_PENDING: usize = 4_096;
+
 /// Most operations sent in one pipeline.
 const MAX_BATCH_OPS: usize = 2_048;
 
@@ -113,6 +116,11 @@ pub struct DedupState {
     batcher: tokio::sync::OnceCell<mpsc::Sender<Request>>,
     /// Redis is failing (logged once per outage).
     down: AtomicBool,
+    /// One permit per confirmation in flight: it is sent after the dispatch has returned, so it
+    /// no longer holds the dispatch's in-flight slot for a Redis round trip (that round trip
+    /// was a third of a dispatch's time in a drain, docs/benchmarks.md); [`DedupState::settle`]
+    /// waits for them at shutdown.
+    confirms: Arc<tokio::sync::Semaphore>,
 }
 
 impl DedupState {
@@ -125,7 +133,16 @@ impl DedupState {
             local: Mutex::new(HashSet::new()),
             batcher: tokio::sync::OnceCell::new(),
             down: AtomicBool::new(false),
+            confirms: Arc::new(tokio::sync::Semaphore::new(CONFIRMS_PENDING)),
         })
+    }
+
+    /// Waits (at most `within`) until every confirmation sent has been answered: called at
+    /// shutdown, after the last dispatch, so a `done` mark is not lost with the process. False
+    /// when some were still unanswered at the deadline (their claims then end with their lease).
+    pub async fn settle(&self, within: Duration) -> bool {
+        let all = self.confirms.acquire_many(CONFIRMS_PENDING as u32);
+        matches!(tokio::time::timeout(within, all).await, Ok(Ok(_)))
     }
 
     /// Runs `ops` against the chosen store; one verdict per op (`Claimed` for non-claims).
@@ -623,12 +640,25 @@ where
                     }
                 })
                 .collect();
-            if !ops.is_empty() {
-                // A failure here is logged by `store` (once per outage); the claim then ends
-                // with its lease.
-                let _ = st.store(redis, ops).await;
+            if ops.is_empty() {
+                st.release_local(&keys, &local);
+                return result;
             }
-            st.release_local(&keys, &local);
+            // Confirmed after returning: the outcome does not wait for the round trip. The keys
+            // stay held in this process until Redis has answered, so another dispatch of one of
+            // them here waits (`claimed_elsewhere`) and then finds it `done`. A failure is logged
+            // by `store` (once per outage); the claim then ends with its lease.
+            let Ok(permit) = st.confirms.clone().acquire_owned().await else {
+                let _ = st.store(redis, ops).await;
+                st.release_local(&keys, &local);
+                return result;
+            };
+            let (state, redis) = (layer.state.clone(), layer.redis.clone());
+            tokio::spawn(async move {
+                let _ = state.store(redis.as_ref(), ops).await;
+                state.release_local(&keys, &local);
+                drop(permit);
+            });
             result
         })
     }
