@@ -475,7 +475,12 @@ pub struct ConcurrentConfig {
 impl Default for ConcurrentConfig {
     fn default() -> Self {
         ConcurrentConfig {
-            max_in_flight: 64,
+            // 64 until issue 16's second sitting: a soak whose dispatches each waited about
+            // 19 ms for the CPU (as a remote receiver's round trip would) fell 18 s behind at
+            // 4,800 events/s with the daemon at 0.3 cores; 256 kept up (p50 117 ms,
+            // docs/benchmarks.md). A receiver that wants fewer sets `rate_limit`'s
+            // `max_concurrent`.
+            max_in_flight: 256,
             action_timeout_ms: 30_000,
         }
     }
