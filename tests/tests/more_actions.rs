@@ -155,6 +155,9 @@ async fn redis_publish_publishes_and_appends_to_a_stream() {
             got.push(v);
         }
     }
+    // Orders 1 and 2 are different entities: with `concurrent` on (the default) their actions
+    // run side by side, so they may arrive in either order. Each must arrive once.
+    got.sort_by_key(|v| v["data"]["id"].as_i64());
     for (v, id) in got.iter().zip(ids) {
         assert_eq!(v["event_id"], id.to_string(), "{v}");
         assert_eq!(v["entity"], "Order");
@@ -170,7 +173,13 @@ async fn redis_publish_publishes_and_appends_to_a_stream() {
         .await
         .expect("XRANGE");
     assert_eq!(entries.len(), 2, "{entries:?}");
-    for ((_, fields), (n, id)) in entries.iter().zip([(1, ids[0]), (2, ids[1])]) {
+    let mut entries: Vec<_> = entries.into_iter().map(|(_, fields)| fields).collect();
+    entries.sort_by_key(|f| {
+        serde_json::from_str::<Value>(&f["event"])
+            .ok()
+            .and_then(|e| e["id"].as_i64())
+    });
+    for (fields, (n, id)) in entries.iter().zip([(1, ids[0]), (2, ids[1])]) {
         let key = idempotency_key(id, "x", 0);
         assert_eq!(fields["idempotency_key"], key);
         let event: Value = serde_json::from_str(&fields["event"]).unwrap();
