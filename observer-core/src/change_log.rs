@@ -209,13 +209,15 @@ impl WindowReader {
     /// query runs (and sorts) once and [`WindowCursor::next_page`] fetches from it. Paging a
     /// large window with one LIMIT query per page re-scanned and re-sorted what was left of it
     /// every time: 145 ms for the first page of a 100,000-row window, falling page by page.
-    /// The byte budget holds for the cursor as a whole, so every page keeps to it too; a cursor
-    /// that ends with [`Page::budget_reached`] leaves the rest of the window for the next read.
+    /// The byte budget holds for each page of `page` rows (one fetch each); a page that reaches
+    /// it ends the cursor ([`Page::budget_reached`]) and leaves the rest of the window for the
+    /// next read.
     pub async fn rest(
         &mut self,
         lo: &Snapshot,
         hi: &Snapshot,
         after_pk: i64,
+        page: i64,
     ) -> Result<WindowCursor<'_>, tokio_postgres::Error> {
         let (lo_xmax, xip, hi_xmax, hi_text) = window_params(lo, hi);
         let limits = self.limits;
@@ -232,10 +234,16 @@ impl WindowReader {
                     &i64::MAX,
                     &limits.max_row_bytes,
                     &limits.max_batch_bytes,
+                    &page,
                 ],
             )
             .await?;
-        Ok(WindowCursor { tx, portal, limits })
+        Ok(WindowCursor {
+            tx,
+            portal,
+            limits,
+            page,
+        })
     }
 
     /// Up to `limit` rows of window (`lo`, `hi`) with pk above `after_pk`, in pk order, ending
@@ -261,6 +269,7 @@ impl WindowReader {
                     &limit,
                     &self.limits.max_row_bytes,
                     &self.limits.max_batch_bytes,
+                    &limit,
                 ],
             )
             .await?;
@@ -272,7 +281,7 @@ impl WindowReader {
 fn page(rows: &[Row], limits: ReadLimits) -> Page {
     let budget_reached = rows
         .last()
-        .and_then(|r| r.try_get::<_, i64>(READ_BYTES_COLUMN).ok())
+        .and_then(|r| r.try_get::<_, i64>(PAGE_BYTES_COLUMN).ok())
         .is_some_and(|read| read >= limits.max_batch_bytes);
     Page {
         rows: rows
@@ -289,12 +298,15 @@ pub struct WindowCursor<'a> {
     tx: tokio_postgres::Transaction<'a>,
     portal: tokio_postgres::Portal,
     limits: ReadLimits,
+    /// The rows of a page: each fetch takes exactly one page, so the budget holds for each.
+    page: i64,
 }
 
 impl WindowCursor<'_> {
-    /// The next `n` rows; fewer (or none) at the window's end or the cursor's byte budget.
-    pub async fn next_page(&self, n: i64) -> Result<Page, tokio_postgres::Error> {
-        let n = i32::try_from(n).unwrap_or(i32::MAX);
+    /// The next page of rows; fewer (or none) at the window's end or where a page reached the
+    /// byte budget (the cursor ends there).
+    pub async fn next_page(&self) -> Result<Page, tokio_postgres::Error> {
+        let n = i32::try_from(self.page).unwrap_or(i32::MAX);
         let rows = self.tx.query_portal(&self.portal, n).await?;
         Ok(page(&rows, self.limits))
     }
@@ -325,12 +337,15 @@ pub struct ChangeLog {
 /// They are read from a subquery that selects [`RAW_COLUMNS`] and [`ROW_BYTES`] as `row_bytes`;
 /// the images of a row over `max_row_bytes` (the `{max}` parameter) are not converted or sent,
 /// and `row_bytes` follows as the eleventh column.
-fn columns(max: &str) -> String {
-    let text = |expr: &str| {
-        format!(
+fn columns(max: &str, encoding: TextEncoding) -> String {
+    let text = |expr: &str| match encoding {
+        TextEncoding::Unknown => format!(
             "CASE WHEN current_setting('server_encoding') = 'SQL_ASCII' \
              THEN convert_to({expr}, 'SQL_ASCII') ELSE convert_to({expr}, 'UTF8') END"
-        )
+        ),
+        TextEncoding::SqlAscii => format!("convert_to({expr}, 'SQL_ASCII')"),
+        // The server converts text to the client's encoding (UTF-8) as it sends it.
+        TextEncoding::Checked => expr.to_string(),
     };
     let image = |col: &str| {
         text(&format!(
@@ -347,6 +362,32 @@ fn columns(max: &str) -> String {
         image("object_data"),
         image("object_data_before"),
     )
+}
+
+/// How text columns reach us, by the server's encoding (`SHOW server_encoding`, fixed for the
+/// life of a database).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextEncoding {
+    /// Not known yet: the query asks the server for every row (the cold paths).
+    Unknown,
+    /// `SQL_ASCII`: any bytes may be stored, so text is read as its bytes, unconverted.
+    SqlAscii,
+    /// Any other encoding: stored text is valid in it and the server converts it to UTF-8.
+    Checked,
+}
+
+impl TextEncoding {
+    /// The encoding of the database `client` is connected to.
+    pub async fn of(client: &impl GenericClient) -> Result<TextEncoding, tokio_postgres::Error> {
+        let row = client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .await?;
+        Ok(if row.get::<_, String>(0) == "SQL_ASCII" {
+            TextEncoding::SqlAscii
+        } else {
+            TextEncoding::Checked
+        })
+    }
 }
 
 /// What the subqueries of [`columns`] select from the change log.
@@ -382,8 +423,9 @@ const DATA_BYTES: &str = image_bytes!("object_data");
 /// The `object_data_before` part of [`ROW_BYTES`].
 const BEFORE_BYTES: &str = image_bytes!("object_data_before");
 
-/// The column of a window read holding the running byte count (after `row_bytes`).
-const READ_BYTES_COLUMN: usize = 11;
+/// The column of a window read holding the running byte count of the row's page (after
+/// `row_bytes`).
+const PAGE_BYTES_COLUMN: usize = 11;
 
 /// The reader session's settings, sent once when it connects.
 ///
@@ -403,50 +445,74 @@ pub const READER_SESSION_SQL: &str =
 /// Longest `object_id` accepted; longer ones are poison (they key per-entity ordering).
 const MAX_OBJECT_ID: usize = 1024;
 
+/// The window query (see [`ChangeLog::window_sql`] for its parameters), its text columns read
+/// as `encoding` says.
+///
+/// At a window's start (`$5` = 0) the pk condition folds away in the custom plan. Left in as
+/// `pk > 0`, it let the planner AND a scan of the whole pk index with the txid range (its
+/// estimate of `pk > 0` lags a growing table): 10 ms per read at 120,000 rows instead of 0.2 ms,
+/// and p50 commit-to-delivery rose from 3.5 to 16 ms at 1,000/s.
+///
+/// The sort key is `pk + 0` so that the pk index cannot serve the ORDER BY: the planner
+/// overestimates the rows of a txid range past its statistics (10,093 estimated, 120 read,
+/// auto_explain in a soak at 355,000 rows) and, with ORDER BY pk LIMIT, walked the pk index from
+/// the table's first row filtering on txid: 120–200 ms per read, the soak's lag growing with the
+/// table. Every read is the txid range (bitmap) and one sort of the window's rows: its cost
+/// follows the window, never the table.
+///
+/// The byte budget holds per page of `$9` rows (the rows one fetch of the cursor returns), so
+/// one cursor can read a whole window of any size: every level above the sort streams in its
+/// order. `cum` is the running size of the images (the two int4 sizes summed apart so the totals
+/// stay int8 rather than numeric); `page_bytes` is `cum` less its value at the end of the
+/// previous page (a running max over the rows before, which only the last row of each page
+/// feeds), so it counts the row's own page up to and including the row; a row is cut, with every
+/// row after it, once its page already held `$8` bytes before it. The outer query converts the
+/// images of the rows kept, so nothing past the budget (or over `$7`) is converted or sent.
+///
+/// The budget used to hold for a cursor as a whole: a drain of 300,000 small rows (8 MiB of
+/// images are ~60,000 of them) then re-ran the window's scan and sort from each cut, twice (a
+/// page read, then a new cursor), and Postgres spent 12 µs of CPU per row read instead of 4
+/// (docs/benchmarks.md).
+fn window_query(table: &TableName, encoding: TextEncoding) -> String {
+    format!(
+        "SELECT {columns}, page_bytes FROM (
+             SELECT *, bool_or(page_bytes - row_bytes >= $8::bigint)
+                           OVER (ORDER BY ord ROWS UNBOUNDED PRECEDING) AS cut
+             FROM (
+                 SELECT *, cum - coalesce(max(CASE WHEN rn % $9::bigint = 0 THEN cum END)
+                           OVER (ORDER BY ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                           AS page_bytes
+                 FROM (
+                     SELECT *, row_number() OVER w AS rn, sum(d) OVER w + sum(b) OVER w AS cum,
+                            d::bigint + b::bigint AS row_bytes
+                     FROM (
+                         SELECT {RAW_COLUMNS}, pk_entity_change_log + 0 AS ord,
+                                {DATA_BYTES} AS d, {BEFORE_BYTES} AS b
+                         FROM {t}
+                         WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
+                           AND txid < $3::text::xid8
+                           AND pg_visible_in_snapshot(txid, $4::text::pg_snapshot)
+                           AND (pk_entity_change_log > $5 OR $5 = 0)
+                     ) s
+                     WINDOW w AS (ORDER BY ord ROWS UNBOUNDED PRECEDING)
+                     ORDER BY ord LIMIT $6
+                 ) r
+             ) p
+         ) c
+         WHERE NOT cut
+         ORDER BY ord",
+        columns = columns("$7::bigint", encoding),
+        t = table.sql()
+    )
+}
+
 impl ChangeLog {
     /// The queries over `table`, reading rows within the default [`ReadLimits`] (see
     /// [`ChangeLog::with_limits`]).
     pub fn new(table: TableName) -> ChangeLog {
-        // At a window's start (`$5` = 0) the pk condition folds away in the custom plan. Left in
-        // as `pk > 0`, it let the planner AND a scan of the whole pk index with the txid range
-        // (its estimate of `pk > 0` lags a growing table): 10 ms per read at 120,000 rows
-        // instead of 0.2 ms, and p50 commit-to-delivery rose from 3.5 to 16 ms at 1,000/s.
-        //
-        // The sort key is `pk + 0` so that the pk index cannot serve the ORDER BY: the planner
-        // overestimates the rows of a txid range past its statistics (10,093 estimated, 120 read,
-        // auto_explain in a soak at 355,000 rows) and, with ORDER BY pk LIMIT, walked the pk index
-        // from the table's first row filtering on txid: 120–200 ms per read, the soak's lag
-        // growing with the table. Now every read is the txid range (bitmap) and a sort of the
-        // window's rows: its cost follows the window, never the table.
-        //
-        // The byte budget: the window function keeps the running size of the images in the
-        // same order as the sort (one sort, one WindowAgg that streams: rows past the LIMIT are
-        // never measured), summing the two int4 sizes so the totals stay int8 rather than
-        // numeric; the outer query drops the rows after the one that reaches `$8` and converts
-        // the images of the rest to text, so nothing past the budget (or over `$7`) is
-        // converted or sent. Measured against the query without a budget, a read of 1,000
-        // ~450-byte rows went from 7.4 to 8.6 ms here (median of eight runs, a shared machine);
-        // the same shape with the window function in a second subquery took 9.7 ms.
-        let select = format!(
-            "SELECT {columns}, read_bytes FROM (
-                 SELECT {RAW_COLUMNS}, pk_entity_change_log + 0 AS ord, {ROW_BYTES} AS row_bytes,
-                        sum({DATA_BYTES}) OVER w + sum({BEFORE_BYTES}) OVER w AS read_bytes
-                 FROM {t}
-                 WHERE (txid >= $1::text::xid8 OR txid = ANY($2::text[]::xid8[]))
-                   AND txid < $3::text::xid8
-                   AND pg_visible_in_snapshot(txid, $4::text::pg_snapshot)
-                   AND (pk_entity_change_log > $5 OR $5 = 0)
-                 WINDOW w AS (ORDER BY pk_entity_change_log + 0 ROWS UNBOUNDED PRECEDING)
-                 ORDER BY pk_entity_change_log + 0 LIMIT $6
-             ) r
-             WHERE read_bytes - row_bytes < $8::bigint
-             ORDER BY ord",
-            columns = columns("$7::bigint"),
-            t = table.sql()
-        );
         ChangeLog {
+            select: window_query(&table, TextEncoding::Unknown),
             table,
-            select,
             limits: ReadLimits::default(),
         }
     }
@@ -464,8 +530,9 @@ impl ChangeLog {
 
     /// The window query the reader prepares: `$1` the window's low xmax, `$2` its xip list,
     /// `$3` the high xmax, `$4` the high snapshot, `$5` the pk to continue after (0 at the
-    /// window's start), `$6` the row limit, `$7` `max_row_bytes`, `$8` `max_batch_bytes`. The
-    /// columns are those of [`decode_row`], then `row_bytes` and the running `read_bytes`.
+    /// window's start), `$6` the row limit, `$7` `max_row_bytes`, `$8` `max_batch_bytes`, `$9`
+    /// the rows of a page (the budget holds per page). The columns are those of [`decode_row`],
+    /// then `row_bytes` and the running `page_bytes`.
     pub fn window_sql(&self) -> &str {
         &self.select
     }
@@ -486,7 +553,8 @@ impl ChangeLog {
         wake: crate::schema::WakeLocks,
     ) -> Result<WindowReader, tokio_postgres::Error> {
         client.batch_execute(READER_SESSION_SQL).await?;
-        let select = client.prepare(&self.select).await?;
+        let encoding = TextEncoding::of(&client).await?;
+        let select = client.prepare(&window_query(&self.table, encoding)).await?;
         let snapshot = client.prepare(SNAPSHOT_SQL).await?;
         let quiet = client.prepare(&wake.quiet_sql()).await?;
         Ok(WindowReader {
@@ -517,7 +585,7 @@ impl ChangeLog {
                    AND ($4::timestamptz IS NULL OR created_at < $4)
                  ORDER BY pk_entity_change_log LIMIT $5
              ) r ORDER BY pk_entity_change_log",
-            columns = columns("$6::bigint"),
+            columns = columns("$6::bigint", TextEncoding::Unknown),
             t = self.table.sql()
         );
         let max = self.limits.max_row_bytes;
@@ -541,7 +609,7 @@ impl ChangeLog {
                  SELECT {RAW_COLUMNS}, {ROW_BYTES} AS row_bytes FROM {t}
                  ORDER BY pk_entity_change_log DESC LIMIT $1
              ) r ORDER BY pk_entity_change_log DESC",
-            columns = columns("$2::bigint"),
+            columns = columns("$2::bigint", TextEncoding::Unknown),
             t = self.table.sql()
         );
         let max = self.limits.max_row_bytes;
@@ -583,7 +651,7 @@ impl ChangeLog {
                  SELECT {RAW_COLUMNS}, {ROW_BYTES} AS row_bytes FROM {t}
                  WHERE {condition} ORDER BY pk_entity_change_log LIMIT 1
              ) r",
-            columns = columns("$2::bigint"),
+            columns = columns("$2::bigint", TextEncoding::Unknown),
             t = self.table.sql()
         );
         let max = self.limits.max_row_bytes;

@@ -1416,8 +1416,9 @@ async fn read_loop(
         let mut busy = false;
         loop {
             // Read the current window to its end, a page at a time: the first with one query
-            // (a window is usually small), the rest of a large one through a cursor. A read
-            // also ends at the byte budget (`max_batch_bytes`); a window of rows that large is
+            // (a window is usually small), the rest of a large one through a cursor. A page
+            // also ends at the byte budget (`max_batch_bytes`), and so does a cursor whose page
+            // reaches it; a window of rows that large is
             // read with one query per page, `limit` rows at most: twice what fitted the budget
             // last time, so rows past the budget cost little to measure and skip, doubling back
             // to `batch` as rows get small again.
@@ -1443,11 +1444,11 @@ async fn read_loop(
                     continue;
                 }
                 let cursor = reader
-                    .rest(&pos.lo, &pos.hi, pos.after_pk)
+                    .rest(&pos.lo, &pos.hi, pos.after_pk, batch)
                     .await
                     .map_err(read_err)?;
                 let cut = loop {
-                    let page = cursor.next_page(batch).await.map_err(read_err)?;
+                    let page = cursor.next_page().await.map_err(read_err)?;
                     let (n, cut) = (page.rows.len() as i64, page.budget_reached);
                     if !hand_over(page.rows, &mut pos, &mut items, &tx, &stop).await {
                         return Ok(());
