@@ -339,13 +339,32 @@ impl Objects {
                 )",
                 self.action_log.sql()
             ),
+            // The action log takes a row per action per event, so each index on it is paid
+            // per delivery: a btree on the random event id cost Postgres about 2.5 µs a row
+            // and one on `finished_at` about 1.2 µs, of some 8 µs in all (docs/benchmarks.md).
+            // `debug-event` finds an event's rows by its change-log pk (which grows with the
+            // log, so its index is appended to), and retention's range of old rows is a BRIN
+            // on `finished_at` (rows are written in time order). The btrees of earlier
+            // versions are dropped.
             format!(
-                "CREATE INDEX IF NOT EXISTS observer_action_log_event_idx ON {} (event_id)",
+                "CREATE INDEX IF NOT EXISTS observer_action_log_change_log_pk_idx ON {} (change_log_pk)",
                 self.action_log.sql()
             ),
             format!(
-                "CREATE INDEX IF NOT EXISTS observer_action_log_finished_idx ON {} (finished_at)",
+                "DROP INDEX IF EXISTS {}",
+                self.action_log
+                    .sibling("observer_action_log_event_idx")
+                    .sql()
+            ),
+            format!(
+                "CREATE INDEX IF NOT EXISTS observer_action_log_finished_brin ON {} USING brin (finished_at)",
                 self.action_log.sql()
+            ),
+            format!(
+                "DROP INDEX IF EXISTS {}",
+                self.action_log
+                    .sibling("observer_action_log_finished_idx")
+                    .sql()
             ),
             // The failover layer (observer-features/src/failover.rs): who leads each listener,
             // under which fencing token, until when; and every instance of the group.

@@ -170,11 +170,11 @@ async fn report(
         "SELECT observer, action_index, jsonb_build_object('id', id, 'listener', listener_id, 'observer', observer,
                 'action_index', action_index, 'type', action_type, 'outcome', outcome, 'attempts', attempts,
                 'idempotency_key', idempotency_key, 'finished_at', finished_at)
-         FROM {} WHERE event_id = $1 ORDER BY id",
+         FROM {} WHERE change_log_pk = $1 AND event_id = $2 ORDER BY id",
         app.objects.action_log.sql()
     );
     let mut logged: Vec<(String, i32, serde_json::Value, bool)> = client
-        .query(&log_sql, &[&event.id])
+        .query(&log_sql, &[&event.pk, &event.id])
         .await
         .map_err(db_err)?
         .iter()
