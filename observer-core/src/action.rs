@@ -773,60 +773,66 @@ impl Webhook {
             return b.submit(send, url, rendered, element, key).await;
         }
         let body = rendered_body.unwrap_or_else(|| scope.event.envelope_json(observer, None));
-        let mut req = hyper::Request::builder()
-            .method(self.method.clone())
-            .uri(uri)
-            .header(reqwest::header::USER_AGENT, USER_AGENT)
-            // As reqwest sent it, so a receiver sees the same request from either client.
-            .header(reqwest::header::ACCEPT, "*/*")
-            .header("idempotency-key", key);
+        let sig = signature_headers(&self.keys, key, Utc::now().timestamp(), body.as_bytes());
+        let (Ok(id), Ok(timestamp)) = (
+            HeaderValue::from_str(&sig.id),
+            HeaderValue::from_str(&sig.timestamp),
+        ) else {
+            return permanent(format!(
+                "cannot build request to `{}`: invalid idempotency key",
+                shown_url(
+                    &url.unwrap_or_else(|| self.url.literal_text("")),
+                    self.url_secret
+                )
+            ));
+        };
+        // Built in place: the builder moved the whole request for every header.
+        let mut req = hyper::Request::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        let headers = req.headers_mut();
+        headers.reserve(8 + rendered.len());
+        headers.append(reqwest::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        // As reqwest sent it, so a receiver sees the same request from either client.
+        headers.append(reqwest::header::ACCEPT, HeaderValue::from_static("*/*"));
+        headers.append("idempotency-key", id.clone());
         if let Some(b) = basic {
-            req = req.header(reqwest::header::AUTHORIZATION, b);
+            headers.append(reqwest::header::AUTHORIZATION, b);
         }
         if !self
             .headers
             .iter()
             .any(|(n, _)| n == reqwest::header::CONTENT_TYPE)
         {
-            req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+            headers.append(
+                reqwest::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
         }
         for (name, v) in rendered {
-            req = req.header(name, v);
+            headers.append(name, v);
         }
-        let sig = signature_headers(&self.keys, key, Utc::now().timestamp(), body.as_bytes());
-        req = req
-            .header("webhook-id", sig.id)
-            .header("webhook-timestamp", sig.timestamp);
+        headers.append("webhook-id", id);
+        headers.append("webhook-timestamp", timestamp);
         if let Some(s) = sig.signature {
-            req = req.header("webhook-signature", s);
-        }
-        let req = match req.body(http_body_util::Full::new(bytes::Bytes::from(body))) {
-            Ok(r) => r,
-            Err(e) => {
-                return permanent(format!(
-                    "cannot build request to `{}`: {e}",
-                    shown_url(
-                        &url.unwrap_or_else(|| self.url.literal_text("")),
-                        self.url_secret
-                    )
-                ))
+            match HeaderValue::from_str(&s) {
+                Ok(v) => {
+                    headers.append("webhook-signature", v);
+                }
+                Err(_) => return permanent("cannot build request: invalid signature header"),
             }
-        };
+        }
         // One bound for the whole exchange, as reqwest's request timeout: connecting, sending,
         // the answer's head and the part of its body that is read.
-        let exchange = async {
-            let resp = ctx.webhook.send(req).await?;
-            let (parts, body) = resp.into_parts();
-            if parts.status.is_success() {
-                crate::webhook_client::read_excerpt(body).await;
-                return Ok((AttemptResult::Delivered, Some(parts.status.as_u16()), None));
+        match tokio::time::timeout(self.timeout, ctx.webhook.exchange(req)).await {
+            Ok(Ok(answer)) => {
+                let status = answer.head.status;
+                if status.is_success() {
+                    return (AttemptResult::Delivered, Some(status.as_u16()), None);
+                }
+                let head = self.policy.head(status, &answer.head.headers);
+                self.policy.judge(head, &answer.excerpt, "")
             }
-            let head = self.policy.head(parts.status, &parts.headers);
-            let excerpt = crate::webhook_client::read_excerpt(body).await;
-            Ok(self.policy.judge(head, &excerpt, ""))
-        };
-        match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok(outcome)) => outcome,
             Ok(Err(e)) => webhook_failure(&e),
             Err(_) => (
                 AttemptResult::Retry { after_ms: None },
@@ -874,7 +880,7 @@ pub const USER_AGENT: &str = concat!("fraiseql-observers/", env!("CARGO_PKG_VERS
 /// The outcome of a webhook request that got no answer: a guard refusal is permanent, anything
 /// else (cannot connect, connection reset, TLS failure) is retried. hyper's errors never hold
 /// the URL, so nothing secret is quoted.
-fn webhook_failure(e: &hyper_util::client::legacy::Error) -> Outcome {
+fn webhook_failure(e: &crate::webhook_client::SendError) -> Outcome {
     if let Some(r) = crate::outbound::refusal(e) {
         return permanent(r);
     }

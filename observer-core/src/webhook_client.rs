@@ -1,39 +1,50 @@
-//! The HTTP client of the per-event webhook request, the daemon's hot path: hyper-util's pooled
-//! HTTP/1 client over a connector of ours. A probe on the project's machines measured this kind of
-//! client at about half the CPU per request of reqwest; in the daemon, hyper is now 7.5 % of its CPU
-//! per event (docs/benchmarks.md, "Hot path (issue 16)"). reqwest stays for the cold paths:
-//! Slack, batched webhooks, enrichment lookups, the CLI.
+//! The HTTP client of the per-event webhook request, the daemon's hot path: a small pool of
+//! hyper HTTP/1 connections over a connector of ours. reqwest stays for the cold paths: Slack,
+//! batched webhooks, enrichment lookups, the CLI.
 //!
 //! It keeps every guarantee of docs/security.md that the reqwest client gives:
 //! - **the outbound guard is the connector**: [`GuardedResolve`] resolves a name and keeps only
 //!   the addresses [`Guard::filter`] admits, so the sockets opened are to checked addresses only;
 //!   an IP-literal host never reaches a resolver, so [`GuardedConnector`] checks it before
 //!   connecting (and `ActionContext::checked_url` before the request is built);
-//! - **no redirects**: this client never follows one (hyper-util's client has no redirect
-//!   logic); a 3xx is judged by the action's status policy, which names the `Location`;
+//! - **no redirects**: this client never follows one; a 3xx is judged by the action's status
+//!   policy, which names the `Location`;
 //! - **no proxy**: the connector dials the destination itself, whatever `HTTP(S)_PROXY` say;
 //! - **TLS verified** with rustls and the platform verifier (the system's roots and the host
 //!   name), as reqwest's `rustls` feature does; there is no way to turn it off;
-//! - **bounded reads and time**: [`read_excerpt`] reads at most [`crate::action::DRAIN_LIMIT`]
-//!   bytes of an answer, and the caller bounds the whole exchange (connect, send, answer, body)
-//!   by the action's `timeout_ms`.
+//! - **bounded reads and time**: [`WebhookClient::exchange`] reads at most
+//!   [`crate::action::DRAIN_LIMIT`] bytes of an answer, and the caller bounds the whole exchange
+//!   (connect, send, answer, body) by the action's `timeout_ms`.
 //!
-//! Connections are kept alive and pooled per host (idle ones closed after 90 s).
+//! Connections are kept alive and pooled per scheme and authority (at most
+//! `max_idle_per_host` idle ones, each closed after 90 s unused). The pool is ours rather than
+//! hyper-util's: that client spawned a task per request to put the connection back once it was
+//! ready again, and went through its pool's checkout machinery twice per request; here the
+//! request's own future puts its connection back after reading the answer (docs/benchmarks.md).
+//! A request that a pooled connection could not take because the server had closed it
+//! meanwhile (hyper hands the unsent request back) is sent on another connection, as
+//! hyper-util's client does.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper::header::{HeaderValue, HOST};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::Uri;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
+use tower::ServiceExt;
 
 use crate::outbound::Guard;
 
@@ -122,10 +133,70 @@ impl tower::Service<Uri> for GuardedConnector {
 
 type Connector = hyper_rustls::HttpsConnector<GuardedConnector>;
 
+/// How often, at most, the pool looks through every host's idle connections for expired ones.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
 /// The pooled client of the webhook action. Cheap to clone (the pool is shared).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WebhookClient {
-    client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for WebhookClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookClient")
+            .field("max_idle_per_host", &self.pool.max_idle_per_host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A destination: connections are shared by requests with the same scheme and authority.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    https: bool,
+    authority: Authority,
+}
+
+/// An idle keep-alive connection, and since when.
+struct Idle {
+    tx: SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
+struct Pool {
+    connector: Connector,
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    max_idle_per_host: usize,
+    next_sweep: Mutex<Instant>,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection could be opened: refused by the outbound guard, not resolvable, not
+    /// reachable, or the TLS handshake failed.
+    #[error("{0}")]
+    Connect(#[source] BoxError),
+    /// The connection failed while the request was sent or answered.
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+    /// The URL cannot be requested (no scheme or authority, or a scheme other than http(s)).
+    #[error("cannot request `{0}`: not an http:// or https:// URL")]
+    Target(String),
+}
+
+impl SendError {
+    /// True when no connection was made (nothing was sent).
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+/// The answer to a request: its head, and a short printable excerpt of its body.
+#[derive(Debug)]
+pub struct Answer {
+    pub head: hyper::http::response::Parts,
+    pub excerpt: String,
 }
 
 /// Why the client could not be built.
@@ -149,37 +220,177 @@ impl WebhookClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(GuardedConnector::new(guard));
-        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(max_idle_per_host.max(1))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        Ok(WebhookClient { client })
+        Ok(WebhookClient {
+            pool: Arc::new(Pool {
+                connector,
+                idle: Mutex::new(HashMap::new()),
+                max_idle_per_host: max_idle_per_host.max(1),
+                next_sweep: Mutex::new(Instant::now() + SWEEP_EVERY),
+            }),
+        })
     }
 
-    /// Sends one request and returns the answer's head; the body is the caller's to read (with
-    /// [`read_excerpt`]) inside the same time bound.
-    pub async fn send(
-        &self,
-        req: hyper::Request<Full<Bytes>>,
-    ) -> Result<hyper::Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
-    }
-}
-
-/// Reads at most [`crate::action::DRAIN_LIMIT`] bytes of `body` and returns a short printable
-/// excerpt of it (for an error message). A body read to its end lets the connection go back to
-/// the pool; a longer one is dropped unread, which closes the connection.
-pub async fn read_excerpt(mut body: Incoming) -> String {
-    let mut excerpt = crate::action::Excerpt::default();
-    while let Some(Ok(frame)) = body.frame().await {
-        if let Ok(chunk) = frame.into_data() {
-            if !excerpt.push(&chunk) {
-                break;
+    /// Sends one request (its URI absolute) and reads the answer: its head, and at most
+    /// [`crate::action::DRAIN_LIMIT`] bytes of its body, of which a short excerpt is kept. An
+    /// answer read to its end leaves the connection for the next request; a longer one is
+    /// dropped unread, which closes the connection.
+    pub async fn exchange(&self, mut req: hyper::Request<Full<Bytes>>) -> Result<Answer, SendError> {
+        let key = origin_form(&mut req)?;
+        loop {
+            let (mut tx, reused) = match self.pool.checkout(&key) {
+                Some(tx) => (tx, true),
+                None => (self.pool.connect(&key).await?, false),
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    let (head, body) = resp.into_parts();
+                    let (excerpt, complete) = read_body(body).await;
+                    if complete {
+                        self.pool.put_back(key, tx);
+                    }
+                    return Ok(Answer { head, excerpt });
+                }
+                Err(mut e) => match e.take_message() {
+                    // Closed by the server while idle, before this request was written: it was
+                    // not sent, so it goes out on another connection.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
             }
         }
     }
-    excerpt.finish()
+}
+
+/// Turns `req`'s absolute URI into origin form (what HTTP/1 sends to a server), setting `Host`
+/// from it unless the request has one; returns where the request goes.
+fn origin_form(req: &mut hyper::Request<Full<Bytes>>) -> Result<Key, SendError> {
+    let uri = req.uri();
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(SendError::Target(uri.to_string())),
+    };
+    let Some(authority) = uri.authority().cloned() else {
+        return Err(SendError::Target(uri.to_string()));
+    };
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if !req.headers().contains_key(HOST) {
+        // The port only when it is not the scheme's default, as browsers and hyper-util do.
+        let host = match authority.port_u16() {
+            Some(p) if p != if https { 443 } else { 80 } => format!("{}:{p}", authority.host()),
+            _ => authority.host().to_string(),
+        };
+        let value = HeaderValue::from_str(&host)
+            .map_err(|_| SendError::Target(req.uri().to_string()))?;
+        req.headers_mut().insert(HOST, value);
+    }
+    *req.uri_mut() = Uri::from(path);
+    Ok(Key { https, authority })
+}
+
+impl Pool {
+    /// An idle connection to `key` that can take a request now, if any (the most recently used
+    /// first; closed and expired ones are dropped on the way).
+    fn checkout(&self, key: &Key) -> Option<SendRequest<Full<Bytes>>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some(c) = list.pop() {
+            if c.since.elapsed() < POOL_IDLE && c.tx.is_ready() {
+                return Some(c.tx);
+            }
+        }
+        None
+    }
+
+    /// Opens a connection to `key` through the guarded connector (TLS for https) and starts the
+    /// task that drives it; the task ends when the connection closes or is dropped.
+    async fn connect(&self, key: &Key) -> Result<SendRequest<Full<Bytes>>, SendError> {
+        let dst = Uri::builder()
+            .scheme(if key.https { Scheme::HTTPS } else { Scheme::HTTP })
+            .authority(key.authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let io = self
+            .connector
+            .clone()
+            .oneshot(dst)
+            .await
+            .map_err(SendError::Connect)?;
+        let (tx, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "webhook connection closed with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Keeps a connection whose answer was read to its end for the next request to `key`.
+    fn put_back(self: &Arc<Self>, key: Key, mut tx: SendRequest<Full<Bytes>>) {
+        match tx.ready().now_or_never() {
+            Some(Ok(())) => self.keep(key, tx),
+            Some(Err(_)) => {}
+            // Not ready the moment the answer was read (its end not yet processed by the
+            // connection's task): wait for it off this request's path, within a bound.
+            None => {
+                let pool = self.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = tokio::time::timeout(POOL_READY, tx.ready()).await {
+                        pool.keep(key, tx);
+                    }
+                });
+            }
+        }
+    }
+
+    fn keep(&self, key: Key, tx: SendRequest<Full<Bytes>>) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut next = self.next_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if now >= *next {
+                *next = now + SWEEP_EVERY;
+                idle.retain(|_, list| {
+                    list.retain(|c| c.since.elapsed() < POOL_IDLE && !c.tx.is_closed());
+                    !list.is_empty()
+                });
+            }
+        }
+        let list = idle.entry(key).or_default();
+        if list.len() < self.max_idle_per_host {
+            list.push(Idle { tx, since: now });
+        }
+    }
+}
+
+/// How long a connection whose answer was read may take to be ready for the next request
+/// before it is dropped instead of pooled.
+const POOL_READY: Duration = Duration::from_secs(5);
+
+/// Reads at most [`crate::action::DRAIN_LIMIT`] bytes of `body` and returns a short printable
+/// excerpt of it (for an error message), and whether the body was read to its end.
+async fn read_body(mut body: Incoming) -> (String, bool) {
+    let mut excerpt = crate::action::Excerpt::default();
+    let complete = loop {
+        match body.frame().await {
+            None => break true,
+            Some(Ok(frame)) => {
+                if let Ok(chunk) = frame.into_data() {
+                    if !excerpt.push(&chunk) {
+                        break false;
+                    }
+                }
+            }
+            Some(Err(_)) => break false,
+        }
+    };
+    (excerpt.finish(), complete)
 }
 
 #[cfg(test)]
@@ -251,14 +462,14 @@ mod tests {
             format!("http://[::ffff:127.0.0.1]:{port}/"),
             format!("https://localhost:{port}/"),
         ] {
-            let e = client.send(get(&url)).await.unwrap_err();
+            let e = client.exchange(get(&url)).await.unwrap_err();
             let r = crate::outbound::refusal(&e).unwrap_or_else(|| panic!("{url}: {e:?}"));
             assert!(r.addr.to_canonical().is_loopback(), "{url}: {r}");
             assert!(e.is_connect(), "{url}: {e:?}");
         }
         // IP literals in refused ranges other than loopback are checked before any dial too.
         for url in ["http://169.254.169.254/latest/", "http://[fd00:ec2::254]/"] {
-            let e = client.send(get(url)).await.unwrap_err();
+            let e = client.exchange(get(url)).await.unwrap_err();
             assert!(crate::outbound::refusal(&e).is_some(), "{url}: {e:?}");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 0);
@@ -277,7 +488,7 @@ mod tests {
             };
             let sent = tokio::time::timeout(
                 Duration::from_millis(300),
-                client.send(get(&format!("http://{host}:{port}/"))),
+                client.exchange(get(&format!("http://{host}:{port}/"))),
             )
             .await;
             assert!(sent.is_err(), "the listener never answers: {sent:?}");
@@ -333,12 +544,12 @@ mod tests {
         .await;
         let client = WebhookClient::new(guard(&["127.0.0.1"]), 4).unwrap();
         for _ in 0..3 {
-            let resp = client
-                .send(get(&format!("http://127.0.0.1:{port}/hook")))
+            let answer = client
+                .exchange(get(&format!("http://127.0.0.1:{port}/hook")))
                 .await
                 .unwrap();
-            assert_eq!(resp.status(), 302);
-            assert_eq!(read_excerpt(resp.into_body()).await, "move");
+            assert_eq!(answer.head.status, 302);
+            assert_eq!(answer.excerpt, "move");
         }
         assert_eq!(reqs.load(Ordering::SeqCst), 3, "no request to the Location");
         assert_eq!(conns.load(Ordering::SeqCst), 1, "one kept-alive connection");
@@ -380,7 +591,7 @@ mod tests {
         let client = WebhookClient::new(guard(&["localhost"]), 4).unwrap();
         let e = tokio::time::timeout(
             Duration::from_secs(10),
-            client.send(get(&format!("https://localhost:{port}/"))),
+            client.exchange(get(&format!("https://localhost:{port}/"))),
         )
         .await
         .expect("the handshake ends")
@@ -393,5 +604,121 @@ mod tests {
             0,
             "no session established"
         );
+    }
+
+    /// A tiny HTTP/1.1 server that keeps the head of every request it reads, answers each with
+    /// `answer`, and closes the connection after each answer when `close_after` (without saying
+    /// so: what a server or proxy that drops idle keep-alive connections looks like).
+    async fn recording_server(
+        answer: &'static str,
+        close_after: bool,
+    ) -> (u16, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, h) = (conns.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head: Vec<u8> = buf.drain(..end).collect();
+                        h.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                        if s.write_all(answer.as_bytes()).await.is_err() || close_after {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, conns, heads)
+    }
+
+    #[tokio::test]
+    async fn requests_go_in_origin_form_with_the_host_header() {
+        let (port, _, heads) =
+            recording_server("HTTP/1.1 204 No Content\r\n\r\n", false).await;
+        let client = WebhookClient::new(guard(&["127.0.0.1"]), 4).unwrap();
+        let answer = client
+            .exchange(get(&format!("http://127.0.0.1:{port}/hooks/a?x=1")))
+            .await
+            .unwrap();
+        assert_eq!(answer.head.status, 204);
+        let head = heads.lock().unwrap()[0].to_ascii_lowercase();
+        assert!(head.starts_with("get /hooks/a?x=1 http/1.1\r\n"), "{head}");
+        assert!(head.contains(&format!("\r\nhost: 127.0.0.1:{port}\r\n")), "{head}");
+        // A URL without a path asks for `/`; a scheme other than http(s) is refused, unsent.
+        client
+            .exchange(get(&format!("http://127.0.0.1:{port}")))
+            .await
+            .unwrap();
+        assert!(heads.lock().unwrap()[1].starts_with("GET / HTTP/1.1"));
+        let e = client
+            .exchange(hyper::Request::get("ftp://127.0.0.1/").body(Full::default()).unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::Target(_)), "{e:?}");
+    }
+
+    /// A server that closes every connection after its answer: the pooled connection is found
+    /// closed, and the next request goes out on a new one, answered, not failed.
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_not_reused() {
+        let (port, conns, heads) =
+            recording_server("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true).await;
+        let client = WebhookClient::new(guard(&["127.0.0.1"]), 4).unwrap();
+        for i in 0..5 {
+            let answer = client
+                .exchange(get(&format!("http://127.0.0.1:{port}/{i}")))
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(answer.excerpt, "ok");
+        }
+        assert_eq!(heads.lock().unwrap().len(), 5, "each request sent once");
+        assert_eq!(conns.load(Ordering::SeqCst), 5);
+    }
+
+    /// Concurrent requests each get a connection; afterwards at most `max_idle_per_host` are
+    /// kept, and the next round reuses them.
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_its_idle_limit_and_reuses_it() {
+        let (port, conns, heads) =
+            recording_server("HTTP/1.1 204 No Content\r\n\r\n", false).await;
+        let client = WebhookClient::new(guard(&["127.0.0.1"]), 2).unwrap();
+        let round = || {
+            futures::future::join_all((0..4).map(|_| {
+                client.exchange(get(&format!("http://127.0.0.1:{port}/")))
+            }))
+        };
+        for r in round().await {
+            assert_eq!(r.unwrap().head.status, 204);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 4, "four at once, four connections");
+        // Sequential requests take the kept connections: no new ones.
+        for _ in 0..6 {
+            client
+                .exchange(get(&format!("http://127.0.0.1:{port}/")))
+                .await
+                .unwrap();
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 4);
+        // Four at once again: the two kept ones and two new ones.
+        for r in round().await {
+            r.unwrap();
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 6);
+        assert_eq!(heads.lock().unwrap().len(), 14);
     }
 }
