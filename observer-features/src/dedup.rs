@@ -6,7 +6,9 @@
 //! It must never *lose* a delivery, so it claims before running and confirms after:
 //!
 //! * claim: `<prefix>:dedup:<key>` is set to `claim:<instance token>` with a lease (the
-//!   dispatch's action timeouts plus a margin) only if absent (one Lua script, atomic). A key
+//!   dispatch's action timeouts plus a margin) only if absent: `SET … NX PX … GET`, one plain
+//!   command that also answers what the key held (Redis 7.0 and later; an older server, which
+//!   refuses `NX` with `GET`, is sent the same logic as a Lua script). A key
 //!   holding `done` answers [`AttemptResult::Duplicate`]; a key claimed by another instance
 //!   answers `Deferred{reason: "claimed_elsewhere"}` (asking again every second until it is
 //!   `done` or its lease ends); a key claimed with our
@@ -225,6 +227,7 @@ impl DedupState {
 fn spawn_batcher(redis: RedisHandle, token: Arc<str>, window_secs: u64) -> mpsc::Sender<Request> {
     let (tx, mut rx) = mpsc::channel::<Request>(4_096);
     let inflight = Arc::new(tokio::sync::Semaphore::new(PIPELINES_IN_FLIGHT));
+    let lua = Arc::new(AtomicBool::new(false));
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             // Let the dispatches started in this tick enqueue theirs, then take them all.
@@ -247,10 +250,10 @@ fn spawn_batcher(redis: RedisHandle, token: Arc<str>, window_secs: u64) -> mpsc:
             let Ok(permit) = inflight.clone().acquire_owned().await else {
                 break;
             };
-            let (redis, token) = (redis.clone(), token.clone());
+            let (redis, token, lua) = (redis.clone(), token.clone(), lua.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                match run_pipeline(&redis, &token, window_secs, &reqs).await {
+                match run_pipeline(&redis, &token, window_secs, &reqs, &lua).await {
                     Ok(mut values) => {
                         for r in reqs {
                             let rest = values.split_off(r.ops.len().min(values.len()));
@@ -270,12 +273,47 @@ fn spawn_batcher(redis: RedisHandle, token: Arc<str>, window_secs: u64) -> mpsc:
     tx
 }
 
+/// Runs the operations of `reqs` in one pipeline; one verdict per operation, in order. Claims
+/// are `SET … NX PX … GET` until a server refuses that form, then (for this process) the Lua
+/// script `lua` says so.
 async fn run_pipeline(
     redis: &RedisHandle,
     token: &str,
     window_secs: u64,
     reqs: &[Request],
+    lua: &AtomicBool,
 ) -> Result<Vec<Verdict>, String> {
+    if !lua.load(Ordering::Relaxed) {
+        match pipeline(redis, token, window_secs, reqs, false).await {
+            Err(PipelineError::SetGetRefused(e)) => {
+                tracing::info!(server = %redis.server, error = %e,
+                    "dedup: this Redis refuses SET with both NX and GET (before 7.0); claiming with a Lua script");
+                lua.store(true, Ordering::Relaxed);
+            }
+            Err(PipelineError::Other(e)) => return Err(e),
+            Ok(v) => return Ok(v),
+        }
+    }
+    pipeline(redis, token, window_secs, reqs, true)
+        .await
+        .map_err(|e| match e {
+            PipelineError::SetGetRefused(e) | PipelineError::Other(e) => e,
+        })
+}
+
+enum PipelineError {
+    /// The server answered a `SET … NX … GET` with an error: it predates that form.
+    SetGetRefused(String),
+    Other(String),
+}
+
+async fn pipeline(
+    redis: &RedisHandle,
+    token: &str,
+    window_secs: u64,
+    reqs: &[Request],
+    lua: bool,
+) -> Result<Vec<Verdict>, PipelineError> {
     // EVALSHA, with the scripts (re)loaded at the head of each pipeline that uses them: Redis
     // hashes a script once per pipeline instead of once per EVAL (10 µs per EVAL call against
     // 3 for a SET, measured with INFO commandstats), and a flushed script cache or a restarted
@@ -284,25 +322,42 @@ async fn run_pipeline(
         std::sync::LazyLock::new(|| redis::Script::new(CLAIM_LUA));
     static RELEASE: std::sync::LazyLock<redis::Script> =
         std::sync::LazyLock::new(|| redis::Script::new(RELEASE_LUA));
+    let other = PipelineError::Other;
     let mut pipe = redis::pipe();
+    // Each command's error comes back in its place (the `SET … GET` a server before 7.0 refuses
+    // is told apart from the others); without this the pipeline failed as a whole.
+    pipe.ignore_errors();
     let ops = || reqs.iter().flat_map(|r| &r.ops);
-    if ops().any(|op| matches!(op, Op::Claim { .. })) {
+    if lua && ops().any(|op| matches!(op, Op::Claim { .. })) {
         pipe.cmd("SCRIPT").arg("LOAD").arg(CLAIM_LUA).ignore();
     }
     if ops().any(|op| matches!(op, Op::Release { .. })) {
         pipe.cmd("SCRIPT").arg("LOAD").arg(RELEASE_LUA).ignore();
     }
     let mut kinds = Vec::new();
+    let mut keys = Vec::new();
     for op in ops() {
         match op {
             Op::Claim { key, lease_ms } => {
-                pipe.cmd("EVALSHA")
-                    .arg(CLAIM.get_hash())
-                    .arg(1)
-                    .arg(redis.key(&format!("dedup:{key}")))
-                    .arg(token)
-                    .arg(*lease_ms);
-                kinds.push(true);
+                let key = redis.key(&format!("dedup:{key}"));
+                if lua {
+                    pipe.cmd("EVALSHA")
+                        .arg(CLAIM.get_hash())
+                        .arg(1)
+                        .arg(&key)
+                        .arg(token)
+                        .arg(*lease_ms);
+                } else {
+                    pipe.cmd("SET")
+                        .arg(&key)
+                        .arg(token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(*lease_ms)
+                        .arg("GET");
+                }
+                kinds.push(Some(*lease_ms));
+                keys.push(key);
             }
             Op::Done { key } => {
                 pipe.cmd("SET")
@@ -310,7 +365,8 @@ async fn run_pipeline(
                     .arg("done")
                     .arg("EX")
                     .arg(window_secs);
-                kinds.push(false);
+                kinds.push(None);
+                keys.push(String::new());
             }
             Op::Release { key } => {
                 pipe.cmd("EVALSHA")
@@ -318,52 +374,96 @@ async fn run_pipeline(
                     .arg(1)
                     .arg(redis.key(&format!("dedup:{key}")))
                     .arg(token);
-                kinds.push(false);
+                kinds.push(None);
+                keys.push(String::new());
             }
         }
     }
-    let mut conn = redis.conn().await?;
-    let values: Vec<redis::Value> =
-        tokio::time::timeout(redis.timeout, pipe.query_async(&mut conn))
-            .await
-            .map_err(|_| {
-                format!(
-                    "Redis at {} did not answer within {} ms",
-                    redis.server,
-                    redis.timeout.as_millis()
-                )
-            })?
-            .map_err(|e| format!("Redis at {}: {e}", redis.server))?;
+    let values = query(redis, pipe).await.map_err(other)?;
     if values.len() != kinds.len() {
-        return Err(format!(
+        return Err(other(format!(
             "Redis at {} answered {} replies to {} commands",
             redis.server,
             values.len(),
             kinds.len()
-        ));
+        )));
     }
-    values
-        .into_iter()
-        .zip(kinds)
-        .map(|(v, claim)| {
-            if !claim {
-                return match v {
-                    redis::Value::ServerError(e) => {
-                        Err(format!("Redis at {}: {e:?}", redis.server))
-                    }
-                    _ => Ok(Verdict::Claimed),
-                };
+    // Claims a `SET … GET` found holding a claim: ours (extend its lease) or another's (ask how
+    // long it has left). Both are rare: a retry whose release was lost, another instance.
+    let mut follow = redis::pipe();
+    let mut followed = Vec::new();
+    let mut verdicts = Vec::with_capacity(values.len());
+    for (i, (v, claim)) in values.into_iter().zip(&kinds).enumerate() {
+        let Some(lease_ms) = claim else {
+            verdicts.push(match v {
+                redis::Value::ServerError(e) => {
+                    return Err(other(format!("Redis at {}: {e:?}", redis.server)))
+                }
+                _ => Verdict::Claimed,
+            });
+            continue;
+        };
+        let verdict = match (lua, v) {
+            (true, redis::Value::Int(-1)) => Verdict::Claimed,
+            (true, redis::Value::Int(-2)) => Verdict::Done,
+            (true, redis::Value::Int(t)) if t >= 0 => Verdict::Held(t as u64),
+            (false, redis::Value::Nil) => Verdict::Claimed,
+            (false, redis::Value::ServerError(e)) => {
+                let text = format!("{e:?}");
+                return Err(if text.to_ascii_lowercase().contains("syntax") {
+                    PipelineError::SetGetRefused(text)
+                } else {
+                    other(format!("Redis at {}: {text}", redis.server))
+                });
             }
-            match v {
-                redis::Value::Int(-1) => Ok(Verdict::Claimed),
-                redis::Value::Int(-2) => Ok(Verdict::Done),
-                redis::Value::Int(t) if t >= 0 => Ok(Verdict::Held(t as u64)),
-                other => Err(format!(
-                    "unexpected dedup claim reply from Redis: {other:?}"
-                )),
+            (false, redis::Value::BulkString(held)) if held == b"done" => Verdict::Done,
+            (false, redis::Value::BulkString(held)) => {
+                if held == token.as_bytes() {
+                    follow.cmd("PEXPIRE").arg(&keys[i]).arg(*lease_ms);
+                } else {
+                    follow.cmd("PTTL").arg(&keys[i]);
+                }
+                followed.push((i, held == token.as_bytes()));
+                Verdict::Claimed
             }
-        })
-        .collect()
+            (_, other_reply) => {
+                return Err(other(format!(
+                    "unexpected dedup claim reply from Redis: {other_reply:?}"
+                )))
+            }
+        };
+        verdicts.push(verdict);
+    }
+    if !followed.is_empty() {
+        let values = query(redis, follow).await.map_err(other)?;
+        for ((i, ours), v) in followed.into_iter().zip(values) {
+            verdicts[i] = match (ours, v) {
+                (true, _) => Verdict::Claimed,
+                (false, redis::Value::Int(t)) => Verdict::Held(t.max(0) as u64),
+                (false, other_reply) => {
+                    return Err(other(format!(
+                        "unexpected PTTL reply from Redis: {other_reply:?}"
+                    )))
+                }
+            };
+        }
+    }
+    Ok(verdicts)
+}
+
+/// Sends `pipe` within the Redis timeout.
+async fn query(redis: &RedisHandle, pipe: redis::Pipeline) -> Result<Vec<redis::Value>, String> {
+    let mut conn = redis.conn().await?;
+    tokio::time::timeout(redis.timeout, pipe.query_async(&mut conn))
+        .await
+        .map_err(|_| {
+            format!(
+                "Redis at {} did not answer within {} ms",
+                redis.server,
+                redis.timeout.as_millis()
+            )
+        })?
+        .map_err(|e| format!("Redis at {}: {e}", redis.server))
 }
 
 /// The memory backend: claims and `done` marks with expiry, at most `max` keys (oldest first out).
@@ -700,5 +800,80 @@ mod tests {
         assert_eq!(m.claim("k".into(), now), Verdict::Claimed);
         m.remove("k");
         assert_eq!(m.claim("k".into(), now), Verdict::Claimed);
+    }
+
+    /// Both forms of the claim (`SET … NX PX … GET`, and the Lua script for servers before 7.0)
+    /// answer alike against the real Redis: a fresh key is claimed, our own claim is ours again
+    /// with its lease extended, another instance's claim is held with its time left, a `done`
+    /// key is a duplicate, and a released key can be claimed again.
+    #[tokio::test]
+    async fn both_claim_forms_answer_alike_on_a_real_redis() {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        for lua in [false, true] {
+            let prefix = format!("dedup-test-{}", uuid::Uuid::new_v4());
+            let redis = RedisHandle::new(&url, &prefix, Duration::from_secs(5)).expect("redis url");
+            let run = |token: &'static str, ops: Vec<Op>| {
+                let redis = redis.clone();
+                async move {
+                    let (reply, _rx) = oneshot::channel();
+                    let reqs = [Request { ops, reply }];
+                    pipeline(&redis, token, 60, &reqs, lua)
+                        .await
+                        .unwrap_or_else(|_| panic!("pipeline (lua {lua})"))
+                }
+            };
+            let claim = |key: &str, lease_ms: u64| Op::Claim {
+                key: key.into(),
+                lease_ms,
+            };
+            assert_eq!(
+                run("claim:a", vec![claim("k1", 1_000), claim("k2", 1_000)]).await,
+                [Verdict::Claimed, Verdict::Claimed],
+                "lua {lua}"
+            );
+            // Ours again (a retry whose release was lost): the lease is extended.
+            assert_eq!(
+                run("claim:a", vec![claim("k1", 60_000)]).await,
+                [Verdict::Claimed]
+            );
+            let mut c = redis.conn().await.expect("redis");
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(redis.key("dedup:k1"))
+                .query_async(&mut c)
+                .await
+                .expect("PTTL");
+            assert!(ttl > 50_000, "lease extended (lua {lua}): {ttl}");
+            // Another instance's claim: held, for about what it has left.
+            match run("claim:b", vec![claim("k1", 1_000)]).await[..] {
+                [Verdict::Held(ms)] => assert!(ms > 50_000 && ms <= 60_000, "lua {lua}: {ms}"),
+                ref v => panic!("lua {lua}: {v:?}"),
+            }
+            // Done: a duplicate for anyone. Released: claimable again.
+            run(
+                "claim:a",
+                vec![
+                    Op::Done { key: "k1".into() },
+                    Op::Release { key: "k2".into() },
+                ],
+            )
+            .await;
+            assert_eq!(
+                run("claim:b", vec![claim("k1", 1_000), claim("k2", 1_000)]).await,
+                [Verdict::Done, Verdict::Claimed],
+                "lua {lua}"
+            );
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}:*"))
+                .query_async(&mut c)
+                .await
+                .expect("KEYS");
+            if !keys.is_empty() {
+                let _: () = redis::cmd("DEL")
+                    .arg(&keys)
+                    .query_async(&mut c)
+                    .await
+                    .expect("DEL");
+            }
+        }
     }
 }
