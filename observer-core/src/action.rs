@@ -665,15 +665,18 @@ impl CompiledAction {
     pub async fn attempt(&self, ctx: &ActionContext, scope: &Scope<'_>, attempt: u32) -> Attempt {
         let at = Utc::now();
         let started = Instant::now();
+        // Every action but the webhook runs boxed: a future is as large as its largest state,
+        // and the whole of it is copied when the dispatch's future is boxed, for every event —
+        // the SMTP, reqwest and SQL futures made the webhook's dispatch pay for their size.
         let (result, status, error) = match self {
             CompiledAction::Webhook(w) => w.send(ctx, scope).await,
             CompiledAction::Log(l) => l.write(scope),
-            CompiledAction::Sql(s) => s.call(ctx, scope).await,
-            CompiledAction::Slack(s) => s.send(ctx, scope).await,
-            CompiledAction::Email(e) => e.send(ctx, scope).await,
-            CompiledAction::RedisPublish(r) => r.publish(ctx, scope).await,
-            CompiledAction::Cache(c) => c.invalidate(ctx, scope).await,
-            CompiledAction::Forward(f) => f.send(scope.event).await,
+            CompiledAction::Sql(s) => Box::pin(s.call(ctx, scope)).await,
+            CompiledAction::Slack(s) => Box::pin(s.send(ctx, scope)).await,
+            CompiledAction::Email(e) => Box::pin(e.send(ctx, scope)).await,
+            CompiledAction::RedisPublish(r) => Box::pin(r.publish(ctx, scope)).await,
+            CompiledAction::Cache(c) => Box::pin(c.invalidate(ctx, scope)).await,
+            CompiledAction::Forward(f) => Box::pin(f.send(scope.event)).await,
         };
         Attempt {
             attempt,
@@ -770,7 +773,7 @@ impl Webhook {
                 None => scope.event.envelope_json(observer, Some(key)),
             };
             let url = url.unwrap_or_else(|| self.url.literal_text(""));
-            return b.submit(send, url, rendered, element, key).await;
+            return Box::pin(b.submit(send, url, rendered, element, key)).await;
         }
         let body = rendered_body.unwrap_or_else(|| scope.event.envelope_json(observer, None));
         let sig = signature_headers(&self.keys, key, Utc::now().timestamp(), body.as_bytes());
@@ -792,7 +795,10 @@ impl Webhook {
         *req.uri_mut() = uri;
         let headers = req.headers_mut();
         headers.reserve(8 + rendered.len());
-        headers.append(reqwest::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        headers.append(
+            reqwest::header::USER_AGENT,
+            HeaderValue::from_static(USER_AGENT),
+        );
         // As reqwest sent it, so a receiver sees the same request from either client.
         headers.append(reqwest::header::ACCEPT, HeaderValue::from_static("*/*"));
         headers.append("idempotency-key", id.clone());

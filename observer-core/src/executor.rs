@@ -94,7 +94,8 @@ impl tower::Service<Dispatch> for CoreExecutor {
                     {
                         Some(i) => i,
                         None => {
-                            let l = Lookup::run(&ctx, &dispatch.event, &d.observer).await;
+                            // Boxed: enrichment is rare, its future large.
+                            let l = Box::pin(Lookup::run(&ctx, &dispatch.event, &d.observer)).await;
                             lookups.push((d.observer.clone(), l));
                             lookups.len() - 1
                         }

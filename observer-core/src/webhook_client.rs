@@ -234,12 +234,17 @@ impl WebhookClient {
     /// [`crate::action::DRAIN_LIMIT`] bytes of its body, of which a short excerpt is kept. An
     /// answer read to its end leaves the connection for the next request; a longer one is
     /// dropped unread, which closes the connection.
-    pub async fn exchange(&self, mut req: hyper::Request<Full<Bytes>>) -> Result<Answer, SendError> {
+    pub async fn exchange(
+        &self,
+        mut req: hyper::Request<Full<Bytes>>,
+    ) -> Result<Answer, SendError> {
         let key = origin_form(&mut req)?;
         loop {
             let (mut tx, reused) = match self.pool.checkout(&key) {
                 Some(tx) => (tx, true),
-                None => (self.pool.connect(&key).await?, false),
+                // Boxed: the TLS stream and the handshake are large, and only a new
+                // connection needs them (see `CompiledAction::attempt`).
+                None => (Box::pin(self.pool.connect(&key)).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
@@ -283,8 +288,8 @@ fn origin_form(req: &mut hyper::Request<Full<Bytes>>) -> Result<Key, SendError> 
             Some(p) if p != if https { 443 } else { 80 } => format!("{}:{p}", authority.host()),
             _ => authority.host().to_string(),
         };
-        let value = HeaderValue::from_str(&host)
-            .map_err(|_| SendError::Target(req.uri().to_string()))?;
+        let value =
+            HeaderValue::from_str(&host).map_err(|_| SendError::Target(req.uri().to_string()))?;
         req.headers_mut().insert(HOST, value);
     }
     *req.uri_mut() = Uri::from(path);
@@ -309,7 +314,11 @@ impl Pool {
     /// task that drives it; the task ends when the connection closes or is dropped.
     async fn connect(&self, key: &Key) -> Result<SendRequest<Full<Bytes>>, SendError> {
         let dst = Uri::builder()
-            .scheme(if key.https { Scheme::HTTPS } else { Scheme::HTTP })
+            .scheme(if key.https {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            })
             .authority(key.authority.clone())
             .path_and_query("/")
             .build()
@@ -635,7 +644,9 @@ mod tests {
                         }
                         let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                         let head: Vec<u8> = buf.drain(..end).collect();
-                        h.lock().unwrap().push(String::from_utf8_lossy(&head).into_owned());
+                        h.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
                         if s.write_all(answer.as_bytes()).await.is_err() || close_after {
                             return;
                         }
@@ -648,8 +659,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_go_in_origin_form_with_the_host_header() {
-        let (port, _, heads) =
-            recording_server("HTTP/1.1 204 No Content\r\n\r\n", false).await;
+        let (port, _, heads) = recording_server("HTTP/1.1 204 No Content\r\n\r\n", false).await;
         let client = WebhookClient::new(guard(&["127.0.0.1"]), 4).unwrap();
         let answer = client
             .exchange(get(&format!("http://127.0.0.1:{port}/hooks/a?x=1")))
@@ -658,7 +668,10 @@ mod tests {
         assert_eq!(answer.head.status, 204);
         let head = heads.lock().unwrap()[0].to_ascii_lowercase();
         assert!(head.starts_with("get /hooks/a?x=1 http/1.1\r\n"), "{head}");
-        assert!(head.contains(&format!("\r\nhost: 127.0.0.1:{port}\r\n")), "{head}");
+        assert!(
+            head.contains(&format!("\r\nhost: 127.0.0.1:{port}\r\n")),
+            "{head}"
+        );
         // A URL without a path asks for `/`; a scheme other than http(s) is refused, unsent.
         client
             .exchange(get(&format!("http://127.0.0.1:{port}")))
@@ -666,7 +679,11 @@ mod tests {
             .unwrap();
         assert!(heads.lock().unwrap()[1].starts_with("GET / HTTP/1.1"));
         let e = client
-            .exchange(hyper::Request::get("ftp://127.0.0.1/").body(Full::default()).unwrap())
+            .exchange(
+                hyper::Request::get("ftp://127.0.0.1/")
+                    .body(Full::default())
+                    .unwrap(),
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, SendError::Target(_)), "{e:?}");
@@ -694,18 +711,21 @@ mod tests {
     /// kept, and the next round reuses them.
     #[tokio::test]
     async fn the_pool_keeps_at_most_its_idle_limit_and_reuses_it() {
-        let (port, conns, heads) =
-            recording_server("HTTP/1.1 204 No Content\r\n\r\n", false).await;
+        let (port, conns, heads) = recording_server("HTTP/1.1 204 No Content\r\n\r\n", false).await;
         let client = WebhookClient::new(guard(&["127.0.0.1"]), 2).unwrap();
         let round = || {
-            futures::future::join_all((0..4).map(|_| {
-                client.exchange(get(&format!("http://127.0.0.1:{port}/")))
-            }))
+            futures::future::join_all(
+                (0..4).map(|_| client.exchange(get(&format!("http://127.0.0.1:{port}/")))),
+            )
         };
         for r in round().await {
             assert_eq!(r.unwrap().head.status, 204);
         }
-        assert_eq!(conns.load(Ordering::SeqCst), 4, "four at once, four connections");
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            4,
+            "four at once, four connections"
+        );
         // Sequential requests take the kept connections: no new ones.
         for _ in 0..6 {
             client
