@@ -88,6 +88,15 @@ impl ChangeEvent {
     /// `data`), with `idempotency_key` added when given: the per-delivery form of
     /// [`ChangeEvent::envelope`], byte for byte the same keys in the same order.
     pub fn envelope_json(&self, observer: &str, idempotency_key: Option<&str>) -> String {
+        let bytes = self.envelope_bytes(observer, idempotency_key);
+        // serde_json writes UTF-8 only.
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    }
+
+    /// [`ChangeEvent::envelope_json`] as the bytes of a request body (not checked again as UTF-8:
+    /// the per-event webhook sends bytes).
+    pub fn envelope_bytes(&self, observer: &str, idempotency_key: Option<&str>) -> Vec<u8> {
         // Sized from the last envelope rendered: envelopes of one workload are of a size, and
         // growing a fresh buffer from serde_json's 128 bytes reallocated it several times per
         // event (the allocator was a sixth of the daemon's CPU, docs/benchmarks.md).
@@ -97,17 +106,16 @@ impl ChangeEvent {
         serde_json::to_writer(&mut out, &self.envelope_ref(observer, idempotency_key))
             .expect("an envelope serializes: its keys are strings");
         LAST_LEN.store(out.len() + 64, std::sync::atomic::Ordering::Relaxed);
-        // serde_json writes UTF-8 only.
-        String::from_utf8(out)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        out
     }
 
     fn envelope_ref<'a>(&'a self, observer: &'a str, key: Option<&'a str>) -> Envelope<'a> {
         Envelope {
             before: &self.before,
-            created_at: self
-                .created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            created_at: crate::timestamp::Rfc3339::new(
+                &self.created_at,
+                crate::timestamp::Fraction::Micros,
+            ),
             data: &self.data,
             entity: &self.entity,
             entity_id: &self.entity_id,
@@ -125,7 +133,7 @@ impl ChangeEvent {
 #[derive(Serialize)]
 struct Envelope<'a> {
     before: &'a Option<Value>,
-    created_at: String,
+    created_at: crate::timestamp::Rfc3339,
     data: &'a Option<Value>,
     entity: &'a str,
     entity_id: &'a Option<String>,

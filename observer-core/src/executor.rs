@@ -50,11 +50,51 @@ const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2b7e_8d3a_4c59_9e02_5b1d_7a4f
 /// The idempotency key of (event, observer, action index): a UUIDv5, so it is opaque, fixed-length
 /// and safe in any header, yet the same every time it is derived.
 pub fn idempotency_key(event_id: Uuid, observer: &str, action_index: usize) -> String {
-    Uuid::new_v5(
-        &KEY_NAMESPACE,
-        format!("{event_id}/{observer}/{action_index}").as_bytes(),
+    key_uuid(event_id, observer, action_index)
+        .hyphenated()
+        .to_string()
+}
+
+/// [`idempotency_key`] as the run loop keeps it, without the intermediate `String`.
+pub fn idempotency_key_arc(event_id: Uuid, observer: &str, action_index: usize) -> Arc<str> {
+    let mut buf = Uuid::encode_buffer();
+    Arc::from(
+        &*key_uuid(event_id, observer, action_index)
+            .hyphenated()
+            .encode_lower(&mut buf),
     )
-    .to_string()
+}
+
+/// The UUIDv5 of `{event_id}/{observer}/{action_index}` (the event id hyphenated, lower case),
+/// its name written without `format!` (this runs for every delivery).
+fn key_uuid(event_id: Uuid, observer: &str, action_index: usize) -> Uuid {
+    let mut name = Vec::with_capacity(36 + 2 + observer.len() + 20);
+    let mut buf = Uuid::encode_buffer();
+    name.extend_from_slice(event_id.hyphenated().encode_lower(&mut buf).as_bytes());
+    name.push(b'/');
+    name.extend_from_slice(observer.as_bytes());
+    name.push(b'/');
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = action_index;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    name.extend_from_slice(&digits[i..]);
+    // What `Uuid::new_v5` computes (RFC 9562, 5.5).
+    use sha1::Digest;
+    let mut hash = sha1::Sha1::new();
+    hash.update(KEY_NAMESPACE.as_bytes());
+    hash.update(&name);
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
 }
 
 /// The core executor: attempts each delivery's action once, in order.
@@ -265,6 +305,16 @@ mod tests {
     #[test]
     fn keys_are_stable_and_distinct() {
         let id = Uuid::parse_str("0b7c4c36-3c1c-4a4e-9d43-4f5b8a9c1d2e").unwrap();
+        for (obs, i) in [
+            ("orders", 0usize),
+            ("orders", 7),
+            ("ö/x", 12),
+            ("", usize::MAX),
+        ] {
+            let spelled = Uuid::new_v5(&KEY_NAMESPACE, format!("{id}/{obs}/{i}").as_bytes());
+            assert_eq!(idempotency_key(id, obs, i), spelled.to_string());
+            assert_eq!(&*idempotency_key_arc(id, obs, i), spelled.to_string());
+        }
         let a = idempotency_key(id, "orders", 0);
         assert_eq!(a, idempotency_key(id, "orders", 0));
         assert_ne!(a, idempotency_key(id, "orders", 1));

@@ -28,6 +28,7 @@ pub mod schema;
 pub mod signing;
 pub mod store;
 pub mod template;
+pub mod timestamp;
 pub mod tls;
 pub mod webhook_client;
 

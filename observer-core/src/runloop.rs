@@ -19,12 +19,14 @@
 //! `shutdown_timeout_ms`), hand back what is still retrying (it stays after the checkpoint and is
 //! delivered on the next start), flush, exit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +38,9 @@ use crate::audit::NewAudit;
 use crate::change_log::{ChangeLog, ChangeRow, Position, ReadLimits, Snapshot};
 use crate::config::{Backoff, Config, RetryConfig, StartFrom};
 use crate::event::ChangeEvent;
-use crate::executor::{idempotency_key, BoxError, BoxExecutor, Delivery, Dispatch, DispatchResult};
+use crate::executor::{
+    idempotency_key_arc, BoxError, BoxExecutor, Delivery, Dispatch, DispatchResult,
+};
 use crate::leadership::{Leadership, Session, Term};
 use crate::observer::Observers;
 use crate::schema::Objects;
@@ -653,12 +657,23 @@ async fn drive(d: Drive<'_>) -> (Result<(), RunError>, Option<Position>) {
                 sent_watermark = tracker.watermark.clone();
                 last_sent = Instant::now();
             }
+            // Every dispatch that has finished by now, not one per turn of the loop: under load
+            // the turns themselves (each polls every branch above) cost as much as the work.
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                let (work, result) = match done {
-                    Ok(v) => v,
-                    Err(e) => break Err(RunError::Task(format!("dispatch task failed: {e}"))),
-                };
-                on_result(work, result, &mut sched, &mut retries, &mut recorder, &mut progress, &mut tracker, &metrics);
+                let mut done = Some(done);
+                let mut failed = None;
+                while let Some(d) = done.take().or_else(|| inflight.try_join_next()) {
+                    match d {
+                        Ok((work, result)) => on_result(work, result, &mut sched, &mut retries, &mut recorder, &mut progress, &mut tracker, &metrics),
+                        Err(e) => {
+                            failed = Some(RunError::Task(format!("dispatch task failed: {e}")));
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = failed {
+                    break Err(e);
+                }
             }
             Some(expired) = retries.next(), if !retries.is_empty() => {
                 let (seq, unit, state) = expired.into_inner();
@@ -675,15 +690,29 @@ async fn drive(d: Drive<'_>) -> (Result<(), RunError>, Option<Position>) {
                     tracing::info!(observers = observers.list.len(), "configuration reloaded");
                 }
             }
+            // Starts every due dispatch the stack takes now (its concurrency limit says when it
+            // is full), not one per turn of the loop.
             r = executor.ready(), if !sched.ready.is_empty() => {
-                if let Err(e) = r {
-                    break Err(RunError::Task(format!("executor failed: {e}")));
-                }
-                // A process paused past its lease learns it here, before it starts anything.
-                if !term.holds() {
-                    break Err(RunError::LeaseLost(format!("the lease of term {} could not be renewed in time", term.token())));
-                }
-                if let Some(work) = sched.ready.pop_front() {
+                let mut ready = Some(r.map(|_| ()));
+                let mut failed = None;
+                while !sched.ready.is_empty() {
+                    let r = match ready.take() {
+                        Some(r) => r,
+                        None => match executor.ready().now_or_never() {
+                            Some(r) => r.map(|_| ()),
+                            None => break,
+                        },
+                    };
+                    if let Err(e) = r {
+                        failed = Some(RunError::Task(format!("executor failed: {e}")));
+                        break;
+                    }
+                    // A process paused past its lease learns it here, before it starts anything.
+                    if !term.holds() {
+                        failed = Some(RunError::LeaseLost(format!("the lease of term {} could not be renewed in time", term.token())));
+                        break;
+                    }
+                    let Some(work) = sched.ready.pop_front() else { break };
                     let Some(ev) = sched.events.get(&work.seq) else { continue };
                     let dispatch = Dispatch { event: ev.event.clone(), deliveries: work.states.iter().map(|s| s.delivery.clone()).collect() };
                     let fut = executor.call(dispatch);
@@ -695,6 +724,9 @@ async fn drive(d: Drive<'_>) -> (Result<(), RunError>, Option<Position>) {
                         }
                         (work, fut.await)
                     });
+                }
+                if let Some(e) = failed {
+                    break Err(e);
                 }
             }
             // Completed work waiting for the writer counts too: a writer slower than delivery
@@ -1090,7 +1122,7 @@ fn accept(
                 delivery: Delivery {
                     observer: observer.clone(),
                     action_index: i,
-                    idempotency_key: idempotency_key(event.id, &observer.name, i).into(),
+                    idempotency_key: idempotency_key_arc(event.id, &observer.name, i),
                     attempt: 1,
                 },
                 attempts: Vec::new(),

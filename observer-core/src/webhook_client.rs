@@ -25,7 +25,6 @@
 //! meanwhile (hyper hands the unsent request back) is sent on another connection, as
 //! hyper-util's client does.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -151,10 +150,27 @@ impl std::fmt::Debug for WebhookClient {
 }
 
 /// A destination: connections are shared by requests with the same scheme and authority.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 struct Key {
     https: bool,
     authority: Authority,
+    /// `http(s)://authority` in lower case: what the pool compares (`Authority`'s own
+    /// comparison folds case byte by byte on every lookup).
+    id: Arc<str>,
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.id.hash(h);
+    }
 }
 
 /// An idle keep-alive connection, and since when.
@@ -165,9 +181,14 @@ struct Idle {
 
 struct Pool {
     connector: Connector,
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<Idles>,
     max_idle_per_host: usize,
-    next_sweep: Mutex<Instant>,
+}
+
+/// The idle connections by destination, and when they are next looked through for expired ones.
+struct Idles {
+    by_key: foldhash::HashMap<Key, Vec<Idle>>,
+    next_sweep: Instant,
 }
 
 /// Why a request got no answer.
@@ -223,35 +244,47 @@ impl WebhookClient {
         Ok(WebhookClient {
             pool: Arc::new(Pool {
                 connector,
-                idle: Mutex::new(HashMap::new()),
+                idle: Mutex::new(Idles {
+                    by_key: Default::default(),
+                    next_sweep: Instant::now() + SWEEP_EVERY,
+                }),
                 max_idle_per_host: max_idle_per_host.max(1),
-                next_sweep: Mutex::new(Instant::now() + SWEEP_EVERY),
             }),
         })
     }
 
-    /// Sends one request (its URI absolute) and reads the answer: its head, and at most
-    /// [`crate::action::DRAIN_LIMIT`] bytes of its body, of which a short excerpt is kept. An
-    /// answer read to its end leaves the connection for the next request; a longer one is
-    /// dropped unread, which closes the connection.
-    pub async fn exchange(
+    /// Sends one request (its URI absolute) and reads the answer: see [`WebhookClient::send_to`].
+    pub async fn exchange(&self, req: hyper::Request<Full<Bytes>>) -> Result<Answer, SendError> {
+        let target = Target::new(req.uri())?;
+        self.send_to(&target, req).await
+    }
+
+    /// Sends one request to `target` (whatever `req`'s URI says) and reads the answer: its head,
+    /// and at most [`crate::action::DRAIN_LIMIT`] bytes of its body, of which a short excerpt is
+    /// kept. An answer read to its end leaves the connection for the next request; a longer one
+    /// is dropped unread, which closes the connection.
+    pub async fn send_to(
         &self,
+        target: &Target,
         mut req: hyper::Request<Full<Bytes>>,
     ) -> Result<Answer, SendError> {
-        let key = origin_form(&mut req)?;
+        *req.uri_mut() = target.path.clone();
+        if !req.headers().contains_key(HOST) {
+            req.headers_mut().insert(HOST, target.host.clone());
+        }
         loop {
-            let (mut tx, reused) = match self.pool.checkout(&key) {
+            let (mut tx, reused) = match self.pool.checkout(&target.key) {
                 Some(tx) => (tx, true),
                 // Boxed: the TLS stream and the handshake are large, and only a new
                 // connection needs them (see `CompiledAction::attempt`).
-                None => (Box::pin(self.pool.connect(&key)).await?, false),
+                None => (Box::pin(self.pool.connect(&target.key)).await?, false),
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let (head, body) = resp.into_parts();
                     let (excerpt, complete) = read_body(body).await;
                     if complete {
-                        self.pool.put_back(key, tx);
+                        self.pool.put_back(target.key.clone(), tx);
                     }
                     return Ok(Answer { head, excerpt });
                 }
@@ -266,34 +299,52 @@ impl WebhookClient {
     }
 }
 
-/// Turns `req`'s absolute URI into origin form (what HTTP/1 sends to a server), setting `Host`
-/// from it unless the request has one; returns where the request goes.
-fn origin_form(req: &mut hyper::Request<Full<Bytes>>) -> Result<Key, SendError> {
-    let uri = req.uri();
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => return Err(SendError::Target(uri.to_string())),
-    };
-    let Some(authority) = uri.authority().cloned() else {
-        return Err(SendError::Target(uri.to_string()));
-    };
-    let path = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    if !req.headers().contains_key(HOST) {
+/// Where requests to one URL go, worked out once (a webhook URL without placeholders is worked
+/// out once per action): the pool's key, the request target in origin form (what HTTP/1 sends
+/// to a server) and the `Host` header.
+#[derive(Debug, Clone)]
+pub struct Target {
+    key: Key,
+    path: Uri,
+    host: HeaderValue,
+}
+
+impl Target {
+    /// The target of an absolute http:// or https:// URI.
+    pub fn new(uri: &Uri) -> Result<Target, SendError> {
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(SendError::Target(uri.to_string())),
+        };
+        let Some(authority) = uri.authority().cloned() else {
+            return Err(SendError::Target(uri.to_string()));
+        };
+        let path = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // The port only when it is not the scheme's default, as browsers and hyper-util do.
         let host = match authority.port_u16() {
             Some(p) if p != if https { 443 } else { 80 } => format!("{}:{p}", authority.host()),
             _ => authority.host().to_string(),
         };
-        let value =
-            HeaderValue::from_str(&host).map_err(|_| SendError::Target(req.uri().to_string()))?;
-        req.headers_mut().insert(HOST, value);
+        let host = HeaderValue::from_str(&host).map_err(|_| SendError::Target(uri.to_string()))?;
+        Ok(Target {
+            key: Key {
+                https,
+                id: format!(
+                    "{}://{}",
+                    if https { "https" } else { "http" },
+                    authority.as_str().to_ascii_lowercase()
+                )
+                .into(),
+                authority,
+            },
+            path: Uri::from(path),
+            host,
+        })
     }
-    *req.uri_mut() = Uri::from(path);
-    Ok(Key { https, authority })
 }
 
 impl Pool {
@@ -301,7 +352,7 @@ impl Pool {
     /// first; closed and expired ones are dropped on the way).
     fn checkout(&self, key: &Key) -> Option<SendRequest<Full<Bytes>>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(key)?;
+        let list = idle.by_key.get_mut(key)?;
         while let Some(c) = list.pop() {
             if c.since.elapsed() < POOL_IDLE && c.tx.is_ready() {
                 return Some(c.tx);
@@ -361,17 +412,14 @@ impl Pool {
     fn keep(&self, key: Key, tx: SendRequest<Full<Bytes>>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        {
-            let mut next = self.next_sweep.lock().unwrap_or_else(|p| p.into_inner());
-            if now >= *next {
-                *next = now + SWEEP_EVERY;
-                idle.retain(|_, list| {
-                    list.retain(|c| c.since.elapsed() < POOL_IDLE && !c.tx.is_closed());
-                    !list.is_empty()
-                });
-            }
+        if now >= idle.next_sweep {
+            idle.next_sweep = now + SWEEP_EVERY;
+            idle.by_key.retain(|_, list| {
+                list.retain(|c| c.since.elapsed() < POOL_IDLE && !c.tx.is_closed());
+                !list.is_empty()
+            });
         }
-        let list = idle.entry(key).or_default();
+        let list = idle.by_key.entry(key).or_default();
         if list.len() < self.max_idle_per_host {
             list.push(Idle { tx, since: now });
         }
