@@ -56,8 +56,8 @@ impl Rfc3339 {
         let (value, digits) = match fraction {
             Fraction::Micros => (nanos / 1_000, 6),
             Fraction::Auto if nanos == 0 => (0, 0),
-            Fraction::Auto if nanos % 1_000_000 == 0 => (nanos / 1_000_000, 3),
-            Fraction::Auto if nanos % 1_000 == 0 => (nanos / 1_000, 6),
+            Fraction::Auto if nanos.is_multiple_of(1_000_000) => (nanos / 1_000_000, 3),
+            Fraction::Auto if nanos.is_multiple_of(1_000) => (nanos / 1_000, 6),
             Fraction::Auto => (nanos, 9),
         };
         let mut len = 19;
@@ -96,11 +96,6 @@ impl serde::Serialize for Rfc3339 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
     }
-}
-
-/// `serialize_with` for a `DateTime<Utc>` field: what chrono's `Serialize` writes.
-pub fn serialize<S: serde::Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(Rfc3339::new(at, Fraction::Auto).as_str())
 }
 
 #[cfg(test)]

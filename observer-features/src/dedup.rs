@@ -96,14 +96,37 @@ enum Verdict {
 
 #[derive(Debug)]
 enum Op {
-    Claim { key: String, lease_ms: u64 },
-    Done { key: String },
-    Release { key: String },
+    Claim { key: Arc<str>, lease_ms: u64 },
+    Done { key: Arc<str> },
+    Release { key: Arc<str> },
 }
+
+/// What the store answered: one verdict per operation, or why it could not answer.
+type Answer = Result<Vec<Verdict>, String>;
 
 struct Request {
     ops: Vec<Op>,
-    reply: oneshot::Sender<Result<Vec<Verdict>, String>>,
+    reply: Reply,
+}
+
+/// Where the batching task sends a request's answer.
+enum Reply {
+    /// To a dispatch waiting for it (a claim).
+    Wait(oneshot::Sender<Answer>),
+    /// To a continuation run when it comes (a confirmation: nothing waits for it, so it needs
+    /// no task of its own).
+    Then(Box<dyn FnOnce(Answer) + Send + Sync>),
+}
+
+impl Reply {
+    fn send(self, answer: Answer) {
+        match self {
+            Reply::Wait(tx) => {
+                let _ = tx.send(answer);
+            }
+            Reply::Then(f) => f(answer),
+        }
+    }
 }
 
 /// Process-wide dedup state (lives in the daemon's `LayerState`, so a reload keeps it).
@@ -148,31 +171,65 @@ impl DedupState {
     }
 
     /// Runs `ops` against the chosen store; one verdict per op (`Claimed` for non-claims).
-    async fn store(
-        &self,
-        redis: Option<&RedisHandle>,
-        ops: Vec<Op>,
-    ) -> Result<Vec<Verdict>, String> {
+    async fn store(&self, redis: Option<&RedisHandle>, ops: Vec<Op>) -> Answer {
         let Some(redis) = redis else {
             return Ok(self.memory_ops(ops));
         };
-        let tx = self
-            .batcher
-            .get_or_init(|| async {
-                spawn_batcher(redis.clone(), self.token.clone(), self.cfg.window_secs)
-            })
-            .await;
         let (reply, rx) = oneshot::channel();
-        tx.send(Request { ops, reply })
+        self.batcher(redis)
+            .await
+            .send(Request {
+                ops,
+                reply: Reply::Wait(reply),
+            })
             .await
             .map_err(|_| "the dedup batching task stopped".to_string())?;
         let r = rx
             .await
             .map_err(|_| "the dedup batching task dropped a request".to_string())?;
-        match &r {
+        self.note(&redis.server, &r);
+        r
+    }
+
+    /// Runs `ops` against the chosen store and hands the answer to `then`, without waiting
+    /// for it (beyond room in the batching task's queue).
+    async fn store_then(
+        self: &Arc<Self>,
+        redis: Option<&RedisHandle>,
+        ops: Vec<Op>,
+        then: impl FnOnce(Answer) + Send + Sync + 'static,
+    ) {
+        let Some(redis) = redis else {
+            then(Ok(self.memory_ops(ops)));
+            return;
+        };
+        let (state, server) = (self.clone(), redis.server.clone());
+        let reply = Reply::Then(Box::new(move |r: Answer| {
+            state.note(&server, &r);
+            then(r);
+        }));
+        let tx = self.batcher(redis).await;
+        if let Err(mpsc::error::SendError(req)) = tx.send(Request { ops, reply }).await {
+            req.reply
+                .send(Err("the dedup batching task stopped".to_string()));
+        }
+    }
+
+    /// The batching task's queue, starting the task on first use.
+    async fn batcher(&self, redis: &RedisHandle) -> &mpsc::Sender<Request> {
+        self.batcher
+            .get_or_init(|| async {
+                spawn_batcher(redis.clone(), self.token.clone(), self.cfg.window_secs)
+            })
+            .await
+    }
+
+    /// Logs the start and the end of an outage, once each.
+    fn note(&self, server: &str, r: &Answer) {
+        match r {
             Ok(_) => {
                 if self.down.swap(false, Ordering::Relaxed) {
-                    tracing::info!(server = %redis.server, "dedup: Redis answers again");
+                    tracing::info!(server = %server, "dedup: Redis answers again");
                 }
             }
             Err(e) => {
@@ -185,7 +242,6 @@ impl DedupState {
                 }
             }
         }
-        r
     }
 
     fn memory_ops(&self, ops: Vec<Op>) -> Vec<Verdict> {
@@ -194,9 +250,9 @@ impl DedupState {
         let window = Duration::from_secs(self.cfg.window_secs);
         ops.into_iter()
             .map(|op| match op {
-                Op::Claim { key, .. } => m.claim(key, now),
+                Op::Claim { key, .. } => m.claim(key.to_string(), now),
                 Op::Done { key } => {
-                    m.put(key, Entry::Done(now + window));
+                    m.put(key.to_string(), Entry::Done(now + window));
                     Verdict::Claimed
                 }
                 Op::Release { key } => {
@@ -258,12 +314,12 @@ fn spawn_batcher(redis: RedisHandle, token: Arc<str>, window_secs: u64) -> mpsc:
                         for r in reqs {
                             let rest = values.split_off(r.ops.len().min(values.len()));
                             let mine = std::mem::replace(&mut values, rest);
-                            let _ = r.reply.send(Ok(mine));
+                            r.reply.send(Ok(mine));
                         }
                     }
                     Err(e) => {
                         for r in reqs {
-                            let _ = r.reply.send(Err(e.clone()));
+                            r.reply.send(Err(e.clone()));
                         }
                     }
                 }
@@ -339,7 +395,7 @@ async fn pipeline(
     for op in ops() {
         match op {
             Op::Claim { key, lease_ms } => {
-                let key = redis.key(&format!("dedup:{key}"));
+                let key = dedup_key(redis, key);
                 if lua {
                     pipe.cmd("EVALSHA")
                         .arg(CLAIM.get_hash())
@@ -361,7 +417,7 @@ async fn pipeline(
             }
             Op::Done { key } => {
                 pipe.cmd("SET")
-                    .arg(redis.key(&format!("dedup:{key}")))
+                    .arg(dedup_key(redis, key))
                     .arg("done")
                     .arg("EX")
                     .arg(window_secs);
@@ -372,7 +428,7 @@ async fn pipeline(
                 pipe.cmd("EVALSHA")
                     .arg(RELEASE.get_hash())
                     .arg(1)
-                    .arg(redis.key(&format!("dedup:{key}")))
+                    .arg(dedup_key(redis, key))
                     .arg(token);
                 kinds.push(None);
                 keys.push(String::new());
@@ -449,6 +505,15 @@ async fn pipeline(
         }
     }
     Ok(verdicts)
+}
+
+/// `<prefix>:dedup:<key>`.
+fn dedup_key(redis: &RedisHandle, key: &str) -> String {
+    let mut k = String::with_capacity(redis.prefix.len() + 7 + key.len());
+    k.push_str(&redis.prefix);
+    k.push_str(":dedup:");
+    k.push_str(key);
+    k
 }
 
 /// Sends `pipe` within the Redis timeout.
@@ -655,7 +720,7 @@ where
                 let ops = to_claim
                     .iter()
                     .map(|i| Op::Claim {
-                        key: keys[*i].to_string(),
+                        key: keys[*i].clone(),
                         lease_ms: lease,
                     })
                     .collect();
@@ -724,7 +789,7 @@ where
             let ops: Vec<Op> = (0..n)
                 .filter(|i| claimed[*i])
                 .map(|i| {
-                    let key = keys[i].to_string();
+                    let key = keys[i].clone();
                     let fin = matches!(
                         result
                             .as_ref()
@@ -753,12 +818,12 @@ where
                 st.release_local(&keys, &local);
                 return result;
             };
-            let (state, redis) = (layer.state.clone(), layer.redis.clone());
-            tokio::spawn(async move {
-                let _ = state.store(redis.as_ref(), ops).await;
+            let state = layer.state.clone();
+            st.store_then(redis, ops, move |_| {
                 state.release_local(&keys, &local);
                 drop(permit);
-            });
+            })
+            .await;
             result
         })
     }
@@ -816,13 +881,16 @@ mod tests {
                 let redis = redis.clone();
                 async move {
                     let (reply, _rx) = oneshot::channel();
-                    let reqs = [Request { ops, reply }];
+                    let reqs = [Request {
+                        ops,
+                        reply: Reply::Wait(reply),
+                    }];
                     pipeline(&redis, token, 60, &reqs, lua)
                         .await
                         .unwrap_or_else(|_| panic!("pipeline (lua {lua})"))
                 }
             };
-            let claim = |key: &str, lease_ms: u64| Op::Claim {
+            let claim = |key: &'static str, lease_ms: u64| Op::Claim {
                 key: key.into(),
                 lease_ms,
             };
