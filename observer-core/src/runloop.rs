@@ -20,12 +20,11 @@
 //! delivered on the next start), flush, exit.
 
 use std::collections::VecDeque;
-
-use foldhash::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use foldhash::HashMap;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;

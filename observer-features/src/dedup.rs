@@ -531,6 +531,21 @@ async fn query(redis: &RedisHandle, pipe: redis::Pipeline) -> Result<Vec<redis::
         .map_err(|e| format!("Redis at {}: {e}", redis.server))
 }
 
+/// Keys a dispatch of this process holds while its confirmation is on its way: released from
+/// the in-flight set (and the confirmation's permit given back) when dropped.
+struct HeldKeys {
+    state: Arc<DedupState>,
+    keys: Vec<Arc<str>>,
+    local: Vec<bool>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for HeldKeys {
+    fn drop(&mut self) {
+        self.state.release_local(&self.keys, &self.local);
+    }
+}
+
 /// The memory backend: claims and `done` marks with expiry, at most `max` keys (oldest first out).
 struct MemoryStore {
     max: usize,
@@ -818,12 +833,15 @@ where
                 st.release_local(&keys, &local);
                 return result;
             };
-            let state = layer.state.clone();
-            st.store_then(redis, ops, move |_| {
-                state.release_local(&keys, &local);
-                drop(permit);
-            })
-            .await;
+            // Released when Redis has answered, or if the answer never comes (the batching task
+            // gone): the continuation owns the guard either way.
+            let held = HeldKeys {
+                state: layer.state.clone(),
+                keys,
+                local,
+                _permit: permit,
+            };
+            st.store_then(redis, ops, move |_| drop(held)).await;
             result
         })
     }
