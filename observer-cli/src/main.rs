@@ -149,7 +149,9 @@ fn main() -> ExitCode {
     // `[runtime] worker_threads` (default automatic: `RuntimeConfig::threads`). One thread when
     // one dispatch runs at a time: threads bought only cross-thread wake-ups (observer-bench:
     // +26 % events/s, -22 % CPU against the multi-threaded runtime). With `concurrent`, one
-    // worker per core. A config that does not load here is reported by the command itself.
+    // worker per core on hosts of more than two cores, one thread on two or fewer (measured
+    // there; see `RuntimeConfig::threads`). A config that does not load here is reported by the
+    // command itself.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = observer_core::config::load(cli.config.as_deref())
         .map(|c| c.runtime.threads(c.features.concurrent, cores))

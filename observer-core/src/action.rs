@@ -98,6 +98,24 @@ impl RedisHandle {
     pub fn key(&self, part: &str) -> String {
         format!("{}:{part}", self.prefix)
     }
+
+    /// Sends `pipe` on the shared connection within `timeout`; the error names the server.
+    pub async fn query_pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, String> {
+        let mut conn = self.conn().await?;
+        tokio::time::timeout(self.timeout, pipe.query_async(&mut conn))
+            .await
+            .map_err(|_| {
+                format!(
+                    "Redis at {} did not answer within {} ms",
+                    self.server,
+                    self.timeout.as_millis()
+                )
+            })?
+            .map_err(|e| format!("Redis at {}: {e}", self.server))
+    }
 }
 
 impl ActionContext {

@@ -264,11 +264,16 @@ pub struct RuntimeConfig {
 impl RuntimeConfig {
     /// The worker threads to start: `worker_threads` when set; automatically one while
     /// `concurrent` is off (one dispatch at a time gains nothing from threads but cross-thread
-    /// wake-ups), and one per available core while it is on (dispatches in flight together then
-    /// use every core: docs/benchmarks.md).
+    /// wake-ups) or the host has two cores or fewer, and one per available core otherwise.
+    ///
+    /// On two cores, one thread delivered as much as two (end to end and draining a backlog)
+    /// at less CPU, and in a 10-minute soak beside a busy Postgres it kept commit→delivery at
+    /// p99 551 ms and the resident set at 44 MiB where two threads lagged to p99 14.7 s and
+    /// 70 MiB (docs/benchmarks.md, "Hot path (issue 16) — 2026-12-06"). Hosts with more cores
+    /// were not measured; they keep a thread per core.
     pub fn threads(&self, concurrent: bool, cores: usize) -> usize {
         match self.worker_threads {
-            0 if concurrent => cores.clamp(1, 256),
+            0 if concurrent && cores > 2 => cores.min(256),
             0 => 1,
             n => n,
         }
@@ -1956,6 +1961,8 @@ mod tests {
         let auto = RuntimeConfig::default();
         assert_eq!(auto.threads(false, 8), 1);
         assert_eq!(auto.threads(true, 8), 8);
+        assert_eq!(auto.threads(true, 3), 3);
+        assert_eq!(auto.threads(true, 2), 1);
         assert_eq!(auto.threads(true, 0), 1);
         let set = RuntimeConfig { worker_threads: 3 };
         assert_eq!(set.threads(false, 8), 3);

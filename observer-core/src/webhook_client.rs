@@ -556,47 +556,11 @@ mod tests {
         }
     }
 
-    /// A tiny HTTP/1.1 server: answers every request on a connection with `answer`, counting
-    /// connections and requests.
-    async fn answering_server(answer: &'static str) -> (u16, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let conns = Arc::new(AtomicUsize::new(0));
-        let reqs = Arc::new(AtomicUsize::new(0));
-        let (c, r) = (conns.clone(), reqs.clone());
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                c.fetch_add(1, Ordering::SeqCst);
-                let r = r.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        // One request: headers only (the tests send no body).
-                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                        buf.drain(..end);
-                        r.fetch_add(1, Ordering::SeqCst);
-                        if s.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        (port, conns, reqs)
-    }
-
     #[tokio::test]
     async fn redirects_are_not_followed_and_connections_are_reused() {
-        let (port, conns, reqs) = answering_server(
+        let (port, conns, heads) = recording_server(
             "HTTP/1.1 302 Found\r\nLocation: http://169.254.169.254/\r\nContent-Length: 4\r\n\r\nmove",
+            false,
         )
         .await;
         let client = WebhookClient::new(guard(&["127.0.0.1"]), 4).unwrap();
@@ -608,7 +572,7 @@ mod tests {
             assert_eq!(answer.head.status, 302);
             assert_eq!(answer.excerpt, "move");
         }
-        assert_eq!(reqs.load(Ordering::SeqCst), 3, "no request to the Location");
+        assert_eq!(heads.lock().unwrap().len(), 3, "no request to the Location");
         assert_eq!(conns.load(Ordering::SeqCst), 1, "one kept-alive connection");
     }
 

@@ -435,7 +435,7 @@ async fn pipeline(
             }
         }
     }
-    let values = query(redis, pipe).await.map_err(other)?;
+    let values: Vec<redis::Value> = redis.query_pipeline(&pipe).await.map_err(other)?;
     if values.len() != kinds.len() {
         return Err(other(format!(
             "Redis at {} answered {} replies to {} commands",
@@ -491,7 +491,7 @@ async fn pipeline(
         verdicts.push(verdict);
     }
     if !followed.is_empty() {
-        let values = query(redis, follow).await.map_err(other)?;
+        let values: Vec<redis::Value> = redis.query_pipeline(&follow).await.map_err(other)?;
         for ((i, ours), v) in followed.into_iter().zip(values) {
             verdicts[i] = match (ours, v) {
                 (true, _) => Verdict::Claimed,
@@ -514,21 +514,6 @@ fn dedup_key(redis: &RedisHandle, key: &str) -> String {
     k.push_str(":dedup:");
     k.push_str(key);
     k
-}
-
-/// Sends `pipe` within the Redis timeout.
-async fn query(redis: &RedisHandle, pipe: redis::Pipeline) -> Result<Vec<redis::Value>, String> {
-    let mut conn = redis.conn().await?;
-    tokio::time::timeout(redis.timeout, pipe.query_async(&mut conn))
-        .await
-        .map_err(|_| {
-            format!(
-                "Redis at {} did not answer within {} ms",
-                redis.server,
-                redis.timeout.as_millis()
-            )
-        })?
-        .map_err(|e| format!("Redis at {}: {e}", redis.server))
 }
 
 /// Keys a dispatch of this process holds while its confirmation is on its way: released from

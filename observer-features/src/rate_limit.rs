@@ -160,17 +160,7 @@ async fn take_shared(
             .arg(format!("{interval:.6}"))
             .arg(format!("{tau:.6}"));
     }
-    let mut conn = redis.conn().await?;
-    let values: Vec<i64> = tokio::time::timeout(redis.timeout, pipe.query_async(&mut conn))
-        .await
-        .map_err(|_| {
-            format!(
-                "Redis at {} did not answer within {} ms",
-                redis.server,
-                redis.timeout.as_millis()
-            )
-        })?
-        .map_err(|e| format!("Redis at {}: {e}", redis.server))?;
+    let values: Vec<i64> = redis.query_pipeline(&pipe).await?;
     if values.len() != asks.len() {
         return Err(format!(
             "Redis at {} answered the wrong number of replies",
