@@ -2,7 +2,8 @@
 # The layer matrix of the end-to-end benchmark: events/s and commit-to-delivery p50/p99 with each
 # layer on, and with all of them, against a fast sink and a sink that adds 20 ms per request.
 # Each layer's phase is the default (checkpoint + concurrent) plus that layer; the sequential
-# phases switch `concurrent` off. Before every fast-sink phase, wrk -t1 -c64 measures the
+# phases switch `concurrent` off; the drain phases insert the events while the daemon is paused
+# and give its rate on the committed backlog. Before every fast-sink phase, wrk -t1 -c64 measures the
 # bench's own sink (the same code, `observer-bench --serve-sink`) for 3 s, and the phase's
 # events/s is printed as a ratio to it, with the load average at the phase's start.
 # Needs Postgres and Redis, and wrk (scripts/setup.sh with SETUP_BENCH=1, run here). Writes one
@@ -51,6 +52,8 @@ runs=(
   "rate_limit|0|all|--feature rate_limit $(for kv in $rate; do printf -- '--env %s ' "$kv"; done)"
   "target set|0|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-b --env OBSERVER__METRICS__LISTEN=127.0.0.1:0"
   "target set, record=failures|0|failures|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-c --env OBSERVER__METRICS__LISTEN=127.0.0.1:0"
+  "default, drain|0|all|--backlog --skip-latency"
+  "target set, drain|0|all|--backlog --skip-latency --feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-g --env OBSERVER__METRICS__LISTEN=127.0.0.1:0"
   "all layers|0|all|--feature concurrent --feature dedup --feature metrics --feature circuit_breaker --feature rate_limit --env $redis --env $prefix-d --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 $(for kv in $rate; do printf -- '--env %s ' "$kv"; done)"
   "target set, batch 500|0|all|--feature concurrent --feature dedup --feature metrics --env $redis --env $prefix-f --env OBSERVER__METRICS__LISTEN=127.0.0.1:0 --env OBSERVER__CONCURRENT__MAX_IN_FLIGHT=1024 --batch 500"
   "search (postgres audit)|0|all|--feature search"
@@ -92,7 +95,8 @@ r = json.load(open(sys.argv[1]))
 t = r["phases"]["throughput"]; l = r["phases"].get("latency", {})
 lat = l.get("commit_to_delivery") or {}
 peak = (r["rss"]["peak_kb"] or 0) / 1024
-eps = t.get("events_per_s", 0) or 0
+# A drain phase (--backlog) reports the daemon's rate on the committed backlog.
+eps = t.get("drain_events_per_s") or t.get("events_per_s", 0) or 0
 wrk = int(sys.argv[4] or 0)
 ratio = f'{eps / wrk:.3f}' if wrk else '-'
 print(f'{sys.argv[2]:<36} {sys.argv[3]:>6} {wrk or "-":>9} {eps:>9} {ratio:>6} {lat.get("p50_ms", "-"):>8} {lat.get("p99_ms", "-"):>8} {peak:>8.1f} MiB')
