@@ -241,16 +241,27 @@ impl WebhookClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(GuardedConnector::new(guard));
-        Ok(WebhookClient {
-            pool: Arc::new(Pool {
-                connector,
-                idle: Mutex::new(Idles {
-                    by_key: Default::default(),
-                    next_sweep: Instant::now() + SWEEP_EVERY,
-                }),
-                max_idle_per_host: max_idle_per_host.max(1),
+        let pool = Arc::new(Pool {
+            connector,
+            idle: Mutex::new(Idles {
+                by_key: Default::default(),
+                next_sweep: Instant::now() + SWEEP_EVERY,
             }),
-        })
+            max_idle_per_host: max_idle_per_host.max(1),
+        });
+        // Idle connections are also closed when nothing is sent at all (the sweep in `keep`
+        // needs traffic); the task ends with the last clone of the client.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(SWEEP_EVERY).await;
+                    let Some(pool) = weak.upgrade() else { break };
+                    pool.sweep(Instant::now());
+                }
+            });
+        }
+        Ok(WebhookClient { pool })
     }
 
     /// Sends one request (its URI absolute) and reads the answer: see [`WebhookClient::send_to`].
@@ -413,16 +424,32 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if now >= idle.next_sweep {
-            idle.next_sweep = now + SWEEP_EVERY;
-            idle.by_key.retain(|_, list| {
-                list.retain(|c| c.since.elapsed() < POOL_IDLE && !c.tx.is_closed());
-                !list.is_empty()
-            });
+            idle.sweep(now);
         }
         let list = idle.by_key.entry(key).or_default();
         if list.len() < self.max_idle_per_host {
             list.push(Idle { tx, since: now });
         }
+    }
+}
+
+impl Pool {
+    /// Closes the idle connections that expired or that their server closed.
+    fn sweep(&self, now: Instant) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sweep(now);
+    }
+}
+
+impl Idles {
+    fn sweep(&mut self, now: Instant) {
+        self.next_sweep = now + SWEEP_EVERY;
+        self.by_key.retain(|_, list| {
+            list.retain(|c| now.duration_since(c.since) < POOL_IDLE && !c.tx.is_closed());
+            !list.is_empty()
+        });
     }
 }
 
@@ -752,5 +779,41 @@ mod tests {
         }
         assert_eq!(conns.load(Ordering::SeqCst), 6);
         assert_eq!(heads.lock().unwrap().len(), 14);
+    }
+
+    /// An idle connection past its 90 s is closed by the sweep, traffic or not.
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let (port, conns, _) = recording_server("HTTP/1.1 204 No Content\r\n\r\n", false).await;
+        let client = WebhookClient::new(guard(&["127.0.0.1"]), 4).unwrap();
+        client
+            .exchange(get(&format!("http://127.0.0.1:{port}/")))
+            .await
+            .unwrap();
+        let idle = || {
+            client
+                .pool
+                .idle
+                .lock()
+                .unwrap()
+                .by_key
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+        };
+        assert_eq!(idle(), 1);
+        client.pool.sweep(Instant::now() + POOL_IDLE / 2);
+        assert_eq!(idle(), 1, "not yet expired");
+        client.pool.sweep(Instant::now() + POOL_IDLE);
+        assert_eq!(idle(), 0, "expired and closed");
+        client
+            .exchange(get(&format!("http://127.0.0.1:{port}/")))
+            .await
+            .unwrap();
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            2,
+            "a new connection after expiry"
+        );
     }
 }
