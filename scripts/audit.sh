@@ -11,7 +11,7 @@ offline_ok=0
 
 DENY_VERSION=0.20.2
 if ! cargo deny --version 2>/dev/null | grep -q "$DENY_VERSION"; then
-  echo "audit: installing cargo-deny $DENY_VERSION from crates.io (once per machine)"
+  echo "audit: installing cargo-deny $DENY_VERSION from the Rust registry (once per machine)"
   cargo install cargo-deny --locked --version "$DENY_VERSION" --quiet
 fi
 

@@ -763,7 +763,10 @@ impl Webhook {
         match parsed.as_str().parse::<hyper::Uri>() {
             Ok(uri) => match crate::webhook_client::Target::new(&uri) {
                 Ok(target) => Ok(RequestTarget { target, basic }),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(format!(
+                    "cannot build request to `{}`: {e}",
+                    shown_url(url, self.url_secret)
+                )),
             },
             Err(e) => Err(format!(
                 "cannot build request to `{}`: {e}",

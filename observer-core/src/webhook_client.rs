@@ -19,7 +19,7 @@
 //! Connections are kept alive and pooled per scheme and authority (at most
 //! `max_idle_per_host` idle ones, each closed after 90 s unused). The pool is ours rather than
 //! hyper-util's: that client spawned a task per request to put the connection back once it was
-//! ready again, and went through its pool's checkout machinery twice per request; here the
+//! ready again, and went through its pool's checkout machinery around every request; here the
 //! request's own future puts its connection back after reading the answer (docs/benchmarks.md).
 //! A request that a pooled connection could not take because the server had closed it
 //! meanwhile (hyper hands the unsent request back) is sent on another connection, as
@@ -202,8 +202,9 @@ pub enum SendError {
     #[error(transparent)]
     Http(#[from] hyper::Error),
     /// The URL cannot be requested (no scheme or authority, or a scheme other than http(s)).
-    #[error("cannot request `{0}`: not an http:// or https:// URL")]
-    Target(String),
+    /// The URL is not repeated: it may hold a secret (the caller names it, redacted).
+    #[error("not an http:// or https:// URL with a host")]
+    Target,
 }
 
 impl SendError {
@@ -326,10 +327,10 @@ impl Target {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err(SendError::Target(uri.to_string())),
+            _ => return Err(SendError::Target),
         };
         let Some(authority) = uri.authority().cloned() else {
-            return Err(SendError::Target(uri.to_string()));
+            return Err(SendError::Target);
         };
         let path = uri
             .path_and_query()
@@ -340,7 +341,7 @@ impl Target {
             Some(p) if p != if https { 443 } else { 80 } => format!("{}:{p}", authority.host()),
             _ => authority.host().to_string(),
         };
-        let host = HeaderValue::from_str(&host).map_err(|_| SendError::Target(uri.to_string()))?;
+        let host = HeaderValue::from_str(&host).map_err(|_| SendError::Target)?;
         Ok(Target {
             key: Key {
                 https,
@@ -725,7 +726,7 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert!(matches!(e, SendError::Target(_)), "{e:?}");
+        assert!(matches!(e, SendError::Target), "{e:?}");
     }
 
     /// A server that closes every connection after its answer: the pooled connection is found
