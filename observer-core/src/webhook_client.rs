@@ -12,7 +12,7 @@
 //! - **no proxy**: the connector dials the destination itself, whatever `HTTP(S)_PROXY` say;
 //! - **TLS verified** with rustls and the platform verifier (the system's roots and the host
 //!   name), as reqwest's `rustls` feature does; there is no way to turn it off;
-//! - **bounded reads and time**: [`WebhookClient::exchange`] reads at most
+//! - **bounded reads and time**: [`WebhookClient::send_to`] reads at most
 //!   [`crate::action::DRAIN_LIMIT`] bytes of an answer, and the caller bounds the whole exchange
 //!   (connect, send, answer, body) by the action's `timeout_ms`.
 //!
@@ -266,7 +266,9 @@ impl WebhookClient {
     }
 
     /// Sends one request (its URI absolute) and reads the answer: see [`WebhookClient::send_to`].
-    pub async fn exchange(&self, req: hyper::Request<Full<Bytes>>) -> Result<Answer, SendError> {
+    /// The tests' shorthand; the daemon works its targets out once, beforehand.
+    #[cfg(test)]
+    async fn exchange(&self, req: hyper::Request<Full<Bytes>>) -> Result<Answer, SendError> {
         let target = Target::new(req.uri())?;
         self.send_to(&target, req).await
     }
