@@ -868,7 +868,7 @@ impl Webhook {
         );
         // As reqwest sent it, so a receiver sees the same request from either client.
         headers.append(reqwest::header::ACCEPT, HeaderValue::from_static("*/*"));
-        headers.append("idempotency-key", id.clone());
+        headers.append(IDEMPOTENCY_KEY, id.clone());
         if let Some(b) = basic {
             headers.append(reqwest::header::AUTHORIZATION, b);
         }
@@ -885,12 +885,12 @@ impl Webhook {
         for (name, v) in rendered {
             headers.append(name, v);
         }
-        headers.append("webhook-id", id);
-        headers.append("webhook-timestamp", timestamp);
+        headers.append(WEBHOOK_ID, id);
+        headers.append(WEBHOOK_TIMESTAMP, timestamp);
         if let Some(s) = sig.signature {
             match HeaderValue::from_str(&s) {
                 Ok(v) => {
-                    headers.append("webhook-signature", v);
+                    headers.append(WEBHOOK_SIGNATURE, v);
                 }
                 Err(_) => return permanent("cannot build request: invalid signature header"),
             }
@@ -946,6 +946,13 @@ fn take_basic_auth(url: &mut reqwest::Url) -> Option<HeaderValue> {
     v.set_sensitive(true);
     Some(v)
 }
+
+// Header names made at compile time: a `&str` name is parsed (and checked against the standard
+// names) on every request.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const WEBHOOK_ID: HeaderName = HeaderName::from_static("webhook-id");
+const WEBHOOK_TIMESTAMP: HeaderName = HeaderName::from_static("webhook-timestamp");
+const WEBHOOK_SIGNATURE: HeaderName = HeaderName::from_static("webhook-signature");
 
 /// `User-Agent` of every request the daemon makes.
 pub const USER_AGENT: &str = concat!("fraiseql-observers/", env!("CARGO_PKG_VERSION"));
